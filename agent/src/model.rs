@@ -1,0 +1,177 @@
+//! The agent's view of the world: peers to reach and the local node. Pure data.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+
+/// A VTEP MAC address. Parsing rejects anything that is not a unicast EUI-48,
+/// because a multicast fdb destination would flood every peer.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MacError {
+    #[error("not a MAC address (want six hex pairs separated by ':')")]
+    Malformed,
+    #[error("multicast/broadcast MAC (low bit of the first octet set)")]
+    Multicast,
+    #[error("all-zero MAC")]
+    Zero,
+}
+
+impl Mac {
+    pub fn is_unicast(&self) -> bool {
+        self.0[0] & 1 == 0 && self.0 != [0; 6]
+    }
+
+    /// A random locally administered unicast MAC, used once when a node has no
+    /// published MAC yet; afterwards the annotation keeps it stable.
+    pub fn random_local(seed: u64) -> Mac {
+        let b = seed.to_le_bytes();
+        Mac([(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]])
+    }
+}
+
+impl FromStr for Mac {
+    type Err = MacError;
+    fn from_str(s: &str) -> Result<Self, MacError> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in out.iter_mut() {
+            let p = parts.next().ok_or(MacError::Malformed)?;
+            if p.len() != 2 {
+                return Err(MacError::Malformed);
+            }
+            *byte = u8::from_str_radix(p, 16).map_err(|_| MacError::Malformed)?;
+        }
+        if parts.next().is_some() {
+            return Err(MacError::Malformed);
+        }
+        let mac = Mac(out);
+        if mac.0 == [0; 6] {
+            Err(MacError::Zero)
+        } else if mac.0[0] & 1 == 1 {
+            Err(MacError::Multicast)
+        } else {
+            Ok(mac)
+        }
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl serde::Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Vxlan,
+    Ipip,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Vxlan => "vxlan",
+            Backend::Ipip => "ipip",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Full,
+    OnDemand,
+}
+
+/// A remote node, already validated.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Peer {
+    pub name: String,
+    pub underlay_ip: IpAddr,
+    pub vtep_mac: Mac,
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+/// The peer set handed to the engine. `complete` is false until the source has
+/// delivered a full listing; until then the engine adds but never deletes, so a
+/// half-read cluster cannot make it sweep live entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerSet {
+    pub peers: BTreeMap<String, Peer>,
+    pub complete: bool,
+}
+
+impl PeerSet {
+    pub fn complete(peers: impl IntoIterator<Item = Peer>) -> Self {
+        PeerSet {
+            peers: peers.into_iter().map(|p| (p.name.clone(), p)).collect(),
+            complete: true,
+        }
+    }
+}
+
+/// The gateway address of a pod CIDR: its network address (the flannel convention),
+/// which the overlay device owns as a /32 so that it never collides with the
+/// bridge's first host address.
+pub fn gateway_of(cidr: &IpNet) -> IpAddr {
+    cidr.network()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_parsing_rejects_bad_input() {
+        assert_eq!("0e:00:00:00:00:01".parse::<Mac>().unwrap().0[5], 1);
+        assert_eq!("not-a-mac".parse::<Mac>(), Err(MacError::Malformed));
+        assert_eq!("01:00:5e:00:00:01".parse::<Mac>(), Err(MacError::Multicast));
+        assert_eq!("ff:ff:ff:ff:ff:ff".parse::<Mac>(), Err(MacError::Multicast));
+        assert_eq!("00:00:00:00:00:00".parse::<Mac>(), Err(MacError::Zero));
+        assert_eq!(
+            "0e:00:00:00:00:01:02".parse::<Mac>(),
+            Err(MacError::Malformed)
+        );
+        assert_eq!("0e:0:00:00:00:01".parse::<Mac>(), Err(MacError::Malformed));
+    }
+
+    #[test]
+    fn random_mac_is_local_unicast() {
+        for seed in [0u64, 1, u64::MAX, 0xdead_beef] {
+            let m = Mac::random_local(seed);
+            assert!(m.is_unicast());
+            assert_eq!(m.0[0] & 0x02, 0x02);
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Desired kernel state and the minimal change set that reaches it. Pure: no I/O,
+//! so every rule here is unit-tested without a kernel.
+//!
+//! Entries are keyed the way the kernel keys them (fdb by MAC, neighbours by IP,
+//! routes by prefix), and compared by value. Keying the delta by anything else is
+//! how Calico's tracker flapped a stale and a desired entry sharing a MAC (#9450).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::model::{Backend, Mac, Peer, gateway_of};
+
+/// The route protocol number that marks a route as weir's (`ip route show proto 87`).
+/// Sweeps only ever delete routes that carry it.
+pub const ROUTE_PROTOCOL: u8 = 87;
+
+/// What the kernel should hold for the current peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    /// `bridge fdb replace MAC dev weir.N dst IP self permanent`
+    pub fdb: BTreeMap<Mac, IpAddr>,
+    /// `ip neigh replace GW dev weir.N lladdr MAC nud permanent`
+    pub neigh: BTreeMap<IpAddr, Mac>,
+    /// `ip route replace CIDR via GW dev weir.N onlink proto 87`
+    pub routes: BTreeMap<IpNet, IpAddr>,
+}
+
+/// A peer the desired state had to leave out, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub peer: String,
+    pub field: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "node {} field {}={}: {}",
+            self.peer, self.field, self.value, self.reason
+        )
+    }
+}
+
+/// Builds the desired state. Peers are taken in name order, so when two claim
+/// the same MAC or overlapping CIDRs the outcome is the same on every node.
+/// `local_cidrs` are this node's own pod CIDRs, which no peer may shadow.
+pub fn desired_state<'a>(
+    backend: Backend,
+    local_cidrs: &[IpNet],
+    peers: impl IntoIterator<Item = &'a Peer>,
+) -> (DesiredState, Vec<Conflict>) {
+    let mut desired = DesiredState::default();
+    let mut conflicts = Vec::new();
+    let mut mac_owner: BTreeMap<Mac, &str> = BTreeMap::new();
+    let mut claimed: Vec<(IpNet, &str)> = local_cidrs.iter().map(|c| (*c, "this node")).collect();
+    for peer in peers {
+        if backend == Backend::Vxlan {
+            if let Some(owner) = mac_owner.get(&peer.vtep_mac) {
+                conflicts.push(Conflict {
+                    peer: peer.name.clone(),
+                    field: "vtep-mac",
+                    value: peer.vtep_mac.to_string(),
+                    reason: format!("already used by node {owner}"),
+                });
+                continue;
+            }
+        }
+        let overlap = peer.pod_cidrs.iter().find_map(|c| {
+            claimed
+                .iter()
+                .find(|(other, _)| other.contains(&c.network()) || c.contains(&other.network()))
+                .map(|(other, owner)| (c, *other, *owner))
+        });
+        if let Some((cidr, other, owner)) = overlap {
+            conflicts.push(Conflict {
+                peer: peer.name.clone(),
+                field: "podCIDRs",
+                value: cidr.to_string(),
+                reason: format!("overlaps {other} of {owner}"),
+            });
+            continue;
+        }
+        mac_owner.insert(peer.vtep_mac, &peer.name);
+        claimed.extend(peer.pod_cidrs.iter().map(|c| (*c, peer.name.as_str())));
+        match backend {
+            Backend::Vxlan => {
+                desired.fdb.insert(peer.vtep_mac, peer.underlay_ip);
+                for cidr in &peer.pod_cidrs {
+                    let gw = gateway_of(cidr);
+                    desired.neigh.insert(gw, peer.vtep_mac);
+                    desired.routes.insert(*cidr, gw);
+                }
+            }
+            Backend::Ipip => {
+                for cidr in peer.pod_cidrs.iter().filter(|c| c.addr().is_ipv4()) {
+                    desired.routes.insert(*cidr, peer.underlay_ip);
+                }
+            }
+        }
+    }
+    (desired, conflicts)
+}
+
+/// weir's entries as found in the kernel. Only entries weir owns are listed:
+/// permanent fdb and neighbour entries on weir's device, and routes carrying
+/// weir's protocol. Anything else is invisible to the diff, so it is never deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelState {
+    pub fdb: BTreeSet<(Mac, IpAddr)>,
+    pub neigh: BTreeMap<IpAddr, Mac>,
+    /// prefix → (gateway, output ifindex)
+    pub routes: BTreeMap<IpNet, (IpAddr, u32)>,
+    /// Prefixes routed in the main table by somebody else. weir will not
+    /// overwrite them.
+    pub foreign_routes: BTreeSet<IpNet>,
+}
+
+/// One netlink write. Variants are declared in the order they must be applied:
+/// for a new peer the fdb entry exists before the neighbour that points at its
+/// MAC, and the neighbour before the route that uses it, so the kernel never has
+/// to ask; deletions go the other way round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Op {
+    PutFdb { mac: Mac, dst: IpAddr },
+    PutNeigh { ip: IpAddr, mac: Mac },
+    PutRoute { dst: IpNet, gateway: IpAddr },
+    DelRoute { dst: IpNet, gateway: IpAddr },
+    DelNeigh { ip: IpAddr, mac: Mac },
+    DelFdb { mac: Mac, dst: IpAddr },
+}
+
+impl Op {
+    /// The kind of kernel object, as used in metric labels.
+    pub fn object(&self) -> &'static str {
+        match self {
+            Op::PutFdb { .. } | Op::DelFdb { .. } => "fdb",
+            Op::PutNeigh { .. } | Op::DelNeigh { .. } => "neigh",
+            Op::PutRoute { .. } | Op::DelRoute { .. } => "route",
+        }
+    }
+
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Op::PutFdb { .. } | Op::PutNeigh { .. } | Op::PutRoute { .. } => "replace",
+            _ => "delete",
+        }
+    }
+
+    /// Ops of one phase do not depend on each other and may be pipelined.
+    pub fn phase(&self) -> u8 {
+        match self {
+            Op::PutFdb { .. } => 0,
+            Op::PutNeigh { .. } => 1,
+            Op::PutRoute { .. } => 2,
+            Op::DelRoute { .. } => 3,
+            Op::DelNeigh { .. } => 4,
+            Op::DelFdb { .. } => 5,
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    /// The iproute2 command an operator would type for the same change.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::PutFdb { mac, dst } => {
+                write!(f, "bridge fdb replace {mac} dst {dst} self permanent")
+            }
+            Op::DelFdb { mac, dst } => write!(f, "bridge fdb del {mac} dst {dst} self"),
+            Op::PutNeigh { ip, mac } => {
+                write!(f, "ip neigh replace {ip} lladdr {mac} nud permanent")
+            }
+            Op::DelNeigh { ip, mac } => write!(f, "ip neigh del {ip} lladdr {mac}"),
+            Op::PutRoute { dst, gateway } => {
+                write!(
+                    f,
+                    "ip route replace {dst} via {gateway} onlink proto {ROUTE_PROTOCOL}"
+                )
+            }
+            Op::DelRoute { dst, gateway } => write!(f, "ip route del {dst} via {gateway}"),
+        }
+    }
+}
+
+/// The minimal ops that turn `kernel` into `desired` on the device `ifindex`.
+/// With `sweep` false nothing is deleted: the caller does not yet know the
+/// whole peer set.
+pub fn diff(desired: &DesiredState, kernel: &KernelState, ifindex: u32, sweep: bool) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for (&mac, &dst) in &desired.fdb {
+        if !kernel.fdb.contains(&(mac, dst)) {
+            ops.push(Op::PutFdb { mac, dst });
+        }
+    }
+    for (&ip, &mac) in &desired.neigh {
+        if kernel.neigh.get(&ip) != Some(&mac) {
+            ops.push(Op::PutNeigh { ip, mac });
+        }
+    }
+    for (&dst, &gateway) in &desired.routes {
+        if kernel.foreign_routes.contains(&dst) {
+            continue;
+        }
+        if kernel.routes.get(&dst) != Some(&(gateway, ifindex)) {
+            ops.push(Op::PutRoute { dst, gateway });
+        }
+    }
+    if sweep {
+        for (&dst, &(gateway, _)) in &kernel.routes {
+            if !desired.routes.contains_key(&dst) {
+                ops.push(Op::DelRoute { dst, gateway });
+            }
+        }
+        for (&ip, &mac) in &kernel.neigh {
+            if !desired.neigh.contains_key(&ip) {
+                ops.push(Op::DelNeigh { ip, mac });
+            }
+        }
+        for &(mac, dst) in &kernel.fdb {
+            if desired.fdb.get(&mac) != Some(&dst) {
+                ops.push(Op::DelFdb { mac, dst });
+            }
+        }
+    }
+    ops.sort_by_key(Op::phase);
+    ops
+}
+
+/// Prefixes a desired route could not be installed for, because somebody else
+/// already routes them.
+pub fn blocked_routes<'a>(
+    desired: &'a DesiredState,
+    kernel: &'a KernelState,
+) -> impl Iterator<Item = &'a IpNet> {
+    desired
+        .routes
+        .keys()
+        .filter(|d| kernel.foreign_routes.contains(d))
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

@@ -1,0 +1,254 @@
+use super::*;
+use crate::model::Backend::{Ipip, Vxlan};
+
+const IF: u32 = 7;
+
+fn peer(name: &str, ip: &str, mac: &str, cidr: &str) -> Peer {
+    Peer {
+        name: name.into(),
+        underlay_ip: ip.parse().unwrap(),
+        vtep_mac: mac.parse().unwrap(),
+        pod_cidrs: vec![cidr.parse().unwrap()],
+    }
+}
+
+fn local() -> Vec<IpNet> {
+    vec!["10.244.0.0/24".parse().unwrap()]
+}
+
+fn desired(peers: &[Peer]) -> DesiredState {
+    let (d, conflicts) = desired_state(Vxlan, &local(), peers);
+    assert!(conflicts.is_empty(), "{conflicts:?}");
+    d
+}
+
+/// The kernel state after a plan was applied exactly.
+fn applied(d: &DesiredState) -> KernelState {
+    KernelState {
+        fdb: d.fdb.iter().map(|(m, ip)| (*m, *ip)).collect(),
+        neigh: d.neigh.clone(),
+        routes: d.routes.iter().map(|(c, g)| (*c, (*g, IF))).collect(),
+        foreign_routes: Default::default(),
+    }
+}
+
+fn a() -> Peer {
+    peer(
+        "node-1",
+        "198.18.0.11",
+        "0e:00:00:00:00:01",
+        "10.244.1.0/24",
+    )
+}
+fn b() -> Peer {
+    peer(
+        "node-2",
+        "198.18.0.12",
+        "0e:00:00:00:00:02",
+        "10.244.2.0/24",
+    )
+}
+
+#[test]
+fn new_peer_gets_fdb_then_neigh_then_route() {
+    let ops = diff(&desired(&[a()]), &KernelState::default(), IF, true);
+    let mac = "0e:00:00:00:00:01".parse().unwrap();
+    assert_eq!(
+        ops,
+        vec![
+            Op::PutFdb {
+                mac,
+                dst: "198.18.0.11".parse().unwrap()
+            },
+            Op::PutNeigh {
+                ip: "10.244.1.0".parse().unwrap(),
+                mac
+            },
+            Op::PutRoute {
+                dst: "10.244.1.0/24".parse().unwrap(),
+                gateway: "10.244.1.0".parse().unwrap()
+            },
+        ]
+    );
+}
+
+#[test]
+fn second_pass_is_empty() {
+    let d = desired(&[a(), b()]);
+    assert!(diff(&d, &applied(&d), IF, true).is_empty());
+}
+
+#[test]
+fn removed_peer_is_deleted_route_first() {
+    let before = applied(&desired(&[a(), b()]));
+    let ops = diff(&desired(&[a()]), &before, IF, true);
+    let kinds: Vec<_> = ops.iter().map(|o| (o.verb(), o.object())).collect();
+    assert_eq!(
+        kinds,
+        vec![("delete", "route"), ("delete", "neigh"), ("delete", "fdb")]
+    );
+    assert!(ops.iter().all(
+        |o| o.to_string().contains("10.244.2.0") || o.to_string().contains("0e:00:00:00:00:02")
+    ));
+}
+
+#[test]
+fn nothing_is_deleted_before_the_peer_set_is_complete() {
+    let before = applied(&desired(&[a(), b()]));
+    assert!(diff(&desired(&[a()]), &before, IF, false).is_empty());
+}
+
+#[test]
+fn mac_change_replaces_neigh_and_removes_old_fdb() {
+    let before = applied(&desired(&[a()]));
+    let mut moved = a();
+    moved.vtep_mac = "0e:00:00:00:00:99".parse().unwrap();
+    let ops = diff(&desired(&[moved]), &before, IF, true);
+    let new: Mac = "0e:00:00:00:00:99".parse().unwrap();
+    let old: Mac = "0e:00:00:00:00:01".parse().unwrap();
+    let ip: IpAddr = "198.18.0.11".parse().unwrap();
+    assert_eq!(
+        ops,
+        vec![
+            Op::PutFdb { mac: new, dst: ip },
+            Op::PutNeigh {
+                ip: "10.244.1.0".parse().unwrap(),
+                mac: new
+            },
+            Op::DelFdb { mac: old, dst: ip },
+        ]
+    );
+}
+
+#[test]
+fn ip_change_replaces_fdb_only() {
+    let before = applied(&desired(&[a()]));
+    let mut moved = a();
+    moved.underlay_ip = "198.18.0.99".parse().unwrap();
+    let ops = diff(&desired(&[moved]), &before, IF, true);
+    let mac: Mac = "0e:00:00:00:00:01".parse().unwrap();
+    assert_eq!(
+        ops,
+        vec![
+            Op::PutFdb {
+                mac,
+                dst: "198.18.0.99".parse().unwrap()
+            },
+            Op::DelFdb {
+                mac,
+                dst: "198.18.0.11".parse().unwrap()
+            },
+        ]
+    );
+}
+
+#[test]
+fn pod_cidr_change_moves_neigh_and_route() {
+    let before = applied(&desired(&[a()]));
+    let moved = peer(
+        "node-1",
+        "198.18.0.11",
+        "0e:00:00:00:00:01",
+        "10.244.7.0/24",
+    );
+    let ops = diff(&desired(&[moved]), &before, IF, true);
+    let text: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
+    assert_eq!(text.len(), 4, "{text:?}");
+    assert!(text[0].starts_with("ip neigh replace 10.244.7.0"));
+    assert!(text[1].starts_with("ip route replace 10.244.7.0/24 via 10.244.7.0"));
+    assert!(text[2].starts_with("ip route del 10.244.1.0/24"));
+    assert!(text[3].starts_with("ip neigh del 10.244.1.0"));
+}
+
+#[test]
+fn route_on_another_device_is_reclaimed() {
+    let d = desired(&[a()]);
+    let mut k = applied(&d);
+    k.routes.insert(
+        "10.244.1.0/24".parse().unwrap(),
+        ("10.244.1.0".parse().unwrap(), IF + 1),
+    );
+    assert_eq!(diff(&d, &k, IF, true).len(), 1);
+}
+
+#[test]
+fn foreign_routes_are_left_untouched() {
+    let d = desired(&[a()]);
+    let mut k = KernelState::default();
+    let foreign: IpNet = "10.244.1.0/24".parse().unwrap();
+    k.foreign_routes.insert(foreign);
+    let ops = diff(&d, &k, IF, true);
+    assert!(
+        ops.iter()
+            .all(|o| !matches!(o, Op::PutRoute { .. } | Op::DelRoute { .. }))
+    );
+    assert_eq!(blocked_routes(&d, &k).collect::<Vec<_>>(), vec![&foreign]);
+}
+
+#[test]
+fn entries_not_in_the_owned_dump_are_never_deleted() {
+    // The dumper lists only weir's own entries; an empty owned state with a
+    // foreign route present must produce no delete at all.
+    let mut k = KernelState::default();
+    k.foreign_routes.insert("192.0.2.0/24".parse().unwrap());
+    assert!(diff(&DesiredState::default(), &k, IF, true).is_empty());
+}
+
+#[test]
+fn two_peers_claiming_one_mac_keep_the_first_by_name() {
+    let mut dup = b();
+    dup.vtep_mac = a().vtep_mac;
+    let (d, conflicts) = desired_state(Vxlan, &local(), &[a(), dup]);
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(conflicts[0].peer, "node-2");
+    assert_eq!(conflicts[0].field, "vtep-mac");
+    assert_eq!(d, desired(&[a()]));
+    // A stale kernel entry sharing the MAC does not flap: one replace, then stable.
+    let k = applied(&d);
+    assert!(diff(&d, &k, IF, true).is_empty());
+}
+
+#[test]
+fn overlapping_and_local_cidrs_are_rejected() {
+    let overlap = peer(
+        "node-3",
+        "198.18.0.13",
+        "0e:00:00:00:00:03",
+        "10.244.1.128/25",
+    );
+    let shadow = peer(
+        "node-4",
+        "198.18.0.14",
+        "0e:00:00:00:00:04",
+        "10.244.0.0/16",
+    );
+    let (d, conflicts) = desired_state(Vxlan, &local(), &[a(), overlap, shadow]);
+    assert_eq!(d, desired(&[a()]));
+    let names: Vec<_> = conflicts.iter().map(|c| c.peer.as_str()).collect();
+    assert_eq!(names, vec!["node-3", "node-4"]);
+    assert!(conflicts[1].reason.contains("this node"));
+}
+
+#[test]
+fn ipip_needs_only_routes_via_the_peer_underlay() {
+    let (d, _) = desired_state(Ipip, &local(), &[a()]);
+    assert!(d.fdb.is_empty() && d.neigh.is_empty());
+    assert_eq!(
+        d.routes.get(&"10.244.1.0/24".parse().unwrap()),
+        Some(&"198.18.0.11".parse().unwrap())
+    );
+}
+
+#[test]
+fn dual_stack_peer_gets_one_neigh_and_route_per_family() {
+    let mut p = a();
+    p.pod_cidrs.push("fd00:10:244:1::/64".parse().unwrap());
+    let d = desired(&[p]);
+    assert_eq!(d.fdb.len(), 1);
+    assert_eq!(d.neigh.len(), 2);
+    assert!(
+        d.neigh
+            .contains_key(&"fd00:10:244:1::".parse::<IpAddr>().unwrap())
+    );
+    assert_eq!(d.routes.len(), 2);
+}
