@@ -1,0 +1,88 @@
+//! Kernel change notifications that may mean drift on weir's device.
+
+use futures::StreamExt;
+use netlink_packet_core::NetlinkPayload;
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::route::RouteProtocol;
+use rtnetlink::MulticastGroup;
+use tokio::sync::mpsc;
+
+use crate::plan::ROUTE_PROTOCOL;
+
+/// What the engine needs to know about a notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelEvent {
+    /// A link, neighbour or route changed; `ifindex` is the link it concerns.
+    Changed { ifindex: u32, ours: bool },
+    /// The socket overflowed: notifications were lost, so only a full
+    /// resync can tell what changed.
+    Overrun,
+    /// The socket is gone; the caller should reopen it.
+    Closed,
+}
+
+/// Subscribes to link, neighbour and route notifications in the calling
+/// thread's namespace. Events are reduced to `KernelEvent` and sent on a
+/// bounded channel; when it is full the reader keeps only the fact that
+/// something changed, so memory never grows and nothing is silently lost.
+pub fn subscribe(tx: mpsc::Sender<KernelEvent>) -> std::io::Result<()> {
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Neigh,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
+    ])?;
+    tokio::spawn(conn);
+    tokio::spawn(async move {
+        let mut pending_overrun = false;
+        while let Some((msg, _)) = messages.next().await {
+            let event = match msg.payload {
+                NetlinkPayload::Overrun(_) => KernelEvent::Overrun,
+                NetlinkPayload::InnerMessage(m) => match classify(&m) {
+                    Some(e) => e,
+                    None => continue,
+                },
+                _ => continue,
+            };
+            let event = if pending_overrun {
+                KernelEvent::Overrun
+            } else {
+                event
+            };
+            pending_overrun = match tx.try_send(event) {
+                Ok(()) => false,
+                Err(mpsc::error::TrySendError::Full(_)) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            };
+        }
+        let _ = tx.send(KernelEvent::Closed).await;
+    });
+    Ok(())
+}
+
+fn classify(m: &RouteNetlinkMessage) -> Option<KernelEvent> {
+    use RouteNetlinkMessage::*;
+    match m {
+        NewLink(l) | DelLink(l) => Some(KernelEvent::Changed {
+            ifindex: l.header.index,
+            ours: false,
+        }),
+        NewNeighbour(n) | DelNeighbour(n) => Some(KernelEvent::Changed {
+            ifindex: n.header.ifindex,
+            ours: false,
+        }),
+        NewRoute(r) | DelRoute(r) => {
+            let ours = r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL);
+            let ifindex = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    netlink_packet_route::route::RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            Some(KernelEvent::Changed { ifindex, ours })
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,85 @@
+//! The kernel side of the agent, behind one narrow intent-level trait so the
+//! engine can be driven by a fake in unit tests and by netlink for real.
+
+pub mod device;
+pub mod events;
+pub mod netlink;
+
+use std::fmt;
+
+use crate::model::Mac;
+use crate::plan::{KernelState, Op};
+
+pub use device::{DeviceKind, DeviceSpec};
+
+/// A netlink failure, kept as the errno so callers can tell "gone already"
+/// from "kernel out of neighbour slots" from "unsupported".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    #[error("{what}: {}", std::io::Error::from_raw_os_error(*errno))]
+    Errno { what: String, errno: i32 },
+    #[error("{0}")]
+    Other(String),
+    #[error(
+        "kernel has no {kind} device support (netlink says 'unknown device type'); \
+         load the module with `modprobe {module}` or use a kernel built with it"
+    )]
+    MissingDeviceType {
+        kind: &'static str,
+        module: &'static str,
+    },
+}
+
+impl KernelError {
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            KernelError::Errno { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+}
+
+/// What `ensure_device` found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceStatus {
+    pub ifindex: u32,
+    pub mac: Option<Mac>,
+    pub action: DeviceAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceAction {
+    /// The device matched; nothing or only MTU/MAC/up/addresses were fixed.
+    Adopted {
+        fixed: Vec<String>,
+    },
+    Created,
+    Recreated {
+        reason: String,
+    },
+}
+
+impl fmt::Display for DeviceAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceAction::Adopted { fixed } if fixed.is_empty() => write!(f, "adopted unchanged"),
+            DeviceAction::Adopted { fixed } => write!(f, "adopted, fixed {}", fixed.join(", ")),
+            DeviceAction::Created => write!(f, "created"),
+            DeviceAction::Recreated { reason } => write!(f, "recreated: {reason}"),
+        }
+    }
+}
+
+/// The result of one op, in the order the ops were given.
+pub type OpResult = Result<(), KernelError>;
+
+/// Everything the engine needs from the kernel, stated as intents.
+#[allow(async_fn_in_trait)]
+pub trait Kernel {
+    /// Create, adopt or recreate the overlay device so it matches `spec`.
+    async fn ensure_device(&mut self, spec: &DeviceSpec) -> Result<DeviceStatus, KernelError>;
+    /// weir's own entries on the device with index `ifindex`, plus foreign routes.
+    async fn dump(&mut self, ifindex: u32) -> Result<KernelState, KernelError>;
+    /// Apply ops in phase order; ops within one phase are pipelined.
+    async fn apply(&mut self, ifindex: u32, ops: &[Op]) -> Vec<OpResult>;
+}

@@ -1,0 +1,654 @@
+//! The real `Kernel`: rtnetlink requests over one NETLINK_ROUTE socket.
+//!
+//! Writes of one phase are pipelined: up to `WINDOW` requests are in flight and
+//! their acks are matched as they come, instead of one round trip per entry.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+
+use futures::{StreamExt, TryStreamExt};
+use ipnet::IpNet;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::{Handle, LinkIpIp, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use tracing::info;
+
+use super::device::{FoundDevice, FoundKind};
+use super::{DeviceAction, DeviceKind, DeviceSpec, DeviceStatus, Kernel, KernelError, OpResult};
+use crate::model::Mac;
+use crate::plan::{KernelState, Op, ROUTE_PROTOCOL};
+
+const WINDOW: usize = 512;
+const RT_TABLE_MAIN: u8 = 254;
+const ENOENT: i32 = 2;
+const ESRCH: i32 = 3;
+const ENODEV: i32 = 19;
+const EOPNOTSUPP: i32 = 95;
+
+type OpFuture = Pin<Box<dyn Future<Output = OpResult> + Send>>;
+
+pub struct NetlinkKernel {
+    handle: Handle,
+}
+
+impl NetlinkKernel {
+    /// Opens a socket in the calling thread's network namespace.
+    pub fn connect() -> std::io::Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(NetlinkKernel { handle })
+    }
+
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>, KernelError> {
+        Ok(self.find_link(name).await?.map(|d| d.ifindex))
+    }
+
+    async fn find_link(&self, name: &str) -> Result<Option<FoundDevice>, KernelError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(Some(parse_link(&msg))),
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == ENODEV => Ok(None),
+            Err(e) => Err(to_kernel_error(format!("ip link show {name}"), e)),
+        }
+    }
+
+    async fn create(&self, spec: &DeviceSpec) -> Result<(), KernelError> {
+        let msg = match spec.kind {
+            DeviceKind::Vxlan {
+                vni,
+                port,
+                on_demand,
+            } => {
+                let mut b = LinkVxlan::new(&spec.name, vni)
+                    .port(port)
+                    .dev(spec.underlay_ifindex)
+                    .learning(false)
+                    .proxy(on_demand)
+                    .l2miss(on_demand)
+                    .l3miss(on_demand);
+                b = match spec.local {
+                    IpAddr::V4(ip) => b.local(ip),
+                    IpAddr::V6(ip) => b.local6(ip),
+                };
+                let mut b = b.mtu(spec.mtu).up();
+                if let Some(mac) = spec.mac {
+                    b = b.address(mac.0.to_vec());
+                }
+                b.build()
+            }
+            DeviceKind::Ipip => {
+                let IpAddr::V4(local) = spec.local else {
+                    return Err(KernelError::Other("ipip needs an IPv4 underlay".into()));
+                };
+                LinkIpIp::new(&spec.name)
+                    .local(local)
+                    .mtu(spec.mtu)
+                    .up()
+                    .build()
+            }
+        };
+        self.handle.link().add(msg).execute().await.map_err(|e| {
+            if errno(&e) == EOPNOTSUPP {
+                match spec.kind {
+                    DeviceKind::Vxlan { .. } => KernelError::MissingDeviceType {
+                        kind: "vxlan",
+                        module: "vxlan",
+                    },
+                    DeviceKind::Ipip => KernelError::MissingDeviceType {
+                        kind: "ipip",
+                        module: "ipip",
+                    },
+                }
+            } else {
+                to_kernel_error(format!("ip link add {}", spec.name), e)
+            }
+        })
+    }
+
+    async fn fix_link(
+        &self,
+        spec: &DeviceSpec,
+        found: &FoundDevice,
+    ) -> Result<Vec<String>, KernelError> {
+        let mut fixed = Vec::new();
+        let mut b = LinkUnspec::new_with_index(found.ifindex);
+        if found.mtu != Some(spec.mtu) {
+            fixed.push(format!("mtu {:?}->{}", found.mtu, spec.mtu));
+            b = b.mtu(spec.mtu);
+        }
+        if let Some(mac) = spec.mac.filter(|m| found.mac != Some(*m)) {
+            fixed.push(format!("address {:?}->{mac}", found.mac));
+            b = b.address(mac.0.to_vec());
+        }
+        if !found.up {
+            fixed.push("up".into());
+        }
+        if !fixed.is_empty() {
+            let msg = b.up().build();
+            self.handle
+                .link()
+                .set(msg)
+                .execute()
+                .await
+                .map_err(|e| to_kernel_error(format!("ip link set {}", spec.name), e))?;
+        }
+        Ok(fixed)
+    }
+
+    async fn sync_addresses(
+        &self,
+        spec: &DeviceSpec,
+        ifindex: u32,
+    ) -> Result<Vec<String>, KernelError> {
+        let mut present = Vec::new();
+        let mut stale = Vec::new();
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(ifindex)
+            .execute();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(|e| to_kernel_error(format!("ip addr show dev {}", spec.name), e))?
+        {
+            let Some(ip) = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            }) else {
+                continue;
+            };
+            let net = IpNet::new(ip, msg.header.prefix_len)
+                .map_err(|e| KernelError::Other(e.to_string()))?;
+            if spec.addresses.contains(&net) {
+                present.push(net);
+            } else if !is_link_local(&ip) {
+                stale.push(msg);
+            }
+        }
+        let mut fixed = Vec::new();
+        for net in spec.addresses.iter().filter(|n| !present.contains(n)) {
+            self.handle
+                .address()
+                .add(ifindex, net.addr(), net.prefix_len())
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| {
+                    to_kernel_error(format!("ip addr replace {net} dev {}", spec.name), e)
+                })?;
+            fixed.push(format!("address +{net}"));
+        }
+        for msg in stale {
+            fixed.push(format!("address -{:?}", msg.attributes.first()));
+            self.handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| to_kernel_error(format!("ip addr del dev {}", spec.name), e))?;
+        }
+        Ok(fixed)
+    }
+
+    fn op_future(&self, ifindex: u32, op: Op) -> OpFuture {
+        let handle = self.handle.clone();
+        Box::pin(async move {
+            let result = match op {
+                Op::PutFdb { mac, dst } => {
+                    handle
+                        .neighbours()
+                        .add_bridge(ifindex, &mac.0)
+                        .destination(dst)
+                        .flags(NeighbourFlags::Own)
+                        .state(NeighbourState::Permanent)
+                        .replace()
+                        .execute()
+                        .await
+                }
+                Op::PutNeigh { ip, mac } => {
+                    handle
+                        .neighbours()
+                        .add(ifindex, ip)
+                        .link_layer_address(&mac.0)
+                        .state(NeighbourState::Permanent)
+                        .replace()
+                        .execute()
+                        .await
+                }
+                Op::PutRoute { dst, gateway } => {
+                    handle
+                        .route()
+                        .add(route_message(ifindex, dst, gateway))
+                        .replace()
+                        .execute()
+                        .await
+                }
+                Op::DelRoute { dst, gateway } => {
+                    handle
+                        .route()
+                        .del(route_message(ifindex, dst, gateway))
+                        .execute()
+                        .await
+                }
+                Op::DelNeigh { ip, mac } => {
+                    handle
+                        .neighbours()
+                        .del(neigh_message(ifindex, ip, mac))
+                        .execute()
+                        .await
+                }
+                Op::DelFdb { mac, dst } => {
+                    handle
+                        .neighbours()
+                        .del(fdb_message(ifindex, mac, dst))
+                        .execute()
+                        .await
+                }
+            };
+            match result {
+                Ok(()) => Ok(()),
+                // Something removed it first: the goal is reached.
+                Err(e) if op.verb() == "delete" && matches!(errno(&e), ENOENT | ESRCH) => Ok(()),
+                Err(e) => Err(to_kernel_error(op.to_string(), e)),
+            }
+        })
+    }
+
+    async fn dump_neighbours(
+        &self,
+        family: AddressFamily,
+        ifindex: u32,
+        state: &mut KernelState,
+    ) -> Result<(), KernelError> {
+        let mut neighs = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute();
+        while let Some(msg) = neighs
+            .try_next()
+            .await
+            .map_err(|e| to_kernel_error(format!("dump neighbours {family:?}"), e))?
+        {
+            if msg.header.ifindex != ifindex || msg.header.state != NeighbourState::Permanent {
+                continue;
+            }
+            let (Some(ip), Some(mac)) = (neigh_destination(&msg), neigh_lladdr(&msg)) else {
+                continue;
+            };
+            if family == AddressFamily::Bridge {
+                state.fdb.insert((mac, ip));
+            } else {
+                state.neigh.insert(ip, mac);
+            }
+        }
+        Ok(())
+    }
+
+    async fn dump_routes(&self, v6: bool, state: &mut KernelState) -> Result<(), KernelError> {
+        let query = if v6 {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+        };
+        let mut routes = self.handle.route().get(query).execute();
+        while let Some(msg) = routes
+            .try_next()
+            .await
+            .map_err(|e| to_kernel_error("dump routes".into(), e))?
+        {
+            if route_table(&msg) != u32::from(RT_TABLE_MAIN) {
+                continue;
+            }
+            let Some(dst) = route_destination(&msg) else {
+                continue;
+            };
+            if msg.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL) {
+                let gateway = msg.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Gateway(g) => route_addr(g),
+                    _ => None,
+                });
+                let oif = msg.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                });
+                if let (Some(gw), Some(oif)) = (gateway, oif) {
+                    state.routes.insert(dst, (gw, oif));
+                } else {
+                    // weir never writes such a route; mark it for replacement.
+                    state.routes.insert(dst, (dst.network(), 0));
+                }
+            } else {
+                state.foreign_routes.insert(dst);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Kernel for NetlinkKernel {
+    async fn ensure_device(&mut self, spec: &DeviceSpec) -> Result<DeviceStatus, KernelError> {
+        let found = self.find_link(&spec.name).await?;
+        let action = match &found {
+            None => {
+                self.create(spec).await?;
+                DeviceAction::Created
+            }
+            Some(f) => match spec.incompatibility(f) {
+                Some(reason) => {
+                    info!(device = %spec.name, %reason, "recreating incompatible device");
+                    self.handle
+                        .link()
+                        .del(f.ifindex)
+                        .execute()
+                        .await
+                        .map_err(|e| to_kernel_error(format!("ip link del {}", spec.name), e))?;
+                    self.create(spec).await?;
+                    DeviceAction::Recreated { reason }
+                }
+                None => DeviceAction::Adopted {
+                    fixed: self.fix_link(spec, f).await?,
+                },
+            },
+        };
+        let now = self.find_link(&spec.name).await?.ok_or_else(|| {
+            KernelError::Other(format!("{} vanished right after it was set up", spec.name))
+        })?;
+        let addr_fixes = self.sync_addresses(spec, now.ifindex).await?;
+        set_sysctl(
+            &format!("/proc/sys/net/ipv6/conf/{}/accept_ra", spec.name),
+            "0",
+        );
+        if matches!(
+            spec.kind,
+            DeviceKind::Vxlan {
+                on_demand: true,
+                ..
+            }
+        ) {
+            // Without app_solicit the neighbour code never reports routed misses.
+            set_sysctl(
+                &format!("/proc/sys/net/ipv4/neigh/{}/app_solicit", spec.name),
+                "3",
+            );
+        }
+        let action = match action {
+            DeviceAction::Adopted { mut fixed } => {
+                fixed.extend(addr_fixes);
+                DeviceAction::Adopted { fixed }
+            }
+            other => other,
+        };
+        Ok(DeviceStatus {
+            ifindex: now.ifindex,
+            mac: now.mac,
+            action,
+        })
+    }
+
+    async fn dump(&mut self, ifindex: u32) -> Result<KernelState, KernelError> {
+        let mut state = KernelState::default();
+        self.dump_neighbours(AddressFamily::Bridge, ifindex, &mut state)
+            .await?;
+        self.dump_neighbours(AddressFamily::Inet, ifindex, &mut state)
+            .await?;
+        self.dump_neighbours(AddressFamily::Inet6, ifindex, &mut state)
+            .await?;
+        self.dump_routes(false, &mut state).await?;
+        self.dump_routes(true, &mut state).await?;
+        Ok(state)
+    }
+
+    async fn apply(&mut self, ifindex: u32, ops: &[Op]) -> Vec<OpResult> {
+        let mut results: Vec<OpResult> = vec![Ok(()); ops.len()];
+        let mut start = 0;
+        while start < ops.len() {
+            let phase = ops[start].phase();
+            let end = start
+                + ops[start..]
+                    .iter()
+                    .take_while(|o| o.phase() == phase)
+                    .count();
+            let mut inflight = futures::stream::iter((start..end).map(|i| {
+                let fut = self.op_future(ifindex, ops[i]);
+                async move { (i, fut.await) }
+            }))
+            .buffer_unordered(WINDOW);
+            while let Some((i, r)) = inflight.next().await {
+                results[i] = r;
+            }
+            start = end;
+        }
+        results
+    }
+}
+
+/// Removes a device by name; used by `weir-agent cleanup`. Absent is fine.
+pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool, KernelError> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    let index = match links.try_next().await {
+        Ok(Some(msg)) => msg.header.index,
+        Ok(None) => return Ok(false),
+        Err(e) if errno(&e) == ENODEV => return Ok(false),
+        Err(e) => return Err(to_kernel_error(format!("ip link show {name}"), e)),
+    };
+    handle
+        .link()
+        .del(index)
+        .execute()
+        .await
+        .map_err(|e| to_kernel_error(format!("ip link del {name}"), e))?;
+    Ok(true)
+}
+
+fn set_sysctl(path: &str, value: &str) {
+    if let Err(e) = std::fs::write(path, value) {
+        // IPv6 may be disabled on the host; that is not an error for weir.
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(%path, error = %e, "cannot set sysctl");
+        }
+    }
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+pub(crate) fn errno(e: &rtnetlink::Error) -> i32 {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => -m.raw_code(),
+        _ => 0,
+    }
+}
+
+fn to_kernel_error(what: String, e: rtnetlink::Error) -> KernelError {
+    match errno(&e) {
+        0 => KernelError::Other(format!("{what}: {e}")),
+        errno => KernelError::Errno { what, errno },
+    }
+}
+
+fn parse_link(msg: &LinkMessage) -> FoundDevice {
+    let mut found = FoundDevice {
+        ifindex: msg.header.index,
+        kind: None,
+        local: None,
+        link: None,
+        mtu: None,
+        mac: None,
+        up: msg.header.flags.contains(LinkFlags::Up),
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::Mtu(m) => found.mtu = Some(*m),
+            LinkAttribute::Address(a) if a.len() == 6 => {
+                found.mac = Some(Mac([a[0], a[1], a[2], a[3], a[4], a[5]]));
+            }
+            LinkAttribute::LinkInfo(infos) => parse_link_info(infos, &mut found),
+            _ => {}
+        }
+    }
+    found
+}
+
+fn parse_link_info(infos: &[LinkInfo], found: &mut FoundDevice) {
+    for info in infos {
+        match info {
+            LinkInfo::Kind(InfoKind::Vxlan) if found.kind.is_none() => {
+                found.kind = Some(FoundKind::Vxlan {
+                    vni: 0,
+                    port: 0,
+                    learning: true,
+                    miss: false,
+                });
+            }
+            LinkInfo::Kind(InfoKind::IpIp) => found.kind = Some(FoundKind::Ipip),
+            LinkInfo::Kind(other) => found.kind = Some(FoundKind::Other(format!("{other:?}"))),
+            LinkInfo::Data(InfoData::Vxlan(attrs)) => {
+                let (mut vni, mut port, mut learning, mut miss) = (0, 0, true, false);
+                for a in attrs {
+                    match a {
+                        InfoVxlan::Id(v) => vni = *v,
+                        InfoVxlan::Port(p) => port = *p,
+                        InfoVxlan::Learning(l) => learning = *l,
+                        InfoVxlan::L3Miss(m) => miss = *m,
+                        InfoVxlan::Local(ip) => found.local = Some(IpAddr::V4(*ip)),
+                        InfoVxlan::Local6(ip) => found.local = Some(IpAddr::V6(*ip)),
+                        InfoVxlan::Link(l) => found.link = Some(*l),
+                        _ => {}
+                    }
+                }
+                found.kind = Some(FoundKind::Vxlan {
+                    vni,
+                    port,
+                    learning,
+                    miss,
+                });
+            }
+            LinkInfo::Data(InfoData::IpTunnel(attrs)) => {
+                for a in attrs {
+                    if let netlink_packet_route::link::InfoIpTunnel::Local(ip) = a {
+                        found.local = Some(*ip);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn route_message(ifindex: u32, dst: IpNet, gateway: IpAddr) -> RouteMessage {
+    let mut msg = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .and_then(|b| b.gateway(gateway))
+        .expect("prefix and gateway of one family")
+        .output_interface(ifindex)
+        .onlink()
+        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+        .build();
+    msg.header.table = RT_TABLE_MAIN;
+    msg
+}
+
+fn neigh_message(ifindex: u32, ip: IpAddr, mac: Mac) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    msg.header.ifindex = ifindex;
+    msg.header.state = NeighbourState::Permanent;
+    msg.attributes
+        .push(NeighbourAttribute::Destination(ip.into()));
+    msg.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+    msg
+}
+
+fn fdb_message(ifindex: u32, mac: Mac, dst: IpAddr) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Bridge;
+    msg.header.ifindex = ifindex;
+    msg.header.flags = NeighbourFlags::Own;
+    msg.header.state = NeighbourState::Permanent;
+    msg.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+    msg.attributes
+        .push(NeighbourAttribute::Destination(dst.into()));
+    msg
+}
+
+fn neigh_destination(msg: &NeighbourMessage) -> Option<IpAddr> {
+    msg.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+        // AF_BRIDGE (fdb) messages do not say which family NDA_DST is in.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => match b.len() {
+            4 => Some(IpAddr::from(<[u8; 4]>::try_from(&b[..]).ok()?)),
+            16 => Some(IpAddr::from(<[u8; 16]>::try_from(&b[..]).ok()?)),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+fn neigh_lladdr(msg: &NeighbourMessage) -> Option<Mac> {
+    msg.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(a) if a.len() == 6 => {
+            Some(Mac([a[0], a[1], a[2], a[3], a[4], a[5]]))
+        }
+        _ => None,
+    })
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    }
+}
+
+fn route_destination(msg: &RouteMessage) -> Option<IpNet> {
+    let len = msg.header.destination_prefix_length;
+    let addr = msg.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(d) => route_addr(d),
+        _ => None,
+    })?;
+    IpNet::new(addr, len).ok()
+}
+
+fn route_table(msg: &RouteMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(msg.header.table))
+}

@@ -1,0 +1,376 @@
+//! The reconciler: keeps the kernel equal to the desired state of the latest
+//! peer set. It is the only writer of weir's kernel state.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::dataplane::events::KernelEvent;
+use crate::dataplane::{DeviceAction, DeviceSpec, Kernel, KernelError};
+use crate::metrics::Metrics;
+use crate::model::{Backend, Mac, PeerSet};
+use crate::plan::{self, Conflict, DesiredState, KernelState};
+
+pub struct EngineConfig {
+    pub backend: Backend,
+    pub device: DeviceSpec,
+    pub local_cidrs: Vec<IpNet>,
+    pub resync_interval: Duration,
+}
+
+/// What the engine last saw and did; read by health checks and `status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EngineStatus {
+    pub device_ready: bool,
+    /// A complete peer set has been applied at least once.
+    pub synced: bool,
+    pub ifindex: u32,
+    pub vtep_mac: Option<Mac>,
+    pub peers: usize,
+    pub rejected: Vec<String>,
+    pub fdb_entries: usize,
+    pub neigh_entries: usize,
+    pub routes: usize,
+    pub last_error: Option<String>,
+    /// Milliseconds since the Unix epoch of the last reconcile pass.
+    pub last_reconcile_unix_ms: u128,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub writes: usize,
+    pub failures: usize,
+    pub drift_repaired: usize,
+    pub device: Option<String>,
+}
+
+pub struct Engine<K> {
+    kernel: K,
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+    peers: PeerSet,
+    desired: DesiredState,
+    conflicts: Vec<Conflict>,
+    /// The desired state of the last pass that applied without error; when a
+    /// pass finds work to do for the very same desired state, that is drift.
+    applied: Option<DesiredState>,
+    ifindex: u32,
+    consecutive_failures: u32,
+    status: watch::Sender<EngineStatus>,
+}
+
+impl<K: Kernel> Engine<K> {
+    pub fn new(
+        kernel: K,
+        cfg: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> (Self, watch::Receiver<EngineStatus>) {
+        let (status, status_rx) = watch::channel(EngineStatus::default());
+        let engine = Engine {
+            kernel,
+            cfg,
+            metrics,
+            peers: PeerSet::default(),
+            desired: DesiredState::default(),
+            conflicts: Vec::new(),
+            applied: None,
+            ifindex: 0,
+            consecutive_failures: 0,
+            status,
+        };
+        (engine, status_rx)
+    }
+
+    pub fn kernel_mut(&mut self) -> &mut K {
+        &mut self.kernel
+    }
+
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// Replaces the peer set and logs, per peer, what changed.
+    pub fn set_peers(&mut self, next: PeerSet) {
+        for (name, peer) in &next.peers {
+            match self.peers.peers.get(name) {
+                None => {
+                    info!(node = %name, ip = %peer.underlay_ip, mac = %peer.vtep_mac, cidrs = ?peer.pod_cidrs, "peer added")
+                }
+                Some(old) if old != peer => info!(
+                    node = %name, ip = %peer.underlay_ip, mac = %peer.vtep_mac, cidrs = ?peer.pod_cidrs,
+                    old_ip = %old.underlay_ip, old_mac = %old.vtep_mac, old_cidrs = ?old.pod_cidrs, "peer changed"
+                ),
+                Some(_) => {}
+            }
+        }
+        if next.complete {
+            for name in self
+                .peers
+                .peers
+                .keys()
+                .filter(|n| !next.peers.contains_key(*n))
+            {
+                info!(node = %name, "peer removed");
+            }
+        }
+        let (desired, conflicts) =
+            plan::desired_state(self.cfg.backend, &self.cfg.local_cidrs, next.peers.values());
+        for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
+            warn!(node = %c.peer, field = c.field, value = %c.value, reason = %c.reason, "peer rejected");
+            self.metrics
+                .peer_rejected
+                .with_label_values(&["conflict"])
+                .inc();
+        }
+        // Until the set is complete, keep what is known and add to it, so a
+        // partial listing never shrinks the desired state.
+        self.peers = if next.complete {
+            next
+        } else {
+            let mut merged = self.peers.clone();
+            merged.peers.extend(next.peers);
+            merged
+        };
+        self.desired = desired;
+        self.conflicts = conflicts;
+        let rejected = self.conflicts.len() as i64;
+        self.metrics
+            .peers
+            .with_label_values(&["accepted"])
+            .set(self.peers.peers.len() as i64 - rejected);
+        self.metrics
+            .peers
+            .with_label_values(&["rejected"])
+            .set(rejected);
+    }
+
+    /// One pass: device, dump, diff, apply.
+    pub async fn reconcile(&mut self) -> Result<Report, KernelError> {
+        let started = Instant::now();
+        let result = self.reconcile_inner().await;
+        self.metrics
+            .reconcile_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let label = match &result {
+            Ok(r) if r.failures == 0 => "success",
+            Ok(_) => "partial",
+            Err(_) => "error",
+        };
+        self.metrics
+            .reconcile_total
+            .with_label_values(&[label])
+            .inc();
+        let failed = !matches!(&result, Ok(r) if r.failures == 0);
+        self.consecutive_failures = if failed {
+            self.consecutive_failures + 1
+        } else {
+            0
+        };
+        let error = match &result {
+            Err(e) => Some(e.to_string()),
+            Ok(r) if r.failures > 0 => Some(format!("{} netlink writes failed", r.failures)),
+            Ok(_) => None,
+        };
+        self.status.send_modify(|s| {
+            s.last_error = error;
+            s.last_reconcile_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+        });
+        result
+    }
+
+    async fn reconcile_inner(&mut self) -> Result<Report, KernelError> {
+        let mut report = Report::default();
+        let t = Instant::now();
+        let device = self.kernel.ensure_device(&self.cfg.device).await;
+        self.metrics
+            .phase_seconds
+            .with_label_values(&["device"])
+            .observe(t.elapsed().as_secs_f64());
+        let device = match device {
+            Ok(d) => d,
+            Err(e) => {
+                self.status.send_modify(|s| s.device_ready = false);
+                return Err(e);
+            }
+        };
+        match &device.action {
+            DeviceAction::Adopted { fixed } if fixed.is_empty() => {}
+            action => {
+                if self.ifindex != 0 {
+                    warn!(device = %self.cfg.device.name, %action, "overlay device repaired");
+                    self.metrics
+                        .drift_repaired
+                        .with_label_values(&["device"])
+                        .inc();
+                } else {
+                    info!(device = %self.cfg.device.name, %action, ifindex = device.ifindex, "overlay device ready");
+                }
+                if !matches!(action, DeviceAction::Adopted { .. }) {
+                    self.metrics.device_recreated.inc();
+                }
+                report.device = Some(action.to_string());
+            }
+        }
+        // Keep whatever MAC the device has from now on, so a recreated device
+        // keeps every peer's fdb entries pointing at the right address.
+        if self.cfg.device.mac.is_none() {
+            self.cfg.device.mac = device.mac;
+        }
+        self.ifindex = device.ifindex;
+        self.status.send_modify(|s| {
+            s.device_ready = true;
+            s.ifindex = device.ifindex;
+            s.vtep_mac = device.mac;
+        });
+
+        let t = Instant::now();
+        let kernel = self.kernel.dump(self.ifindex).await?;
+        self.metrics
+            .phase_seconds
+            .with_label_values(&["dump"])
+            .observe(t.elapsed().as_secs_f64());
+        for cidr in plan::blocked_routes(&self.desired, &kernel) {
+            warn!(%cidr, "a route for this pod CIDR exists with another protocol; leaving it alone");
+        }
+        let ops = plan::diff(&self.desired, &kernel, self.ifindex, self.peers.complete);
+        let after = if ops.is_empty() {
+            kernel
+        } else {
+            let is_drift = self.applied.as_ref() == Some(&self.desired);
+            let t = Instant::now();
+            let results = self.kernel.apply(self.ifindex, &ops).await;
+            self.metrics
+                .phase_seconds
+                .with_label_values(&["apply"])
+                .observe(t.elapsed().as_secs_f64());
+            for (op, result) in ops.iter().zip(&results) {
+                let outcome = if result.is_ok() { "success" } else { "error" };
+                self.metrics
+                    .netlink_ops
+                    .with_label_values(&[op.verb(), op.object(), outcome])
+                    .inc();
+                match result {
+                    Ok(()) if is_drift => {
+                        warn!(entry = %op, "kernel drift repaired");
+                        self.metrics
+                            .drift_repaired
+                            .with_label_values(&[op.object()])
+                            .inc();
+                        report.drift_repaired += 1;
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        warn!(entry = %op, error = %e, errno = ?e.errno(), "netlink write failed; will retry");
+                        report.failures += 1;
+                    }
+                }
+            }
+            report.writes = ops.len();
+            self.kernel.dump(self.ifindex).await?
+        };
+        if report.failures == 0 {
+            self.applied = Some(self.desired.clone());
+        }
+        self.publish_counts(&after);
+        Ok(report)
+    }
+
+    fn publish_counts(&self, k: &KernelState) {
+        self.metrics.fdb_entries.set(k.fdb.len() as i64);
+        self.metrics.neigh_entries.set(k.neigh.len() as i64);
+        self.metrics.routes.set(k.routes.len() as i64);
+        let synced_now = self.peers.complete && self.applied.as_ref() == Some(&self.desired);
+        self.status.send_modify(|s| {
+            s.synced |= synced_now;
+            s.peers = self.peers.peers.len();
+            s.rejected = self.conflicts.iter().map(|c| c.to_string()).collect();
+            s.fdb_entries = k.fdb.len();
+            s.neigh_entries = k.neigh.len();
+            s.routes = k.routes.len();
+        });
+    }
+
+    /// The delay before retrying after failed passes: 0.5 s doubling to 30 s.
+    fn retry_delay(&self) -> Option<Duration> {
+        (self.consecutive_failures > 0).then(|| {
+            Duration::from_millis(500 * 2u64.pow(self.consecutive_failures.min(6) - 1))
+                .min(Duration::from_secs(30))
+        })
+    }
+
+    fn concerns_us(&self, event: &KernelEvent) -> bool {
+        match event {
+            KernelEvent::Changed { ifindex, ours } => {
+                *ours || (*ifindex != 0 && *ifindex == self.ifindex)
+            }
+            KernelEvent::Overrun | KernelEvent::Closed => true,
+        }
+    }
+
+    /// Runs until `peers` is closed and `shutdown` fires. Triggers: a new peer
+    /// set, the resync timer, a kernel event on our device, a retry after
+    /// failure. Events arriving during a pass are folded into the next one.
+    pub async fn run(
+        mut self,
+        mut peers: watch::Receiver<PeerSet>,
+        mut events: mpsc::Receiver<KernelEvent>,
+        mut reopen_events: impl FnMut() -> Option<mpsc::Receiver<KernelEvent>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut resync = tokio::time::interval(self.cfg.resync_interval);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut peers_open = true;
+        self.set_peers(peers.borrow_and_update().clone());
+        loop {
+            if let Err(e) = self.reconcile().await {
+                warn!(error = %e, "reconcile failed; will retry");
+            }
+            let retry = self.retry_delay();
+            let retry_sleep = tokio::time::sleep(retry.unwrap_or(Duration::from_secs(3600)));
+            tokio::pin!(retry_sleep);
+            loop {
+                tokio::select! {
+                    changed = peers.changed(), if peers_open => {
+                        if changed.is_ok() {
+                            self.set_peers(peers.borrow_and_update().clone());
+                            break;
+                        }
+                        peers_open = false;
+                    }
+                    _ = resync.tick() => break,
+                    _ = &mut retry_sleep, if retry.is_some() => break,
+                    event = events.recv() => match event {
+                        Some(e) if self.concerns_us(&e) => {
+                            if matches!(e, KernelEvent::Overrun) {
+                                warn!("kernel notifications were lost (ENOBUFS); full resync");
+                                self.metrics.netlink_enobufs.inc();
+                            }
+                            if matches!(e, KernelEvent::Closed) {
+                                if let Some(rx) = reopen_events() { events = rx; }
+                            }
+                            // Let a burst settle so it costs one pass, not hundreds.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            while events.try_recv().is_ok() {}
+                            break;
+                        }
+                        Some(_) => {}
+                        None => {
+                            if let Some(rx) = reopen_events() { events = rx; } else { tokio::time::sleep(Duration::from_secs(1)).await; }
+                        }
+                    },
+                    _ = shutdown.changed() => {
+                        info!("shutting down; the dataplane is left in place");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
