@@ -352,9 +352,8 @@ impl<K: Kernel> Engine<K> {
                                 warn!("kernel notifications were lost (ENOBUFS); full resync");
                                 self.metrics.netlink_enobufs.inc();
                             }
-                            if matches!(e, KernelEvent::Closed) {
-                                if let Some(rx) = reopen_events() { events = rx; }
-                            }
+                            if matches!(e, KernelEvent::Closed)
+                                && let Some(rx) = reopen_events() { events = rx; }
                             // Let a burst settle so it costs one pass, not hundreds.
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             while events.try_recv().is_ok() {}

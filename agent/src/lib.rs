@@ -1,7 +1,14 @@
 //! weir-agent: makes the kernel's overlay state match the cluster's nodes.
 
+pub mod cli;
+pub mod cni;
+pub mod commands;
 pub mod dataplane;
 pub mod engine;
+pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod peers;
 pub mod plan;
+pub mod run;
+pub mod underlay;

@@ -60,16 +60,16 @@ pub fn desired_state<'a>(
     let mut mac_owner: BTreeMap<Mac, &str> = BTreeMap::new();
     let mut claimed: Vec<(IpNet, &str)> = local_cidrs.iter().map(|c| (*c, "this node")).collect();
     for peer in peers {
-        if backend == Backend::Vxlan {
-            if let Some(owner) = mac_owner.get(&peer.vtep_mac) {
-                conflicts.push(Conflict {
-                    peer: peer.name.clone(),
-                    field: "vtep-mac",
-                    value: peer.vtep_mac.to_string(),
-                    reason: format!("already used by node {owner}"),
-                });
-                continue;
-            }
+        if backend == Backend::Vxlan
+            && let Some(owner) = mac_owner.get(&peer.vtep_mac)
+        {
+            conflicts.push(Conflict {
+                peer: peer.name.clone(),
+                field: "vtep-mac",
+                value: peer.vtep_mac.to_string(),
+                reason: format!("already used by node {owner}"),
+            });
+            continue;
         }
         let overlap = peer.pod_cidrs.iter().find_map(|c| {
             claimed

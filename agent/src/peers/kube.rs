@@ -1,0 +1,198 @@
+//! Peers from the Kubernetes API: a Node watcher whose objects are trimmed to
+//! `NodeInfo` on arrival, and the agent's writes to its own Node.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::validate::{ANN_BACKEND, ANN_PUBLIC_IP, ANN_VNI, ANN_VTEP_MAC, NodeInfo};
+use crate::metrics::Metrics;
+
+pub fn trim(node: &Node) -> NodeInfo {
+    let ann = node.metadata.annotations.as_ref();
+    let get = |k: &str| ann.and_then(|a| a.get(k)).cloned();
+    let spec = node.spec.as_ref();
+    let mut pod_cidrs = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+    if pod_cidrs.is_empty() {
+        pod_cidrs.extend(spec.and_then(|s| s.pod_cidr.clone()));
+    }
+    NodeInfo {
+        name: node.metadata.name.clone().unwrap_or_default(),
+        created: node
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second())
+            .unwrap_or(0),
+        public_ip: get(ANN_PUBLIC_IP),
+        vtep_mac: get(ANN_VTEP_MAC),
+        backend: get(ANN_BACKEND),
+        pod_cidrs,
+        addresses: node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .map(|a| a.iter().map(|a| a.address.clone()).collect())
+            .unwrap_or_default(),
+    }
+}
+
+pub fn internal_ips(node: &Node) -> Vec<IpAddr> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(|a| {
+            a.iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Watches all Nodes forever. `on_change(nodes, complete)` is called once per
+/// batch of events; `complete` is true once a full list has been seen, and
+/// each re-list replaces the whole map so vanished nodes disappear.
+pub async fn watch_nodes(
+    api: Api<Node>,
+    metrics: Arc<Metrics>,
+    mut on_change: impl FnMut(&BTreeMap<String, NodeInfo>, bool),
+) {
+    let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
+    let mut relist: Option<BTreeMap<String, NodeInfo>> = None;
+    let mut complete = false;
+    let stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .ready_chunks(4096);
+    futures::pin_mut!(stream);
+    while let Some(batch) = stream.next().await {
+        let mut changed = false;
+        for ev in batch {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    warn!(error = %e, "node watch failed; retrying with backoff, dataplane unchanged");
+                    metrics
+                        .kube_watch_events
+                        .with_label_values(&["error"])
+                        .inc();
+                    continue;
+                }
+            };
+            let kind = match &ev {
+                Event::Apply(_) => "apply",
+                Event::Delete(_) => "delete",
+                Event::Init => "init",
+                Event::InitApply(_) => "init_apply",
+                Event::InitDone => "init_done",
+            };
+            metrics.kube_watch_events.with_label_values(&[kind]).inc();
+            match ev {
+                Event::Init => relist = Some(BTreeMap::new()),
+                Event::InitApply(n) => {
+                    let info = trim(&n);
+                    relist
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(info.name.clone(), info);
+                }
+                Event::InitDone => {
+                    nodes = relist.take().unwrap_or_default();
+                    if !complete {
+                        info!(nodes = nodes.len(), "initial node list complete");
+                    }
+                    complete = true;
+                    changed = true;
+                }
+                Event::Apply(n) => {
+                    let info = trim(&n);
+                    if nodes.get(&info.name) != Some(&info) {
+                        nodes.insert(info.name.clone(), info);
+                        changed = true;
+                    }
+                }
+                Event::Delete(n) => {
+                    changed |= nodes
+                        .remove(n.metadata.name.as_deref().unwrap_or_default())
+                        .is_some();
+                }
+            }
+        }
+        if changed {
+            on_change(&nodes, complete);
+        }
+    }
+}
+
+/// Publishes weir's annotations on its own Node through nodes/status, patching
+/// only the keys whose value differs.
+pub async fn publish_annotations(
+    api: &Api<Node>,
+    node: &str,
+    wanted: &[(&str, String)],
+) -> kube::Result<usize> {
+    let current = api.get(node).await?;
+    let have = current.metadata.annotations.unwrap_or_default();
+    let diff: serde_json::Map<String, serde_json::Value> = wanted
+        .iter()
+        .filter(|(k, v)| have.get(*k) != Some(v))
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    if diff.is_empty() {
+        return Ok(0);
+    }
+    let n = diff.len();
+    api.patch_status(
+        node,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "annotations": diff } })),
+    )
+    .await?;
+    Ok(n)
+}
+
+/// Sets NetworkUnavailable=False (reason WeirIsUp), as kubelet-facing CNIs do.
+pub async fn set_network_available(api: &Api<Node>, node: &str) -> kube::Result<()> {
+    let now = chrono_now();
+    let patch = json!({ "status": { "conditions": [{
+        "type": "NetworkUnavailable", "status": "False", "reason": "WeirIsUp",
+        "message": "weir-agent has programmed the overlay", "lastTransitionTime": now, "lastHeartbeatTime": now
+    }]}});
+    api.patch_status(node, &PatchParams::default(), &Patch::Strategic(patch))
+        .await?;
+    Ok(())
+}
+
+fn chrono_now() -> String {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now()
+            .round(k8s_openapi::jiff::Unit::Second)
+            .unwrap(),
+    )
+    .0
+    .to_string()
+}
+
+pub fn weir_annotations(
+    public_ip: IpAddr,
+    mac: Option<String>,
+    backend: &str,
+    vni: u32,
+) -> Vec<(&'static str, String)> {
+    let mut v = vec![
+        (ANN_PUBLIC_IP, public_ip.to_string()),
+        (ANN_BACKEND, backend.to_string()),
+    ];
+    if let Some(mac) = mac {
+        v.push((ANN_VTEP_MAC, mac));
+        v.push((ANN_VNI, vni.to_string()));
+    }
+    v
+}

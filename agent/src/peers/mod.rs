@@ -1,0 +1,5 @@
+//! Where peers come from: the Kubernetes API, or a file.
+
+pub mod file;
+pub mod kube;
+pub mod validate;

@@ -1,0 +1,449 @@
+//! `weir-agent run`: wires the peer source, the engine, the CNI config and
+//! the HTTP endpoints together. The dataplane is never torn down here.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::cli::RunArgs;
+use crate::cni;
+use crate::dataplane::netlink::NetlinkKernel;
+use crate::dataplane::{DeviceKind, DeviceSpec, events};
+use crate::engine::{Engine, EngineConfig, EngineStatus};
+use crate::http::{self, Response};
+use crate::metrics::Metrics;
+use crate::model::{Backend, Mac, Mode, PeerSet};
+use crate::peers::validate::{NodeInfo, Validator, reason_label};
+use crate::peers::{file, kube as kube_peers};
+use crate::underlay;
+
+/// What the agent knows about its own node before it can program anything.
+struct Own {
+    pod_cidrs: Vec<IpNet>,
+    mac: Option<Mac>,
+    node_ips: Vec<std::net::IpAddr>,
+}
+
+async fn own_from_api(api: &Api<Node>, name: &str) -> anyhow::Result<Own> {
+    let mut logged = false;
+    loop {
+        match api.get(name).await {
+            Ok(node) => {
+                let info = kube_peers::trim(&node);
+                if !info.pod_cidrs.is_empty() {
+                    let pod_cidrs = info
+                        .pod_cidrs
+                        .iter()
+                        .map(|c| {
+                            c.parse().with_context(|| {
+                                format!("node {name}: spec.podCIDRs has {c:?}, not a CIDR")
+                            })
+                        })
+                        .collect::<anyhow::Result<_>>()?;
+                    let mac = info.vtep_mac.as_deref().and_then(|m| m.parse().ok());
+                    return Ok(Own {
+                        pod_cidrs,
+                        mac,
+                        node_ips: kube_peers::internal_ips(&node),
+                    });
+                }
+                if !logged {
+                    info!(node = %name, "waiting for spec.podCIDRs to be set (by weir-controller or kube-controller-manager); not ready");
+                    logged = true;
+                }
+            }
+            Err(e) => warn!(node = %name, error = %e, "cannot read own Node; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+fn own_from_file(nodes: &[NodeInfo], name: &str) -> anyhow::Result<Own> {
+    let me = nodes
+        .iter()
+        .find(|n| n.name == name)
+        .with_context(|| format!("peers file has no entry named {name} (--node-name)"))?;
+    let pod_cidrs = me
+        .pod_cidrs
+        .iter()
+        .map(|c| {
+            c.parse()
+                .with_context(|| format!("peers file: node {name} podCIDRs {c:?}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Own {
+        pod_cidrs,
+        mac: me.vtep_mac.as_deref().and_then(|m| m.parse().ok()),
+        node_ips: vec![],
+    })
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let node_name = args
+        .node_name
+        .clone()
+        .context("--node-name (NODE_NAME) is required")?;
+    let metrics = Arc::new(Metrics::new());
+    metrics
+        .build_info
+        .with_label_values(&[
+            env!("CARGO_PKG_VERSION"),
+            args.backend.as_str(),
+            mode_str(args.mode),
+        ])
+        .set(1);
+
+    let client = match &args.peers_file {
+        Some(_) => None,
+        None => Some(kube_client(&args).await?),
+    };
+    let nodes_api: Option<Api<Node>> = client.clone().map(Api::all);
+    let own = match (&nodes_api, &args.peers_file) {
+        (Some(api), _) => own_from_api(api, &node_name).await?,
+        (None, Some(path)) => own_from_file(
+            &file::read(path, args.backend.as_str()).map_err(anyhow::Error::msg)?,
+            &node_name,
+        )?,
+        (None, None) => unreachable!("either the API or a peers file"),
+    };
+
+    let probe = NetlinkKernel::connect().context("open netlink socket")?;
+    let under = underlay::select(
+        &probe.handle(),
+        args.public_ip,
+        args.iface.as_deref(),
+        &own.node_ips,
+    )
+    .await?;
+    let overhead = if args.backend == Backend::Vxlan {
+        if under.ip.is_ipv4() { 50 } else { 70 }
+    } else {
+        20
+    };
+    let mtu = args.mtu.unwrap_or(under.mtu - overhead);
+    let device = DeviceSpec {
+        name: match args.backend {
+            Backend::Vxlan => DeviceSpec::vxlan_name(args.vni),
+            Backend::Ipip => DeviceSpec::IPIP_NAME.to_string(),
+        },
+        kind: match args.backend {
+            Backend::Vxlan => DeviceKind::Vxlan {
+                vni: args.vni,
+                port: args.vxlan_port,
+                on_demand: args.mode == Mode::OnDemand,
+            },
+            Backend::Ipip => DeviceKind::Ipip,
+        },
+        local: under.ip,
+        underlay_ifindex: under.ifindex,
+        mtu,
+        mac: own.mac,
+        addresses: own
+            .pod_cidrs
+            .iter()
+            .map(|c| IpNet::new(c.network(), c.max_prefix_len()).expect("host prefix"))
+            .collect(),
+    };
+    info!(
+        version = env!("CARGO_PKG_VERSION"), backend = args.backend.as_str(), mode = mode_str(args.mode),
+        node = %node_name, underlay_iface = %under.ifname, underlay_ip = %under.ip, pod_cidrs = ?own.pod_cidrs,
+        vni = args.vni, port = args.vxlan_port, mtu, device = %device.name, "weir-agent starting"
+    );
+
+    let cfg = EngineConfig {
+        backend: args.backend,
+        device,
+        local_cidrs: own.pod_cidrs.clone(),
+        resync_interval: args.resync_interval,
+    };
+    let (engine, status) = Engine::new(probe, cfg, metrics.clone());
+    let (peers_tx, peers_rx) = watch::channel(PeerSet::default());
+    let (ev_tx, ev_rx) = mpsc::channel(1024);
+    events::subscribe(ev_tx).context("subscribe to kernel notifications")?;
+    let reopen = move || {
+        let (tx, rx) = mpsc::channel(1024);
+        events::subscribe(tx).ok().map(|_| rx)
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let engine_task = tokio::spawn(engine.run(peers_rx, ev_rx, reopen, shutdown_rx));
+
+    let cni_ready = Arc::new(AtomicBool::new(false));
+    serve_http(&args, metrics.clone(), status.clone(), cni_ready.clone()).await?;
+
+    // Publish our VTEP once the device exists, so peers can reach us.
+    let mut st = status.clone();
+    let ready = st.wait_for(|s| s.device_ready).await.map(|s| s.clone());
+    let vtep_mac = ready.ok().and_then(|s| s.vtep_mac);
+    if let Some(api) = &nodes_api {
+        let wanted = kube_peers::weir_annotations(
+            under.ip,
+            vtep_mac
+                .filter(|_| args.backend == Backend::Vxlan)
+                .map(|m| m.to_string()),
+            args.backend.as_str(),
+            args.vni,
+        );
+        spawn_retrying("publish annotations", {
+            let (api, name) = (api.clone(), node_name.clone());
+            move || {
+                let (api, name, wanted) = (api.clone(), name.clone(), wanted.clone());
+                async move {
+                    kube_peers::publish_annotations(&api, &name, &wanted)
+                        .await
+                        .map(|n| info!(changed = n, "annotations published"))
+                }
+            }
+        });
+    }
+
+    let inputs = cni::CniInputs {
+        pod_cidrs: &own.pod_cidrs,
+        cluster_cidrs: &args.cluster_cidr,
+        mtu,
+        ip_masq: args.ip_masq,
+        ipam_dir: &args.run_dir.join("ipam"),
+    };
+    for (path, content) in [
+        (
+            args.cni_conf_dir.join(cni::CONFLIST_NAME),
+            cni::conflist(&inputs),
+        ),
+        (args.run_dir.join("subnet.env"), cni::subnet_env(&inputs)),
+    ] {
+        if cni::write_if_changed(&path, &content)
+            .with_context(|| format!("write {}", path.display()))?
+        {
+            metrics.cni_writes.inc();
+            info!(path = %path.display(), "wrote CNI config");
+        }
+    }
+    cni_ready.store(true, Ordering::Relaxed);
+
+    let validator = Validator {
+        backend: args.backend,
+        underlay_is_v4: under.ip.is_ipv4(),
+        cluster_cidrs: args.cluster_cidr.clone(),
+        local_cidrs: own.pod_cidrs.clone(),
+        local_name: node_name.clone(),
+    };
+    let publish = peer_publisher(validator, peers_tx, metrics.clone());
+    match (&nodes_api, &args.peers_file) {
+        (Some(api), _) => {
+            tokio::spawn(kube_peers::watch_nodes(
+                api.clone(),
+                metrics.clone(),
+                publish,
+            ));
+        }
+        (None, Some(path)) => {
+            let mut publish = publish;
+            tokio::spawn(file::watch(
+                path.clone(),
+                args.backend.as_str().to_string(),
+                move |nodes| {
+                    let map: BTreeMap<String, NodeInfo> =
+                        nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+                    publish(&map, true)
+                },
+            ));
+        }
+        _ => {}
+    }
+
+    if let Some(api) = &nodes_api {
+        let (api, name, mut st) = (api.clone(), node_name.clone(), status.clone());
+        tokio::spawn(async move {
+            if st.wait_for(|s| s.synced).await.is_ok() {
+                info!("dataplane synced with the full peer set; setting NetworkUnavailable=False");
+                retry(
+                    || kube_peers::set_network_available(&api, &name),
+                    "set NetworkUnavailable=False",
+                )
+                .await;
+            }
+        });
+    }
+    spawn_summary(status.clone());
+
+    wait_for_signal().await;
+    info!("signal received; leaving the dataplane exactly as it is");
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), engine_task).await;
+    Ok(())
+}
+
+/// Validates the trimmed nodes and hands the engine a new peer set. Rejections
+/// are logged when they first appear and counted.
+fn peer_publisher(
+    validator: Validator,
+    tx: watch::Sender<PeerSet>,
+    metrics: Arc<Metrics>,
+) -> impl FnMut(&BTreeMap<String, NodeInfo>, bool) {
+    let mut last_rejections: Vec<String> = Vec::new();
+    let mut last_skips: BTreeMap<String, String> = BTreeMap::new();
+    move |nodes, complete| {
+        let out = validator.validate(nodes.values());
+        let now: Vec<String> = out.rejected.iter().map(|r| r.to_string()).collect();
+        for r in &out.rejected {
+            if !last_rejections.contains(&r.to_string()) {
+                warn!(node = %r.node, field = r.field, value = %r.value, reason = r.reason, "node rejected as a peer");
+                metrics
+                    .peer_rejected
+                    .with_label_values(&[reason_label(r)])
+                    .inc();
+            }
+        }
+        for (name, skip) in &out.skipped {
+            let text = format!("{skip:?}");
+            if last_skips.get(name) != Some(&text) {
+                info!(node = %name, reason = %text, "node is not a peer (yet)");
+            }
+        }
+        last_skips = out
+            .skipped
+            .iter()
+            .map(|(n, s)| (n.clone(), format!("{s:?}")))
+            .collect();
+        last_rejections = now;
+        metrics
+            .peers
+            .with_label_values(&["invalid"])
+            .set(out.rejected.len() as i64);
+        metrics
+            .peers
+            .with_label_values(&["pending"])
+            .set(out.skipped.len() as i64);
+        let mut set = PeerSet::complete(out.peers);
+        set.complete = complete;
+        tx.send_replace(set);
+    }
+}
+
+async fn kube_client(args: &RunArgs) -> anyhow::Result<kube::Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => {
+            kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?
+        }
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn serve_http(
+    args: &RunArgs,
+    metrics: Arc<Metrics>,
+    status: watch::Receiver<EngineStatus>,
+    cni_ready: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("bind {}", args.metrics_addr))?;
+    let stale_after = (args.resync_interval * 3 + Duration::from_secs(30)).as_millis();
+    let router: http::Router = Arc::new(move |path| {
+        let s = status.borrow().clone();
+        match path {
+            "/metrics" => Response {
+                code: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: metrics.render(),
+            },
+            "/healthz" => {
+                // Alive means the engine loop keeps turning; the API server plays no part.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or(0);
+                if s.last_reconcile_unix_ms == 0
+                    || now.saturating_sub(s.last_reconcile_unix_ms) < stale_after
+                {
+                    Response::text(200, "ok\n")
+                } else {
+                    Response::text(503, "reconcile loop stalled\n")
+                }
+            }
+            "/readyz" => {
+                let cni = cni_ready.load(Ordering::Relaxed);
+                if s.device_ready && s.synced && cni {
+                    Response::text(200, "ok\n")
+                } else {
+                    Response::text(
+                        503,
+                        format!(
+                            "device_ready={} synced={} cni_written={cni}\n",
+                            s.device_ready, s.synced
+                        ),
+                    )
+                }
+            }
+            "/status" => Response::json(serde_json::to_string(&s).unwrap_or_default()),
+            _ => Response::text(404, "not found\n"),
+        }
+    });
+    tokio::spawn(http::serve(listener, router));
+    Ok(())
+}
+
+fn spawn_summary(status: watch::Receiver<EngineStatus>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let s = status.borrow().clone();
+            info!(peers = s.peers, rejected = s.rejected.len(), fdb = s.fdb_entries, neigh = s.neigh_entries, routes = s.routes,
+                  synced = s.synced, error = ?s.last_error, "summary");
+        }
+    });
+}
+
+async fn retry<F, Fut, T>(mut f: F, what: &str)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = kube::Result<T>>,
+{
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match f().await {
+            Ok(_) => return,
+            Err(e) => warn!(error = %e, "{what} failed; retrying in {delay:?}"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+fn spawn_retrying<F, Fut>(what: &'static str, f: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = kube::Result<()>> + Send,
+{
+    tokio::spawn(async move { retry(f, what).await });
+}
+
+fn mode_str(m: Mode) -> &'static str {
+    match m {
+        Mode::Full => "full",
+        Mode::OnDemand => "on-demand",
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
