@@ -1,0 +1,569 @@
+"""The weir lab: a real kube-apiserver and etcd, nodes and pods in network
+namespaces, and weir-agent on every node. Used by `e2e/lab` and the e2e tests.
+
+Everything lives in namespaces named weir-*; the host namespace is never changed.
+Underlay 198.18.0.0/24: the API server is .2, node i is .(10+i).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+E2E = Path(__file__).resolve().parent
+ROOT = E2E.parent
+CACHE = E2E / ".cache"
+BIN = CACHE / "bin"
+STATE = Path(os.environ.get("WEIR_LAB_STATE", E2E / ".state"))
+UNDERLAY_NS = "weir-underlay"
+CP_NS = "weir-cp"
+CP_IP = "198.18.0.2"
+API = f"https://{CP_IP}:6443"
+CLUSTER_CIDR = os.environ.get("WEIR_LAB_CLUSTER_CIDR", "10.244.0.0/16")
+NODE_MASK = int(os.environ.get("WEIR_LAB_NODE_MASK", "24"))
+DEBIAN_PACKAGES = {
+    "/usr/lib/cni/bridge": "containernetworking-plugins",
+    "/usr/bin/ping": "iputils-ping",
+    "/usr/bin/openssl": "openssl",
+    "/usr/sbin/nft": "nftables",
+    "/usr/sbin/iptables": "iptables",
+    "/usr/bin/jq": "jq",
+}
+CNI_BIN = "/usr/lib/cni"
+
+
+def log(msg):
+    print(f"[lab] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(cmd, check=True, capture=True, ns=None, env=None, input=None, timeout=None):
+    if ns:
+        cmd = ["ip", "netns", "exec", ns] + cmd
+    r = subprocess.run(cmd, text=True, capture_output=capture, env=env, input=input, timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}): {r.stderr}")
+    return r.stdout if capture else ""
+
+
+def netns_list():
+    out = sh(["ip", "-j", "netns", "list"], check=False) or "[]"
+    return [n["name"] for n in json.loads(out or "[]")]
+
+
+def node_ns(i):
+    return f"weir-node-{i}"
+
+
+def node_ip(i):
+    return f"198.18.0.{10 + i}"
+
+
+def pod_ns(i, j):
+    return f"weir-pod-{i}-{j}"
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def ensure_packages():
+    missing = sorted({pkg for path, pkg in DEBIAN_PACKAGES.items() if not os.path.exists(path)})
+    if not missing:
+        return
+    log(f"installing Debian packages: {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    sh(["apt-get", "update", "-qq"], env=env)
+    sh(["apt-get", "install", "-y", "-qq", *missing], env=env)
+
+
+def ensure_control_plane_binaries():
+    wanted = [BIN / "kube-apiserver", BIN / "etcd", BIN / "kubectl"]
+    if all(p.exists() for p in wanted):
+        return
+    BIN.mkdir(parents=True, exist_ok=True)
+    log("building kube-apiserver, kubectl and etcd from the Go module proxy (first time: ~10 min on 2 cores)")
+    cmd = ["go", "build", "-v", "-trimpath", "-ldflags", "-s -w", "-o", str(BIN) + "/",
+           "k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kubectl", "./cmd/etcd"]
+    proc = subprocess.Popen(cmd, cwd=E2E / "controlplane", stderr=subprocess.PIPE, text=True)
+    count = 0
+    for _ in proc.stderr:
+        count += 1
+        if count % 200 == 0:
+            log(f"  ... {count} packages compiled")
+    if proc.wait() != 0:
+        raise RuntimeError("control plane build failed; rerun with `cd e2e/controlplane && go build ./...` to see why")
+    log(f"control plane built ({count} packages)")
+
+
+def agent_binary():
+    return ROOT / "target" / "debug" / "weir-agent"
+
+
+def ensure_weir_built():
+    log("building weir (cargo build)")
+    sh(["cargo", "build", "--quiet", "-p", "weir-agent"], capture=False, check=True)
+
+
+# ---------------------------------------------------------------- certificates
+
+
+def openssl(*args):
+    sh(["openssl", *args])
+
+
+def ensure_pki():
+    pki = STATE / "pki"
+    if (pki / "admin.crt").exists():
+        return pki
+    pki.mkdir(parents=True, exist_ok=True)
+    log("creating CA, serving certificate, admin client certificate and service-account key")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=weir-lab-ca",
+            "-keyout", f"{pki}/ca.key", "-out", f"{pki}/ca.crt")
+    ext = pki / "server.ext"
+    ext.write_text(f"subjectAltName=IP:{CP_IP},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default\n"
+                   "extendedKeyUsage=serverAuth\n")
+    for name, subj, extfile in [("server", "/CN=kube-apiserver", ext),
+                                ("admin", "/O=system:masters/CN=weir-lab-admin", None)]:
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subj, "-keyout", f"{pki}/{name}.key", "-out", f"{pki}/{name}.csr")
+        args = ["x509", "-req", "-in", f"{pki}/{name}.csr", "-CA", f"{pki}/ca.crt", "-CAkey", f"{pki}/ca.key",
+                "-CAcreateserial", "-days", "30", "-out", f"{pki}/{name}.crt"]
+        if extfile:
+            args += ["-extfile", str(extfile)]
+        openssl(*args)
+    openssl("genrsa", "-out", f"{pki}/sa.key", "2048")
+    openssl("rsa", "-in", f"{pki}/sa.key", "-pubout", "-out", f"{pki}/sa.pub")
+    kubeconfig(STATE / "admin.kubeconfig", client_cert=(pki / "admin.crt", pki / "admin.key"))
+    return pki
+
+
+def kubeconfig(path, client_cert=None, token=None):
+    pki = STATE / "pki"
+    user = {"token": token} if token else {"client-certificate": str(client_cert[0]), "client-key": str(client_cert[1])}
+    cfg = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+        "clusters": [{"name": "lab", "cluster": {"server": API, "certificate-authority": str(pki / "ca.crt")}}],
+        "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": "u"}}],
+    }
+    path.write_text(json.dumps(cfg, indent=1))
+
+
+# ---------------------------------------------------------------- network
+
+
+def attach(ns, ifname, ip):
+    """Connects namespace `ns` to the underlay bridge with address `ip`/24."""
+    peer = f"p-{ns[-9:]}"
+    if ns not in netns_list():
+        sh(["ip", "netns", "add", ns])
+        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+    if sh(["ip", "-n", ns, "link", "show", ifname], check=False):
+        return
+    sh(["ip", "link", "add", ifname, "netns", ns, "type", "veth", "peer", "name", peer, "netns", UNDERLAY_NS])
+    sh(["ip", "-n", UNDERLAY_NS, "link", "set", peer, "master", "br0", "up"])
+    sh(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname])
+    sh(["ip", "-n", ns, "link", "set", ifname, "up"])
+
+
+def ensure_underlay():
+    if UNDERLAY_NS not in netns_list():
+        sh(["ip", "netns", "add", UNDERLAY_NS])
+    if not sh(["ip", "-n", UNDERLAY_NS, "link", "show", "br0"], check=False):
+        sh(["ip", "-n", UNDERLAY_NS, "link", "add", "br0", "type", "bridge"])
+        sh(["ip", "-n", UNDERLAY_NS, "link", "set", "br0", "up"])
+    attach(CP_NS, "eth0", CP_IP)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def pidfile(name):
+    return STATE / "pids" / f"{name}.pid"
+
+
+def running(name):
+    p = pidfile(name)
+    if not p.exists():
+        return None
+    pid = int(p.read_text())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    # A recycled pid would not be ours.
+    try:
+        if "WEIR_LAB=1" not in Path(f"/proc/{pid}/environ").read_text(errors="replace"):
+            return None
+    except OSError:
+        return None
+    return pid
+
+
+def spawn(name, ns, argv, env=None):
+    if running(name):
+        return
+    (STATE / "pids").mkdir(parents=True, exist_ok=True)
+    (STATE / "logs").mkdir(parents=True, exist_ok=True)
+    out = open(STATE / "logs" / f"{name}.log", "ab")
+    full_env = dict(os.environ, WEIR_LAB="1", **(env or {}))
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out, stderr=subprocess.STDOUT,
+                            env=full_env, start_new_session=True)
+    pidfile(name).write_text(str(proc.pid))
+
+
+def stop(name, sig=signal.SIGTERM, wait=10):
+    pid = running(name)
+    if not pid:
+        return
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    pidfile(name).unlink(missing_ok=True)
+
+
+def start_etcd():
+    spawn("etcd", CP_NS, [str(BIN / "etcd"), "--data-dir", str(STATE / "etcd"), "--name", "lab",
+                         "--listen-client-urls", "http://127.0.0.1:2379", "--advertise-client-urls", "http://127.0.0.1:2379",
+                         "--listen-peer-urls", "http://127.0.0.1:2380", "--log-level", "warn"])
+
+
+def start_apiserver():
+    pki = STATE / "pki"
+    spawn("apiserver", CP_NS, [
+        str(BIN / "kube-apiserver"),
+        f"--advertise-address={CP_IP}", f"--bind-address={CP_IP}", "--secure-port=6443",
+        "--etcd-servers=http://127.0.0.1:2379",
+        f"--tls-cert-file={pki}/server.crt", f"--tls-private-key-file={pki}/server.key",
+        f"--client-ca-file={pki}/ca.crt",
+        f"--service-account-key-file={pki}/sa.pub", f"--service-account-signing-key-file={pki}/sa.key",
+        "--service-account-issuer=https://kubernetes.default.svc",
+        "--authorization-mode=RBAC",
+        "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,ValidatingAdmissionPolicy",
+        "--service-cluster-ip-range=10.96.0.0/16",
+        "--api-audiences=https://kubernetes.default.svc",
+        "--watch-cache=true",
+        "--v=1",
+    ])
+
+
+def wait_api(timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = subprocess.run(["ip", "netns", "exec", CP_NS, str(BIN / "kubectl"), "--kubeconfig", str(STATE / "admin.kubeconfig"),
+                            "get", "--raw", "/readyz"], capture_output=True, text=True)
+        if r.returncode == 0 and "ok" in r.stdout:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"kube-apiserver not ready after {timeout}s; see {STATE}/logs/apiserver.log")
+
+
+def kubectl(*args, input=None, check=True):
+    """Runs kubectl as the lab admin, from the control-plane namespace."""
+    return sh([str(BIN / "kubectl"), "--kubeconfig", str(STATE / "admin.kubeconfig"), *args],
+              ns=CP_NS, input=input, check=check)
+
+
+# ---------------------------------------------------------------- cluster objects
+
+AGENT_RBAC = """
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: weir-agent, namespace: kube-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: weir-agent}
+rules:
+- {apiGroups: [""], resources: [nodes], verbs: [get, list, watch]}
+- {apiGroups: [""], resources: [nodes/status], verbs: [patch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: weir-agent}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: weir-agent}
+subjects: [{kind: ServiceAccount, name: weir-agent, namespace: kube-system}]
+"""
+
+
+def apply_access():
+    """manifests/ when it exists; until then a minimal ServiceAccount and RBAC."""
+    manifests = ROOT / "manifests"
+    if (manifests / "kustomization.yaml").exists():
+        kubectl("apply", "-k", str(manifests))
+    else:
+        kubectl("apply", "-f", "-", input=AGENT_RBAC)
+
+
+def node_cidr(i):
+    """The lab's own allocation, used until weir-controller allocates."""
+    import ipaddress
+    net = ipaddress.ip_network(CLUSTER_CIDR)
+    return str(list(net.subnets(new_prefix=NODE_MASK))[i] if NODE_MASK - net.prefixlen < 16
+               else next(s for k, s in enumerate(net.subnets(new_prefix=NODE_MASK)) if k == i))
+
+
+def create_node(i, ip=None, pod_cidr=None, annotations=None):
+    name = f"node-{i}"
+    ip = ip or node_ip(i)
+    obj = {"apiVersion": "v1", "kind": "Node",
+           "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}, "annotations": annotations or {}},
+           "spec": {}}
+    if pod_cidr:
+        obj["spec"] = {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]}
+    kubectl("apply", "-f", "-", input=json.dumps(obj))
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    status = {"status": {
+        "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "lab node",
+                        "lastHeartbeatTime": now, "lastTransitionTime": now}]}}
+    kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(status))
+
+
+def agent_token(i):
+    """A ServiceAccount token bound to a Pod on node-i, so it carries the node-name claim."""
+    pod = f"weir-agent-node-{i}"
+    obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": "kube-system"},
+           "spec": {"nodeName": f"node-{i}", "serviceAccountName": "weir-agent", "hostNetwork": True,
+                    "containers": [{"name": "agent", "image": "weir-agent:lab"}]}}
+    kubectl("apply", "-f", "-", input=json.dumps(obj))
+    uid = kubectl("get", "pod", "-n", "kube-system", pod, "-o", "jsonpath={.metadata.uid}").strip()
+    return kubectl("create", "token", "weir-agent", "-n", "kube-system", "--duration", "48h",
+                   "--bound-object-kind", "Pod", "--bound-object-name", pod, "--bound-object-uid", uid).strip()
+
+
+# ---------------------------------------------------------------- nodes and agents
+
+
+def node_dir(i):
+    return STATE / "nodes" / f"node-{i}"
+
+
+def agent_env(i, backend="vxlan", mode="full"):
+    d = node_dir(i)
+    return {
+        "NODE_NAME": f"node-{i}",
+        "KUBECONFIG": str(d / "kubeconfig"),
+        "WEIR_BACKEND": backend,
+        "WEIR_MODE": mode,
+        "WEIR_CLUSTER_CIDR": CLUSTER_CIDR,
+        "WEIR_CNI_CONF_DIR": str(d / "cni"),
+        "WEIR_RUN_DIR": str(d / "run"),
+        "WEIR_RESYNC_INTERVAL": "30s",
+        "RUST_LOG": os.environ.get("RUST_LOG", "info"),
+    }
+
+
+def settings():
+    p = STATE / "settings.json"
+    return json.loads(p.read_text()) if p.exists() else {"backend": "vxlan", "mode": "full"}
+
+
+def start_agent(i):
+    s = settings()
+    spawn(f"node-{i}", node_ns(i), [str(agent_binary()), "run"], env=agent_env(i, s["backend"], s["mode"]))
+
+
+def add_node(i, lab_podcidrs=True):
+    ns = node_ns(i)
+    attach(ns, "eth0", node_ip(i))
+    sh(["sysctl", "-qw", "net.ipv4.ip_forward=1"], ns=ns)
+    create_node(i, pod_cidr=node_cidr(i) if lab_podcidrs else None)
+    d = node_dir(i)
+    for sub in ("cni", "run"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    kubeconfig(d / "kubeconfig", token=agent_token(i))
+    start_agent(i)
+
+
+def remove_node(i):
+    for j in pods_of(i):
+        del_pod(i, j)
+    stop(f"node-{i}")
+    kubectl("delete", "node", f"node-{i}", "--ignore-not-found", "--wait=false")
+    kubectl("delete", "pod", "-n", "kube-system", f"weir-agent-node-{i}", "--ignore-not-found", "--wait=false")
+    if node_ns(i) in netns_list():
+        sh(["ip", "netns", "del", node_ns(i)])
+    shutil.rmtree(node_dir(i), ignore_errors=True)
+
+
+def nodes():
+    return sorted(int(n.split("-")[-1]) for n in netns_list() if n.startswith("weir-node-"))
+
+
+def wait_cni_config(i, timeout=60):
+    path = node_dir(i) / "cni" / "10-weir.conflist"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.2)
+    raise RuntimeError(f"node-{i}: agent wrote no CNI config in {timeout}s; see {STATE}/logs/node-{i}.log")
+
+
+# ---------------------------------------------------------------- pods (real CNI plugins)
+
+
+def cni_call(i, j, command, conflist):
+    ns = pod_ns(i, j)
+    prev = None
+    plugins = conflist["plugins"] if command == "ADD" else list(reversed(conflist["plugins"]))
+    for plugin in plugins:
+        conf = dict(plugin, cniVersion=conflist["cniVersion"], name=conflist["name"])
+        if prev is not None:
+            conf["prevResult"] = prev
+        env = dict(os.environ, CNI_COMMAND=command, CNI_CONTAINERID=f"lab-{i}-{j}", CNI_NETNS=f"/var/run/netns/{ns}",
+                   CNI_IFNAME="eth0", CNI_PATH=CNI_BIN)
+        r = subprocess.run(["ip", "netns", "exec", node_ns(i), f"{CNI_BIN}/{plugin['type']}"], input=json.dumps(conf),
+                           capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"CNI {command} {plugin['type']} for {ns}: {r.stdout}{r.stderr}")
+        if command == "ADD" and r.stdout.strip():
+            prev = json.loads(r.stdout)
+    return prev
+
+
+def add_pod(i, j):
+    ns = pod_ns(i, j)
+    if ns in netns_list():
+        return
+    sh(["ip", "netns", "add", ns])
+    sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+    result = cni_call(i, j, "ADD", wait_cni_config(i))
+    ip = result["ips"][0]["address"].split("/")[0]
+    (STATE / "pods").mkdir(parents=True, exist_ok=True)
+    (STATE / "pods" / f"{ns}.json").write_text(json.dumps({"ip": ip, "node": i}))
+
+
+def del_pod(i, j):
+    ns = pod_ns(i, j)
+    conf = node_dir(i) / "cni" / "10-weir.conflist"
+    if conf.exists() and node_ns(i) in netns_list():
+        try:
+            cni_call(i, j, "DEL", json.loads(conf.read_text()))
+        except RuntimeError as e:
+            log(f"CNI DEL {ns}: {e}")
+    if ns in netns_list():
+        sh(["ip", "netns", "del", ns])
+    (STATE / "pods" / f"{ns}.json").unlink(missing_ok=True)
+
+
+def pods_of(i):
+    return sorted(int(n.split("-")[-1]) for n in netns_list() if n.startswith(f"weir-pod-{i}-"))
+
+
+def pods():
+    out = {}
+    for f in sorted((STATE / "pods").glob("*.json")) if (STATE / "pods").exists() else []:
+        out[f.stem] = json.loads(f.read_text())["ip"]
+    return out
+
+
+def ping(src_ns, ip, count=1, interval=0.2, wait=1):
+    r = subprocess.run(["ip", "netns", "exec", src_ns, "ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(wait), ip],
+                       capture_output=True, text=True)
+    sent = recv = 0
+    rtt = None
+    for line in r.stdout.splitlines():
+        if "packets transmitted" in line:
+            parts = line.split(",")
+            sent = int(parts[0].split()[0])
+            recv = int(parts[1].split()[0])
+        if line.startswith("rtt") or line.startswith("round-trip"):
+            rtt = float(line.split("=")[1].split("/")[1])
+    return sent, recv, rtt
+
+
+def ping_matrix(count=3):
+    p = pods()
+    rows = []
+    for src in p:
+        for dst, ip in p.items():
+            if src != dst:
+                sent, recv, rtt = ping(src, ip, count=count)
+                rows.append((src, dst, ip, sent, recv, rtt))
+    return rows
+
+
+def wait_all_pairs(timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = ping_matrix(count=1)
+        bad = [r for r in rows if r[4] == 0]
+        if not bad:
+            return rows
+        time.sleep(1)
+    raise RuntimeError(f"pods cannot reach each other after {timeout}s: {[(r[0], r[1]) for r in bad][:10]}")
+
+
+# ---------------------------------------------------------------- whole lab
+
+
+def up(n_nodes=3, pods_per_node=2, backend="vxlan", mode="full"):
+    if os.geteuid() != 0:
+        raise SystemExit("the lab needs root (it creates network namespaces)")
+    ensure_packages()
+    ensure_control_plane_binaries()
+    ensure_weir_built()
+    STATE.mkdir(parents=True, exist_ok=True)
+    (STATE / "settings.json").write_text(json.dumps({"backend": backend, "mode": mode}))
+    ensure_pki()
+    ensure_underlay()
+    start_etcd()
+    start_apiserver()
+    wait_api()
+    apply_access()
+    for i in range(1, n_nodes + 1):
+        if not running(f"node-{i}"):
+            add_node(i)
+    for i in range(1, n_nodes + 1):
+        for j in range(1, pods_per_node + 1):
+            add_pod(i, j)
+    rows = wait_all_pairs()
+    return rows
+
+
+def down():
+    for i in nodes():
+        for j in pods_of(i):
+            del_pod(i, j)
+        stop(f"node-{i}")
+    stop("apiserver")
+    stop("etcd")
+    for ns in netns_list():
+        if ns.startswith("weir-"):
+            sh(["ip", "netns", "del", ns], check=False)
+    if STATE.exists():
+        shutil.rmtree(STATE, ignore_errors=True)
+
+
+def summary():
+    lines = []
+    info = json.loads(kubectl("get", "nodes", "-o", "json"))
+    lines.append(f"{'NODE':<10} {'UNDERLAY':<14} {'PODCIDR':<16} {'VTEP MAC':<18} AGENT")
+    for n in info["items"]:
+        name = n["metadata"]["name"]
+        ann = n["metadata"].get("annotations", {})
+        i = int(name.split("-")[-1])
+        lines.append(f"{name:<10} {ann.get('weir.dev/public-ip', '-'):<14} {','.join(n['spec'].get('podCIDRs', ['-'])):<16} "
+                     f"{ann.get('weir.dev/vtep-mac', '-'):<18} {'running' if running(name) else 'stopped'}"
+                     f"  metrics: ip netns exec {node_ns(i)} curl -s localhost:9478/metrics")
+    lines.append("")
+    lines.append(f"{'POD':<16} IP")
+    for ns, ip in pods().items():
+        lines.append(f"{ns:<16} {ip}")
+    return "\n".join(lines)
