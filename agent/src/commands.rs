@@ -16,7 +16,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn status(args: &RunArgs, s: &StatusArgs) -> anyhow::Result<ExitCode> {
     let port = args.metrics_addr.port();
-    let (code, body) = crate::http::get(&format!("127.0.0.1:{port}"), "/status")
+    let (code, body) = weir_common::http::get(&format!("127.0.0.1:{port}"), "/status")
         .map_err(|e| anyhow::anyhow!("cannot reach the agent on 127.0.0.1:{port}: {e}"))?;
     anyhow::ensure!(code == 200, "agent answered {code}");
     let v: serde_json::Value = serde_json::from_str(&body)?;

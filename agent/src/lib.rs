@@ -5,7 +5,6 @@ pub mod cni;
 pub mod commands;
 pub mod dataplane;
 pub mod engine;
-pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod peers;

@@ -18,12 +18,12 @@ use crate::cni;
 use crate::dataplane::netlink::NetlinkKernel;
 use crate::dataplane::{DeviceKind, DeviceSpec, events};
 use crate::engine::{Engine, EngineConfig, EngineStatus};
-use crate::http::{self, Response};
 use crate::metrics::Metrics;
 use crate::model::{Backend, Mac, Mode, PeerSet};
 use crate::peers::validate::{NodeInfo, Validator, reason_label};
 use crate::peers::{file, kube as kube_peers};
 use crate::underlay;
+use weir_common::http::{self, Response};
 
 /// What the agent knows about its own node before it can program anything.
 struct Own {

@@ -1,0 +1,415 @@
+//! Leader election and the allocation loop. Only the Lease holder allocates,
+//! and it allocates nothing before it has rebuilt its map from a full list.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource};
+use kube_lease_manager::LeaseManagerBuilder;
+use serde_json::json;
+use tracing::{info, warn};
+use weir_common::http::{self, Response};
+
+use crate::alloc::{Allocator, Pool};
+use crate::cli::Args;
+use crate::conflicts::{self, NodeView};
+use crate::metrics::Metrics;
+
+/// A patch whose outcome is unknown may still land; its CIDRs stay reserved
+/// this long, across rebuilds, before they may be handed out again.
+const QUARANTINE: Duration = Duration::from_secs(120);
+const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let client = client(&args).await?;
+    let metrics = Arc::new(Metrics::new());
+    let pools = pools(&args)?;
+    for p in &pools {
+        let fam = family(p.is_v4());
+        metrics
+            .pool_size
+            .with_label_values(&[fam])
+            .set(i64::try_from(p.size()).unwrap_or(i64::MAX));
+    }
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        cluster_cidr = ?args.cluster_cidr, v4_mask = args.node_cidr_mask_size_ipv4, v6_mask = args.node_cidr_mask_size_ipv6,
+        "weir-controller starting"
+    );
+    serve_http(&args, metrics.clone()).await?;
+
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("weir-controller-{}", std::process::id()));
+    let manager = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+        .with_namespace(&args.lease_namespace)
+        .with_identity(&identity)
+        .with_duration(args.lease_duration)
+        .with_grace(args.lease_duration.min(15) / 3)
+        .build()
+        .await
+        .context("set up the Lease manager")?;
+    let (mut leading, _lease_task) = manager.watch().await;
+    let reporter = Reporter {
+        controller: "weir-controller".into(),
+        instance: Some(identity.clone()),
+    };
+    loop {
+        while !*leading.borrow_and_update() {
+            leading.changed().await.context("lease manager stopped")?;
+        }
+        info!(%identity, "became leader; rebuilding the allocation map from a full list");
+        metrics.leader.set(1);
+        let recorder = Recorder::new(client.clone(), reporter.clone());
+        let mut work = tokio::spawn(lead(
+            Api::all(client.clone()),
+            Allocator {
+                pools: pools.clone(),
+            },
+            metrics.clone(),
+            recorder,
+        ));
+        loop {
+            tokio::select! {
+                r = &mut work => {
+                    warn!(result = ?r, "allocation loop ended; restarting it");
+                    work = tokio::spawn(lead(Api::all(client.clone()), Allocator { pools: pools.clone() }, metrics.clone(), Recorder::new(client.clone(), reporter.clone())));
+                }
+                changed = leading.changed() => {
+                    if changed.is_err() || !*leading.borrow_and_update() {
+                        break;
+                    }
+                }
+            }
+        }
+        work.abort();
+        metrics.leader.set(0);
+        warn!(%identity, "lost the lease; allocation stopped");
+    }
+}
+
+struct State {
+    alloc: Allocator,
+    /// What each Node holds, from the list and from our own successful patches.
+    held: BTreeMap<String, Vec<IpNet>>,
+    nodes: BTreeMap<String, NodeView>,
+    quarantine: Vec<(Vec<IpNet>, Instant)>,
+    exhausted: BTreeSet<String>,
+    conflicts: BTreeSet<conflicts::Conflict>,
+    synced: bool,
+}
+
+async fn lead(api: Api<Node>, alloc: Allocator, metrics: Arc<Metrics>, recorder: Recorder) {
+    let mut st = State {
+        alloc,
+        held: BTreeMap::new(),
+        nodes: BTreeMap::new(),
+        quarantine: Vec::new(),
+        exhausted: BTreeSet::new(),
+        conflicts: BTreeSet::new(),
+        synced: false,
+    };
+    let mut relist: Option<BTreeMap<String, NodeView>> = None;
+    let stream = watcher::watcher(api.clone(), watcher::Config::default())
+        .default_backoff()
+        .ready_chunks(1024);
+    futures::pin_mut!(stream);
+    while let Some(batch) = stream.next().await {
+        let mut need: Vec<String> = Vec::new();
+        for ev in batch {
+            match ev {
+                Ok(Event::Init) => relist = Some(BTreeMap::new()),
+                Ok(Event::InitApply(n)) => {
+                    let v = view(&n);
+                    relist
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(v.name.clone(), v);
+                }
+                Ok(Event::InitDone) => {
+                    st.nodes = relist.take().unwrap_or_default();
+                    rebuild(&mut st);
+                    report_conflicts(&mut st, &metrics, &recorder).await;
+                    st.synced = true;
+                    need.extend(
+                        st.nodes
+                            .values()
+                            .filter(|v| v.cidrs.is_empty())
+                            .map(|v| v.name.clone()),
+                    );
+                }
+                Ok(Event::Apply(n)) => {
+                    let v = view(&n);
+                    if !v.cidrs.is_empty() {
+                        let known = st.held.get(&v.name);
+                        if known != Some(&v.cidrs) {
+                            if let Some(old) = known.cloned() {
+                                st.alloc.release(&old);
+                            }
+                            st.alloc.mark(&v.cidrs);
+                            st.held.insert(v.name.clone(), v.cidrs.clone());
+                        }
+                    } else if !st.held.contains_key(&v.name) {
+                        need.push(v.name.clone());
+                    }
+                    st.nodes.insert(v.name.clone(), v);
+                }
+                Ok(Event::Delete(n)) => {
+                    let name = n.metadata.name.clone().unwrap_or_default();
+                    st.nodes.remove(&name);
+                    st.exhausted.remove(&name);
+                    if let Some(cidrs) = st.held.remove(&name) {
+                        st.alloc.release(&cidrs);
+                        metrics.releases.inc();
+                        info!(node = %name, cidrs = ?cidrs, "node deleted; pod CIDRs released");
+                        // Capacity freed: nodes that found the pool full get another try.
+                        need.extend(st.exhausted.iter().cloned());
+                    }
+                }
+                Err(e) => warn!(error = %e, "node watch failed; retrying with backoff"),
+            }
+        }
+        if st.synced && !need.is_empty() {
+            need.sort();
+            need.dedup();
+            allocate(&api, &mut st, need, &metrics, &recorder).await;
+        }
+        update_pool_metrics(&st, &metrics);
+    }
+}
+
+/// Rebuilds the map from the list: everything any Node holds is used, plus
+/// CIDRs of patches whose fate is still unknown.
+fn rebuild(st: &mut State) {
+    st.alloc.clear();
+    st.held.clear();
+    for v in st.nodes.values().filter(|v| !v.cidrs.is_empty()) {
+        st.alloc.mark(&v.cidrs);
+        st.held.insert(v.name.clone(), v.cidrs.clone());
+    }
+    st.quarantine
+        .retain(|(_, since)| since.elapsed() < QUARANTINE);
+    for (cidrs, _) in &st.quarantine {
+        st.alloc.mark(cidrs);
+    }
+    info!(
+        nodes = st.nodes.len(),
+        held = st.held.len(),
+        quarantined = st.quarantine.len(),
+        "allocation map rebuilt from a full list"
+    );
+}
+
+async fn allocate(
+    api: &Api<Node>,
+    st: &mut State,
+    names: Vec<String>,
+    metrics: &Metrics,
+    recorder: &Recorder,
+) {
+    let mut planned = Vec::new();
+    for name in names {
+        if st.held.contains_key(&name) || !st.nodes.contains_key(&name) {
+            continue;
+        }
+        match st.alloc.allocate() {
+            Some(cidrs) => {
+                st.exhausted.remove(&name);
+                planned.push((name, cidrs));
+            }
+            None => {
+                if st.exhausted.insert(name.clone()) {
+                    metrics.pool_exhausted.inc();
+                    warn!(node = %name, "pod CIDR pool exhausted; will retry when a node is deleted");
+                    publish(
+                        recorder,
+                        &name,
+                        EventType::Warning,
+                        "PodCIDRPoolExhausted",
+                        "no free pod CIDR in --cluster-cidr",
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+    let results = futures::stream::iter(planned.into_iter().map(|(name, cidrs)| {
+        let api = api.clone();
+        async move {
+            let patch = json!({ "spec": { "podCIDR": cidrs[0].to_string(), "podCIDRs": cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>() } });
+            let r = tokio::time::timeout(PATCH_TIMEOUT, api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))).await;
+            (name, cidrs, r)
+        }
+    }))
+    .buffer_unordered(16)
+    .collect::<Vec<_>>()
+    .await;
+    for (name, cidrs, r) in results {
+        match r {
+            Ok(Ok(_)) => {
+                metrics.allocations.inc();
+                info!(node = %name, cidrs = ?cidrs, "pod CIDRs allocated");
+                st.held.insert(name, cidrs);
+            }
+            // The API server refused: nothing was written, so the CIDRs are free again.
+            Ok(Err(kube::Error::Api(e))) if e.code == 404 || e.code == 422 => {
+                info!(node = %name, code = e.code, reason = %e.message, "allocation refused; CIDRs returned to the pool");
+                st.alloc.release(&cidrs);
+            }
+            other => {
+                // Unknown outcome: it may still land. Leaking beats handing the CIDR out twice.
+                metrics.allocation_failures.inc();
+                let error = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                warn!(node = %name, cidrs = ?cidrs, %error, "pod CIDR patch failed; CIDRs stay reserved until a later rebuild");
+                st.quarantine.push((cidrs, Instant::now()));
+            }
+        }
+    }
+}
+
+async fn report_conflicts(st: &mut State, metrics: &Metrics, recorder: &Recorder) {
+    let views: Vec<NodeView> = st.nodes.values().cloned().collect();
+    let found: BTreeSet<_> = conflicts::detect(&views).into_iter().collect();
+    for kind in [
+        conflicts::Kind::PodCidrOverlap,
+        conflicts::Kind::VtepMac,
+        conflicts::Kind::PublicIp,
+    ] {
+        metrics
+            .conflicts
+            .with_label_values(&[kind.label()])
+            .set(found.iter().filter(|c| c.kind == kind).count() as i64);
+    }
+    for c in found.difference(&st.conflicts) {
+        warn!(kind = c.kind.label(), node_a = %c.nodes.0, node_b = %c.nodes.1, value = %c.value, "conflict between nodes");
+        let note = format!(
+            "{} conflict between {} and {}: {}",
+            c.kind.label(),
+            c.nodes.0,
+            c.nodes.1,
+            c.value
+        );
+        for n in [&c.nodes.0, &c.nodes.1] {
+            publish(recorder, n, EventType::Warning, "WeirConflict", &note).await;
+        }
+    }
+    st.conflicts = found;
+}
+
+async fn publish(recorder: &Recorder, node: &str, type_: EventType, reason: &str, note: &str) {
+    let mut obj = Node::default();
+    obj.metadata.name = Some(node.to_string());
+    let reference = obj.object_ref(&());
+    let ev = KEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(note.into()),
+        action: "Allocate".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, &reference).await {
+        warn!(%node, error = %e, "cannot publish event");
+    }
+}
+
+fn view(n: &Node) -> NodeView {
+    let ann = n.metadata.annotations.as_ref();
+    let spec = n.spec.as_ref();
+    let mut raw = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+    if raw.is_empty() {
+        raw.extend(spec.and_then(|s| s.pod_cidr.clone()));
+    }
+    NodeView {
+        name: n.metadata.name.clone().unwrap_or_default(),
+        cidrs: raw.iter().filter_map(|c| c.parse().ok()).collect(),
+        vtep_mac: ann.and_then(|a| a.get("weir.dev/vtep-mac")).cloned(),
+        public_ip: ann.and_then(|a| a.get("weir.dev/public-ip")).cloned(),
+    }
+}
+
+fn update_pool_metrics(st: &State, metrics: &Metrics) {
+    for p in &st.alloc.pools {
+        metrics
+            .pool_used
+            .with_label_values(&[family(p.is_v4())])
+            .set(p.used() as i64);
+    }
+}
+
+fn family(v4: bool) -> &'static str {
+    if v4 { "ipv4" } else { "ipv6" }
+}
+
+fn pools(args: &Args) -> anyhow::Result<Vec<Pool>> {
+    let v4: Vec<_> = args
+        .cluster_cidr
+        .iter()
+        .filter(|c| c.addr().is_ipv4())
+        .collect();
+    let v6: Vec<_> = args
+        .cluster_cidr
+        .iter()
+        .filter(|c| c.addr().is_ipv6())
+        .collect();
+    anyhow::ensure!(
+        v4.len() <= 1 && v6.len() <= 1,
+        "--cluster-cidr takes at most one IPv4 and one IPv6 range"
+    );
+    let mut pools = Vec::new();
+    if let Some(c) = v4.first() {
+        pools.push(
+            Pool::new(**c, args.node_cidr_mask_size_ipv4)
+                .with_context(|| format!("--cluster-cidr {c}"))?,
+        );
+    }
+    if let Some(c) = v6.first() {
+        pools.push(
+            Pool::new(**c, args.node_cidr_mask_size_ipv6)
+                .with_context(|| format!("--cluster-cidr {c}"))?,
+        );
+    }
+    Ok(pools)
+}
+
+async fn client(args: &Args) -> anyhow::Result<Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => {
+            kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?
+        }
+    };
+    Ok(Client::try_from(config)?)
+}
+
+async fn serve_http(args: &Args, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("bind {}", args.metrics_addr))?;
+    let router: http::Router = Arc::new(move |path| match path {
+        "/metrics" => Response {
+            code: 200,
+            content_type: "text/plain; version=0.0.4",
+            body: metrics.render(),
+        },
+        "/healthz" | "/readyz" => Response::text(200, "ok\n"),
+        _ => Response::text(404, "not found\n"),
+    });
+    tokio::spawn(http::serve(listener, router));
+    Ok(())
+}

@@ -1,0 +1,89 @@
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub allocations: IntCounter,
+    pub releases: IntCounter,
+    pub allocation_failures: IntCounter,
+    pub pool_exhausted: IntCounter,
+    pub pool_size: IntGaugeVec,
+    pub pool_used: IntGaugeVec,
+    pub leader: IntGauge,
+    pub conflicts: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Metrics {
+            registry: Registry::new(),
+            allocations: IntCounter::new(
+                "weir_controller_allocations_total",
+                "Pod CIDR sets written to Nodes",
+            )
+            .unwrap(),
+            releases: IntCounter::new(
+                "weir_controller_releases_total",
+                "Pod CIDR sets freed by Node deletion",
+            )
+            .unwrap(),
+            allocation_failures: IntCounter::new(
+                "weir_controller_allocation_failures_total",
+                "Patches that failed; their CIDRs stay reserved until the next full rebuild",
+            )
+            .unwrap(),
+            pool_exhausted: IntCounter::new(
+                "weir_controller_pool_exhausted_total",
+                "Nodes that found no free pod CIDR",
+            )
+            .unwrap(),
+            pool_size: IntGaugeVec::new(
+                Opts::new("weir_controller_pool_size", "Node subnets in the pool"),
+                &["family"],
+            )
+            .unwrap(),
+            pool_used: IntGaugeVec::new(
+                Opts::new("weir_controller_pool_used", "Node subnets in use"),
+                &["family"],
+            )
+            .unwrap(),
+            leader: IntGauge::new(
+                "weir_controller_leader",
+                "1 while this replica holds the lease",
+            )
+            .unwrap(),
+            conflicts: IntGaugeVec::new(
+                Opts::new(
+                    "weir_controller_conflicts",
+                    "Conflicts between Nodes found by the last list",
+                ),
+                &["kind"],
+            )
+            .unwrap(),
+        };
+        for c in [
+            &m.allocations,
+            &m.releases,
+            &m.allocation_failures,
+            &m.pool_exhausted,
+        ] {
+            m.registry.register(Box::new(c.clone())).unwrap();
+        }
+        m.registry.register(Box::new(m.pool_size.clone())).unwrap();
+        m.registry.register(Box::new(m.pool_used.clone())).unwrap();
+        m.registry.register(Box::new(m.leader.clone())).unwrap();
+        m.registry.register(Box::new(m.conflicts.clone())).unwrap();
+        for kind in ["pod-cidr-overlap", "vtep-mac", "public-ip"] {
+            m.conflicts.with_label_values(&[kind]).set(0);
+        }
+        m
+    }
+
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).expect("UTF-8")
+    }
+}
