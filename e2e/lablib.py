@@ -34,6 +34,7 @@ DEBIAN_PACKAGES = {
     "/usr/bin/jq": "jq",
 }
 CNI_BIN = "/usr/lib/cni"
+NS = "weir-system"
 
 
 def log(msg):
@@ -102,9 +103,13 @@ def agent_binary():
     return ROOT / "target" / "debug" / "weir-agent"
 
 
+def controller_binary():
+    return ROOT / "target" / "debug" / "weir-controller"
+
+
 def ensure_weir_built():
     log("building weir (cargo build)")
-    sh(["cargo", "build", "--quiet", "-p", "weir-agent"], capture=False, check=True)
+    sh(["cargo", "build", "--quiet", "-p", "weir-agent", "-p", "weir-controller"], capture=False, check=True)
 
 
 # ---------------------------------------------------------------- certificates
@@ -280,33 +285,16 @@ def kubectl(*args, input=None, check=True):
 
 # ---------------------------------------------------------------- cluster objects
 
-AGENT_RBAC = """
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: weir-agent, namespace: kube-system}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: weir-agent}
-rules:
-- {apiGroups: [""], resources: [nodes], verbs: [get, list, watch]}
-- {apiGroups: [""], resources: [nodes/status], verbs: [patch]}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {name: weir-agent}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: weir-agent}
-subjects: [{kind: ServiceAccount, name: weir-agent, namespace: kube-system}]
-"""
-
-
 def apply_access():
-    """manifests/ when it exists; until then a minimal ServiceAccount and RBAC."""
-    manifests = ROOT / "manifests"
-    if (manifests / "kustomization.yaml").exists():
-        kubectl("apply", "-k", str(manifests))
-    else:
-        kubectl("apply", "-f", "-", input=AGENT_RBAC)
+    """Applies manifests/ as a user would (RBAC, policy, DaemonSet, Deployment...)."""
+    kubectl("apply", "-k", str(ROOT / "manifests"))
+
+
+def manifest_config():
+    """The settings the manifests' ConfigMap hands every container."""
+    import re
+    text = (ROOT / "manifests" / "kustomization.yaml").read_text()
+    return dict(re.findall(r"^\s+- (WEIR_[A-Z0-9_]+)=(\S*)$", text, re.M))
 
 
 def node_cidr(i):
@@ -337,12 +325,12 @@ def create_node(i, ip=None, pod_cidr=None, annotations=None):
 def agent_token(i):
     """A ServiceAccount token bound to a Pod on node-i, so it carries the node-name claim."""
     pod = f"weir-agent-node-{i}"
-    obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": "kube-system"},
+    obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": NS},
            "spec": {"nodeName": f"node-{i}", "serviceAccountName": "weir-agent", "hostNetwork": True,
                     "containers": [{"name": "agent", "image": "weir-agent:lab"}]}}
     kubectl("apply", "-f", "-", input=json.dumps(obj))
-    uid = kubectl("get", "pod", "-n", "kube-system", pod, "-o", "jsonpath={.metadata.uid}").strip()
-    return kubectl("create", "token", "weir-agent", "-n", "kube-system", "--duration", "48h",
+    uid = kubectl("get", "pod", "-n", NS, pod, "-o", "jsonpath={.metadata.uid}").strip()
+    return kubectl("create", "token", "weir-agent", "-n", NS, "--duration", "48h",
                    "--bound-object-kind", "Pod", "--bound-object-name", pod, "--bound-object-uid", uid).strip()
 
 
@@ -356,6 +344,7 @@ def node_dir(i):
 def agent_env(i, backend="vxlan", mode="full"):
     d = node_dir(i)
     return {
+        **manifest_config(),
         "NODE_NAME": f"node-{i}",
         "KUBECONFIG": str(d / "kubeconfig"),
         "WEIR_BACKEND": backend,
@@ -363,9 +352,26 @@ def agent_env(i, backend="vxlan", mode="full"):
         "WEIR_CLUSTER_CIDR": CLUSTER_CIDR,
         "WEIR_CNI_CONF_DIR": str(d / "cni"),
         "WEIR_RUN_DIR": str(d / "run"),
-        "WEIR_RESYNC_INTERVAL": "30s",
+        "WEIR_METRICS_ADDR": "0.0.0.0:9478",
+        "WEIR_LOG_FORMAT": "text",
         "RUST_LOG": os.environ.get("RUST_LOG", "info"),
     }
+
+
+def controller_token():
+    return kubectl("create", "token", "weir-controller", "-n", NS, "--duration", "48h").strip()
+
+
+def start_controllers(replicas=("a", "b")):
+    kc = STATE / "controller.kubeconfig"
+    if not kc.exists():
+        kubeconfig(kc, token=controller_token())
+    for k, name in enumerate(replicas):
+        spawn(f"controller-{name}", CP_NS, [str(controller_binary())], env={
+            **manifest_config(), "WEIR_CLUSTER_CIDR": CLUSTER_CIDR, "WEIR_NODE_CIDR_MASK_SIZE_IPV4": str(NODE_MASK),
+            "POD_NAME": f"weir-controller-{name}", "WEIR_LEASE_NAMESPACE": NS, "KUBECONFIG": str(kc),
+            "WEIR_METRICS_ADDR": f"127.0.0.1:{9479 + k}", "WEIR_LOG_FORMAT": "text", "WEIR_LEASE_DURATION": "6",
+            "RUST_LOG": os.environ.get("RUST_LOG", "info")})
 
 
 def settings():
@@ -378,7 +384,9 @@ def start_agent(i):
     spawn(f"node-{i}", node_ns(i), [str(agent_binary()), "run"], env=agent_env(i, s["backend"], s["mode"]))
 
 
-def add_node(i, lab_podcidrs=True):
+def add_node(i, lab_podcidrs=None):
+    if lab_podcidrs is None:
+        lab_podcidrs = settings().get("lab_podcidrs", False)
     ns = node_ns(i)
     attach(ns, "eth0", node_ip(i))
     sh(["sysctl", "-qw", "net.ipv4.ip_forward=1"], ns=ns)
@@ -395,7 +403,7 @@ def remove_node(i):
         del_pod(i, j)
     stop(f"node-{i}")
     kubectl("delete", "node", f"node-{i}", "--ignore-not-found", "--wait=false")
-    kubectl("delete", "pod", "-n", "kube-system", f"weir-agent-node-{i}", "--ignore-not-found", "--wait=false")
+    kubectl("delete", "pod", "-n", NS, f"weir-agent-node-{i}", "--ignore-not-found", "--wait=false")
     if node_ns(i) in netns_list():
         sh(["ip", "netns", "del", node_ns(i)])
     shutil.rmtree(node_dir(i), ignore_errors=True)
@@ -513,23 +521,24 @@ def wait_all_pairs(timeout=120):
 # ---------------------------------------------------------------- whole lab
 
 
-def up(n_nodes=3, pods_per_node=2, backend="vxlan", mode="full"):
+def up(n_nodes=3, pods_per_node=2, backend="vxlan", mode="full", lab_podcidrs=False):
     if os.geteuid() != 0:
         raise SystemExit("the lab needs root (it creates network namespaces)")
     ensure_packages()
     ensure_control_plane_binaries()
     ensure_weir_built()
     STATE.mkdir(parents=True, exist_ok=True)
-    (STATE / "settings.json").write_text(json.dumps({"backend": backend, "mode": mode}))
+    (STATE / "settings.json").write_text(json.dumps({"backend": backend, "mode": mode, "lab_podcidrs": lab_podcidrs}))
     ensure_pki()
     ensure_underlay()
     start_etcd()
     start_apiserver()
     wait_api()
     apply_access()
+    start_controllers()
     for i in range(1, n_nodes + 1):
         if not running(f"node-{i}"):
-            add_node(i)
+            add_node(i, lab_podcidrs)
     for i in range(1, n_nodes + 1):
         for j in range(1, pods_per_node + 1):
             add_pod(i, j)
@@ -542,6 +551,8 @@ def down():
         for j in pods_of(i):
             del_pod(i, j)
         stop(f"node-{i}")
+    for c in ("controller-a", "controller-b"):
+        stop(c)
     stop("apiserver")
     stop("etcd")
     for ns in netns_list():
@@ -567,3 +578,20 @@ def summary():
     for ns, ip in pods().items():
         lines.append(f"{ns:<16} {ip}")
     return "\n".join(lines)
+
+
+def api_request(kubeconfig_path, method, path, body=None, content_type="application/merge-patch+json"):
+    """A raw API request with a kubeconfig's token, from the control-plane namespace
+    (kubectl patch first GETs the object, which the agent's RBAC does not allow)."""
+    cfg = json.loads(Path(kubeconfig_path).read_text())
+    token = cfg["users"][0]["user"]["token"]
+    script = (
+        "import http.client, ssl, sys, json\n"
+        f"ctx = ssl.create_default_context(cafile={str(STATE / 'pki' / 'ca.crt')!r})\n"
+        f"c = http.client.HTTPSConnection({CP_IP!r}, 6443, context=ctx, timeout=10)\n"
+        f"c.request({method!r}, {path!r}, body=sys.stdin.read() or None, headers={{'Authorization': 'Bearer {token}', 'Content-Type': {content_type!r}}})\n"
+        "r = c.getresponse(); print(json.dumps({'status': r.status, 'body': r.read().decode()}))\n"
+    )
+    out = sh(["python3", "-c", script], ns=CP_NS, input=json.dumps(body) if body is not None else "")
+    res = json.loads(out)
+    return res["status"], res["body"]

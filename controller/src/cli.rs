@@ -1,7 +1,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 
 #[derive(Parser, Debug, Clone)]
@@ -38,8 +38,14 @@ pub struct Args {
     /// Seconds a lease stays valid without renewal; a takeover waits this long.
     #[arg(long, default_value_t = 15, env = "WEIR_LEASE_DURATION")]
     pub lease_duration: u64,
-    #[arg(long, default_value_t = false, env = "WEIR_LOG_JSON")]
-    pub log_json: bool,
+    #[arg(long, value_enum, default_value = "text", env = "WEIR_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[cfg(test)]
