@@ -1,0 +1,153 @@
+"""weir-controller against the real API server: allocation, reuse, takeover, exhaustion, dual-stack."""
+
+import ipaddress
+import json
+import signal
+import time
+
+import pytest
+
+import lablib as lab
+
+
+def make_nodes(names, pod_cidr=None):
+    items = []
+    for n in names:
+        obj = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": n, "labels": {"weir-test": "fake"}}}
+        if pod_cidr:
+            obj["spec"] = {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]}
+        items.append(obj)
+    lab.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+
+
+def all_nodes():
+    return {n["metadata"]["name"]: n.get("spec", {}).get("podCIDRs", [])
+            for n in json.loads(lab.kubectl("get", "nodes", "-o", "json"))["items"]}
+
+
+def assert_no_double_allocation():
+    seen = []
+    for name, cidrs in all_nodes().items():
+        for c in cidrs:
+            net = ipaddress.ip_network(c)
+            clash = [o for o, on in seen if on.overlaps(net)]
+            assert not clash, f"{name} {c} overlaps {clash}"
+            seen.append((name, net))
+
+
+def wait_allocated(names, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        nodes = all_nodes()
+        if all(nodes.get(n) for n in names):
+            return {n: nodes[n] for n in names}
+        time.sleep(0.2)
+    missing = [n for n in names if not all_nodes().get(n)]
+    raise AssertionError(f"not allocated after {timeout}s: {missing[:10]}")
+
+
+def controller_metric(name, port=9479):
+    out = lab.sh(["python3", "-c", f"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())"], ns=lab.CP_NS)
+    total = 0.0
+    for line in out.splitlines():
+        if line.startswith(name):
+            total += float(line.split()[-1])
+    return total
+
+
+@pytest.fixture
+def fakes(cluster):
+    yield
+    lab.kubectl("delete", "nodes", "-l", "weir-test=fake", "--wait=false")
+    deadline = time.time() + 30
+    while time.time() < deadline and any(n.startswith("fake-") for n in all_nodes()):
+        time.sleep(0.2)
+
+
+def test_fifty_nodes_at_once_get_distinct_cidrs(fakes):
+    names = [f"fake-{k:03d}" for k in range(50)]
+    make_nodes(names)
+    got = wait_allocated(names)
+    assert len({c[0] for c in got.values()}) == 50
+    assert_no_double_allocation()
+
+
+def test_deleted_node_space_is_reused(fakes):
+    make_nodes(["fake-a", "fake-b", "fake-c"])
+    got = wait_allocated(["fake-a", "fake-b", "fake-c"])
+    freed = got["fake-b"][0]
+    lab.kubectl("delete", "node", "fake-b")
+    time.sleep(1)
+    make_nodes(["fake-d"])
+    assert wait_allocated(["fake-d"])["fake-d"][0] == freed, "lowest free CIDR is the one just released"
+
+
+def leader():
+    holder = lab.kubectl("get", "lease", "-n", lab.NS, "weir-controller", "-o", "jsonpath={.spec.holderIdentity}").strip()
+    return holder.replace("weir-controller-", "controller-")
+
+
+def test_leader_killed_mid_burst_never_allocates_twice(fakes):
+    old = leader()
+    names = [f"fake-burst-{k:03d}" for k in range(60)]
+    make_nodes(names[:30])
+    time.sleep(0.3)
+    lab.stop(old, sig=signal.SIGKILL)
+    make_nodes(names[30:])
+    try:
+        wait_allocated(names, timeout=60)
+        assert leader() != old, "the other replica holds the lease"
+        assert_no_double_allocation()
+    finally:
+        lab.start_controllers()
+
+
+def test_preset_pod_cidrs_are_respected(fakes):
+    make_nodes(["fake-preset"], pod_cidr="10.244.200.0/24")
+    names = [f"fake-p-{k}" for k in range(5)]
+    make_nodes(names)
+    wait_allocated(names)
+    assert all_nodes()["fake-preset"] == ["10.244.200.0/24"]
+    assert_no_double_allocation()
+
+
+def test_pool_exhaustion_is_reported_and_recovers(fakes):
+    used = sum(len(c) for c in all_nodes().values())
+    fill = [f"fake-fill-{k:03d}" for k in range(256 - used)]
+    make_nodes(fill)
+    wait_allocated(fill, timeout=120)
+    before = controller_metric("weir_controller_pool_exhausted_total", 9479) + controller_metric("weir_controller_pool_exhausted_total", 9480)
+    make_nodes(["fake-starved"])
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        events = lab.kubectl("get", "events", "-A", "--field-selector", "involvedObject.name=fake-starved", "-o", "json")
+        if "PodCIDRPoolExhausted" in events:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("no PodCIDRPoolExhausted event")
+    after = controller_metric("weir_controller_pool_exhausted_total", 9479) + controller_metric("weir_controller_pool_exhausted_total", 9480)
+    assert after > before
+    assert not all_nodes()["fake-starved"]
+    lab.kubectl("delete", "node", fill[0])
+    wait_allocated(["fake-starved"], timeout=30)
+    assert_no_double_allocation()
+
+
+def test_dual_stack_allocation(fakes):
+    for c in ("controller-a", "controller-b"):
+        lab.stop(c)
+    kc = lab.STATE / "controller.kubeconfig"
+    lab.spawn("controller-ds", lab.CP_NS, [str(lab.controller_binary())], env={
+        "WEIR_CLUSTER_CIDR": f"{lab.CLUSTER_CIDR},fd00:10:244::/56", "KUBECONFIG": str(kc), "POD_NAME": "weir-controller-ds",
+        "WEIR_LEASE_NAMESPACE": lab.NS, "WEIR_LEASE_NAME": "weir-controller-ds", "WEIR_METRICS_ADDR": "127.0.0.1:9489"})
+    try:
+        make_nodes(["fake-ds"])
+        cidrs = wait_allocated(["fake-ds"])["fake-ds"]
+        fams = sorted(ipaddress.ip_network(c).version for c in cidrs)
+        assert fams == [4, 6], cidrs
+        assert ipaddress.ip_network(cidrs[1]).prefixlen == 64
+        assert_no_double_allocation()
+    finally:
+        lab.stop("controller-ds")
+        lab.start_controllers()
