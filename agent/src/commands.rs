@@ -2,9 +2,14 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
+
 use crate::cli::{Cli, Command, OutputFormat, RunArgs, StatusArgs};
 use crate::dataplane::DeviceSpec;
+use crate::dataplane::Kernel;
 use crate::dataplane::netlink::{NetlinkKernel, delete_link};
+use crate::model::Backend;
+use crate::peers::publish::PeersRecord;
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command.unwrap_or(Command::Run) {
@@ -15,33 +20,62 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn status(args: &RunArgs, s: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let record_path = args.run_dir.join(crate::peers::publish::PEERS_FILE);
+    let record: PeersRecord =
+        serde_json::from_str(&std::fs::read_to_string(&record_path).with_context(|| {
+            format!(
+                "read {} (is the agent running on this node?)",
+                record_path.display()
+            )
+        })?)
+        .with_context(|| format!("parse {}", record_path.display()))?;
     let port = args.metrics_addr.port();
-    let (code, body) = weir_common::http::get(&format!("127.0.0.1:{port}"), "/status")
-        .map_err(|e| anyhow::anyhow!("cannot reach the agent on 127.0.0.1:{port}: {e}"))?;
-    anyhow::ensure!(code == 200, "agent answered {code}");
-    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let agent: Option<serde_json::Value> =
+        weir_common::http::get(&format!("127.0.0.1:{port}"), "/status")
+            .ok()
+            .filter(|(code, _)| *code == 200)
+            .and_then(|(_, body)| serde_json::from_str(&body).ok());
+    let device = match record.backend {
+        Backend::Vxlan => DeviceSpec::vxlan_name(args.vni),
+        Backend::Ipip => DeviceSpec::IPIP_NAME.to_string(),
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let (ifindex, kernel) = tokio::task::block_in_place(|| {
+        runtime.block_on(async {
+            let mut k = NetlinkKernel::connect()?;
+            let ifindex = k
+                .link_index(&device)
+                .await?
+                .with_context(|| format!("device {device} does not exist"))?;
+            anyhow::Ok((ifindex, k.dump(ifindex).await?))
+        })
+    })?;
+    let report = crate::status::compare(record.backend, args.mode, &record.peers, &kernel, ifindex);
+    let agent_ok = agent
+        .as_ref()
+        .is_some_and(|a| a["synced"] == true && a["last_error"].is_null());
     match s.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "agent": agent, "device": device, "rejected": record.rejected, "report": report, "drift": report.drift() })
+            )?
+        ),
         OutputFormat::Table => {
-            for key in [
-                "device_ready",
-                "synced",
-                "vtep_mac",
-                "peers",
-                "fdb_entries",
-                "neigh_entries",
-                "routes",
-                "last_error",
-            ] {
-                println!("{key:<14} {}", v[key]);
+            match &agent {
+                Some(a) => println!(
+                    "agent: synced={} device_ready={} vtep_mac={} last_error={}",
+                    a["synced"], a["device_ready"], a["vtep_mac"], a["last_error"]
+                ),
+                None => println!("agent: not answering on 127.0.0.1:{port}"),
             }
-            for r in v["rejected"].as_array().into_iter().flatten() {
-                println!("rejected       {r}");
+            for r in &record.rejected {
+                println!("rejected: {r}");
             }
+            print!("{}", crate::status::table(&report));
         }
     }
-    let healthy = v["last_error"].is_null() && v["synced"] == true;
-    Ok(if healthy {
+    Ok(if agent_ok && !report.drift() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

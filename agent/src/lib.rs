@@ -10,4 +10,5 @@ pub mod model;
 pub mod peers;
 pub mod plan;
 pub mod run;
+pub mod status;
 pub mod underlay;

@@ -20,7 +20,7 @@ use crate::dataplane::{DeviceKind, DeviceSpec, events};
 use crate::engine::{Engine, EngineConfig, EngineStatus};
 use crate::metrics::Metrics;
 use crate::model::{Backend, Mac, Mode, PeerSet};
-use crate::peers::validate::{NodeInfo, Validator, reason_label};
+use crate::peers::validate::{NodeInfo, Validator};
 use crate::peers::{file, kube as kube_peers};
 use crate::underlay;
 use weir_common::http::{self, Response};
@@ -234,7 +234,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         local_cidrs: own.pod_cidrs.clone(),
         local_name: node_name.clone(),
     };
-    let publish = peer_publisher(validator, peers_tx, metrics.clone());
+    let publish = crate::peers::publish::publisher(
+        validator,
+        peers_tx,
+        metrics.clone(),
+        args.run_dir.join(crate::peers::publish::PEERS_FILE),
+    );
     match (&nodes_api, &args.peers_file) {
         (Some(api), _) => {
             tokio::spawn(kube_peers::watch_nodes(
@@ -278,53 +283,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), engine_task).await;
     Ok(())
-}
-
-/// Validates the trimmed nodes and hands the engine a new peer set. Rejections
-/// are logged when they first appear and counted.
-fn peer_publisher(
-    validator: Validator,
-    tx: watch::Sender<PeerSet>,
-    metrics: Arc<Metrics>,
-) -> impl FnMut(&BTreeMap<String, NodeInfo>, bool) {
-    let mut last_rejections: Vec<String> = Vec::new();
-    let mut last_skips: BTreeMap<String, String> = BTreeMap::new();
-    move |nodes, complete| {
-        let out = validator.validate(nodes.values());
-        let now: Vec<String> = out.rejected.iter().map(|r| r.to_string()).collect();
-        for r in &out.rejected {
-            if !last_rejections.contains(&r.to_string()) {
-                warn!(node = %r.node, field = r.field, value = %r.value, reason = r.reason, "node rejected as a peer");
-                metrics
-                    .peer_rejected
-                    .with_label_values(&[reason_label(r)])
-                    .inc();
-            }
-        }
-        for (name, skip) in &out.skipped {
-            let text = format!("{skip:?}");
-            if last_skips.get(name) != Some(&text) {
-                info!(node = %name, reason = %text, "node is not a peer (yet)");
-            }
-        }
-        last_skips = out
-            .skipped
-            .iter()
-            .map(|(n, s)| (n.clone(), format!("{s:?}")))
-            .collect();
-        last_rejections = now;
-        metrics
-            .peers
-            .with_label_values(&["invalid"])
-            .set(out.rejected.len() as i64);
-        metrics
-            .peers
-            .with_label_values(&["pending"])
-            .set(out.skipped.len() as i64);
-        let mut set = PeerSet::complete(out.peers);
-        set.complete = complete;
-        tx.send_replace(set);
-    }
 }
 
 async fn kube_client(args: &RunArgs) -> anyhow::Result<kube::Client> {

@@ -39,10 +39,12 @@ pub async fn serve(listener: TcpListener, router: Router) {
         };
         let router = router.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let read = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await;
-            let Ok(Ok(n)) = read else { return };
-            let req = String::from_utf8_lossy(&buf[..n]);
+            let Ok(Some(head)) =
+                tokio::time::timeout(Duration::from_secs(5), read_head(&mut sock)).await
+            else {
+                return;
+            };
+            let req = String::from_utf8_lossy(&head);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let path = path.split('?').next().unwrap_or("/");
             let resp = router(path);
@@ -65,14 +67,28 @@ pub async fn serve(listener: TcpListener, router: Router) {
     }
 }
 
+/// Reads up to the end of the request head; a request may arrive in pieces.
+async fn read_head(sock: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = sock.read(&mut buf).await.ok()?;
+        if n == 0 || head.len() > 16 * 1024 {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Some(head)
+}
+
 /// A blocking GET for `weir-agent status`; returns (code, body).
 pub fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    // One write: write! would send the request in pieces.
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
     )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;

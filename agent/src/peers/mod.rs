@@ -2,4 +2,5 @@
 
 pub mod file;
 pub mod kube;
+pub mod publish;
 pub mod validate;

@@ -1,0 +1,104 @@
+"""Manifests, RBAC and admission policy, metrics against the kernel, `weir-agent status`."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import lablib as lab
+from test_lab import agent_get, ip_json, wait
+
+STUB_PODMONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "podmonitors.monitoring.coreos.com"},
+    "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+             "names": {"plural": "podmonitors", "singular": "podmonitor", "kind": "PodMonitor"},
+             "versions": [{"name": "v1", "served": True, "storage": True,
+                           "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
+
+
+def test_api_server_accepts_every_manifest(cluster):
+    out = lab.kubectl("apply", "-k", str(lab.ROOT / "manifests"), "--dry-run=server")
+    for kind in ("daemonset.apps/weir-agent", "deployment.apps/weir-controller", "validatingadmissionpolicy",
+                 "clusterrole.rbac.authorization.k8s.io/weir-agent", "configmap/weir-config", "service/weir-metrics"):
+        assert kind in out, out
+    # The monitoring overlay needs the Prometheus Operator's CRD; a stub stands in for it.
+    lab.kubectl("apply", "-f", "-", input=json.dumps(STUB_PODMONITOR_CRD))
+    wait(lambda: "podmonitors" in lab.kubectl("api-resources", "--api-group=monitoring.coreos.com"), 30, "CRD established")
+    out = lab.kubectl("apply", "-k", str(lab.ROOT / "manifests" / "monitoring"))
+    assert "podmonitor.monitoring.coreos.com/weir" in out and "configmap/weir-grafana-dashboard" in out
+
+
+def test_agents_run_with_the_manifest_service_account(cluster):
+    token = json.loads((lab.node_dir(1) / "kubeconfig").read_text())["users"][0]["user"]["token"]
+    review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}
+    out = json.loads(lab.kubectl("create", "-f", "-", "-o", "json", input=json.dumps(review)))
+    user = out["status"]["user"]
+    assert user["username"] == "system:serviceaccount:weir-system:weir-agent"
+    assert user["extra"]["authentication.kubernetes.io/node-name"] == ["node-1"]
+    assert lab.kubectl("auth", "can-i", "patch", "nodes", "--subresource=status", "--as", user["username"], check=False).strip() == "yes"
+    assert lab.kubectl("auth", "can-i", "patch", "nodes", "--as", user["username"], check=False).strip() == "no"
+
+
+def test_policy_denies_another_nodes_annotations(cluster):
+    kc = lab.node_dir(1) / "kubeconfig"
+    status, body = lab.api_request(kc, "PATCH", "/api/v1/nodes/node-2/status",
+                                   {"metadata": {"annotations": {"weir.dev/vtep-mac": "0e:00:00:00:66:66"}}})
+    assert status == 403 and "weir-agent-own-node" in body, body
+    status, body = lab.api_request(kc, "PATCH", "/api/v1/nodes/node-1/status", {"metadata": {"annotations": {"example.com/x": "y"}}})
+    assert status == 403 and "only weir.dev" in body, body
+    status, body = lab.api_request(kc, "PATCH", "/api/v1/nodes/node-1/status",
+                                   {"metadata": {"annotations": {"weir.dev/probe": "ok"}}})
+    assert status == 200, body
+    lab.kubectl("annotate", "node", "node-1", "weir.dev/probe-")
+
+
+def metrics(i):
+    out = lab.sh(["python3", "-c", "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9478/metrics').read().decode())"],
+                 ns=lab.node_ns(i))
+    values = {}
+    for line in out.splitlines():
+        if line and not line.startswith("#"):
+            key, val = line.rsplit(" ", 1)
+            values[key] = float(val)
+    return values
+
+
+def test_scraped_metrics_match_the_kernel(cluster):
+    for i in (1, 2, 3):
+        ns = lab.node_ns(i)
+        m = metrics(i)
+        fdb = [e for e in json.loads(lab.sh(["bridge", "-n", ns, "-j", "fdb", "show", "dev", "weir.1"])) if "dst" in e]
+        assert m["weir_fdb_entries"] == len(fdb)
+        assert m["weir_neigh_entries"] == len(ip_json(ns, "neigh", "show", "dev", "weir.1", "nud", "permanent"))
+        assert m["weir_routes"] == len(ip_json(ns, "route", "show", "proto", "87"))
+        assert m["weir_routes"] >= 2
+        assert any(k.startswith("weir_build_info") for k in m)
+        assert agent_get(i, "/readyz") == "200"
+
+
+def agent_status(i, *extra):
+    env = dict(os.environ, **lab.agent_env(i))
+    return subprocess.run(["ip", "netns", "exec", lab.node_ns(i), str(lab.agent_binary()), "status", *extra],
+                          capture_output=True, text=True, env=env, timeout=30)
+
+
+def test_status_shows_drift_after_an_entry_is_deleted_by_hand(cluster):
+    clean = agent_status(1)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "in sync" in clean.stdout and "node-2" in clean.stdout
+    n2 = json.loads(lab.kubectl("get", "node", "node-2", "-o", "json"))["spec"]["podCIDRs"][0]
+    pid = lab.running("node-1")
+    os.kill(pid, signal.SIGSTOP)  # freeze the agent so it cannot repair before we look
+    try:
+        lab.sh(["ip", "-n", lab.node_ns(1), "route", "del", n2])
+        drift = agent_status(1, "--output", "json")
+        assert drift.returncode == 1
+        report = json.loads(drift.stdout)
+        row = next(r for r in report["report"]["peers"] if r["node"] == "node-2")
+        assert row["route"] is False and report["drift"] is True
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait(lambda: agent_status(1).returncode == 0, 10, "drift repaired and status clean again")
