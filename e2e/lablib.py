@@ -220,24 +220,33 @@ def spawn(name, ns, argv, env=None):
 
 
 def stop(name, sig=signal.SIGTERM, wait=10):
+    """Signals a lab process and waits until it is gone, escalating to SIGKILL."""
     pid = running(name)
     if not pid:
         return
+
+    def gone(limit):
+        deadline = time.time() + limit
+        while time.time() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.05)
+        return False
+
     try:
         os.kill(pid, sig)
+        if not gone(wait):
+            log(f"{name} did not exit within {wait}s of signal {int(sig)}; killing it")
+            os.kill(pid, signal.SIGKILL)
+            gone(10)
     except ProcessLookupError:
         pass
-    deadline = time.time() + wait
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.05)
     pidfile(name).unlink(missing_ok=True)
 
 

@@ -4,7 +4,7 @@
 //! lowest free number is handed out. Anything a Node already holds is marked
 //! used, whoever set it.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
@@ -12,7 +12,9 @@ use ipnet::IpNet;
 pub struct Pool {
     pub cidr: IpNet,
     pub mask: u8,
-    used: BTreeSet<u128>,
+    /// Subnet index → how many nodes hold part of it. Counting, not a set:
+    /// when two nodes overlap, deleting one must not free the other's space.
+    used: BTreeMap<u128, u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,7 +39,7 @@ impl Pool {
         Ok(Pool {
             cidr: cidr.trunc(),
             mask,
-            used: BTreeSet::new(),
+            used: BTreeMap::new(),
         })
     }
 
@@ -103,7 +105,9 @@ impl Pool {
         };
         let mut fresh = true;
         for i in range {
-            fresh &= self.used.insert(i);
+            let holders = self.used.entry(i).or_insert(0);
+            fresh &= *holders == 0;
+            *holders += 1;
         }
         fresh
     }
@@ -111,7 +115,12 @@ impl Pool {
     pub fn release(&mut self, cidr: &IpNet) {
         if let Some(range) = self.indices(cidr) {
             for i in range {
-                self.used.remove(&i);
+                if let Some(holders) = self.used.get_mut(&i) {
+                    *holders -= 1;
+                    if *holders == 0 {
+                        self.used.remove(&i);
+                    }
+                }
             }
         }
     }
@@ -119,7 +128,7 @@ impl Pool {
     /// The lowest free subnet, marked used; None when the pool is full.
     pub fn allocate(&mut self) -> Option<IpNet> {
         let mut candidate = 0u128;
-        for &u in &self.used {
+        for &u in self.used.keys() {
             if u != candidate {
                 break;
             }
@@ -128,7 +137,7 @@ impl Pool {
         if candidate >= self.size() {
             return None;
         }
-        self.used.insert(candidate);
+        self.used.insert(candidate, 1);
         Some(self.subnet(candidate))
     }
 }
@@ -212,7 +221,7 @@ mod tests {
     #[test]
     fn never_twice_and_exhaustion() {
         let mut p = pool("10.244.0.0/22", 24);
-        let all: BTreeSet<_> = (0..4).map(|_| p.allocate().unwrap()).collect();
+        let all: std::collections::BTreeSet<_> = (0..4).map(|_| p.allocate().unwrap()).collect();
         assert_eq!(all.len(), 4);
         assert_eq!(p.allocate(), None);
     }
@@ -231,6 +240,15 @@ mod tests {
             "outside the pool: not ours"
         );
         assert_eq!(p.used(), 3);
+    }
+
+    #[test]
+    fn deleting_an_overlapping_node_does_not_free_the_other_nodes_space() {
+        let mut p = pool("10.244.0.0/16", 24);
+        assert!(p.mark(&"10.244.0.0/24".parse().unwrap()));
+        assert!(!p.mark(&"10.244.0.128/25".parse().unwrap()));
+        p.release(&"10.244.0.128/25".parse().unwrap());
+        assert_eq!(p.allocate().unwrap().to_string(), "10.244.1.0/24", "10.244.0.0/24 is still held");
     }
 
     #[test]

@@ -1,0 +1,123 @@
+"""weir-agent on Kubernetes: hand-changed annotations, hostile annotations, re-list after compaction."""
+
+import json
+import subprocess
+import time
+
+import lablib as lab
+from test_lab import node_info, programmed, wait
+from test_operability import metrics
+
+
+def annotate(node, **ann):
+    args = [f"{k.replace('_', '/', 1).replace('__', '-')}={v}" for k, v in ann.items()]
+    lab.kubectl("annotate", "--overwrite", "node", node, *args)
+
+
+def test_hand_changed_mac_replaces_old_entries_everywhere(cluster):
+    cidr, real_mac = node_info("node-2")
+    fake_mac = "0e:00:00:00:ab:cd"
+    lab.kubectl("annotate", "--overwrite", "node", "node-2", f"weir.dev/vtep-mac={fake_mac}")
+    try:
+        for i in (1, 3):
+            wait(lambda: programmed(i, cidr, fake_mac) == (True, True, True), 10, f"node-{i} uses the new MAC")
+            assert real_mac not in lab.sh(["bridge", "-n", lab.node_ns(i), "fdb", "show", "dev", "weir.1"]), "old fdb entry removed"
+    finally:
+        lab.kubectl("annotate", "--overwrite", "node", "node-2", f"weir.dev/vtep-mac={real_mac}")
+    for i in (1, 3):
+        wait(lambda: programmed(i, cidr, real_mac) == (True, True, True), 10, f"node-{i} back on the real MAC")
+    ip = lab.pods()["weir-pod-2-1"]
+    wait(lambda: lab.ping("weir-pod-1-1", ip)[1] == 1, 10, "traffic restored")
+
+
+HOSTILE = {
+    # name: (annotations, podCIDR, status address, rejected field)
+    "evil-multicast": ({"weir.dev/vtep-mac": "01:00:5e:00:00:01", "weir.dev/public-ip": "198.18.0.91"}, "10.244.91.0/24", "198.18.0.91", "weir.dev/vtep-mac"),
+    "evil-notmac": ({"weir.dev/vtep-mac": "not-a-mac", "weir.dev/public-ip": "198.18.0.92"}, "10.244.92.0/24", "198.18.0.92", "weir.dev/vtep-mac"),
+    "evil-huge": ({"weir.dev/vtep-mac": "0e:00:00:00:00:93", "weir.dev/public-ip": "1" * 4096}, "10.244.93.0/24", "198.18.0.93", "weir.dev/public-ip"),
+    "evil-stolen-ip": ({"weir.dev/vtep-mac": "0e:00:00:00:00:94", "weir.dev/public-ip": lab.node_ip(2)}, "10.244.94.0/24", "198.18.0.94", "weir.dev/public-ip"),
+    "evil-overlap": ({"weir.dev/vtep-mac": "0e:00:00:00:00:95", "weir.dev/public-ip": "198.18.0.95"}, None, "198.18.0.95", "spec.podCIDRs"),
+}
+
+
+def test_hostile_annotations_are_rejected_and_nothing_else_breaks(cluster):
+    before = metrics(1)
+    n1_cidr = node_info("node-1")[0]
+    items = []
+    for name, (ann, cidr, addr, _) in HOSTILE.items():
+        cidr = cidr or n1_cidr.replace(".0/24", ".128/25")
+        items.append({"apiVersion": "v1", "kind": "Node",
+                      "metadata": {"name": name, "labels": {"weir-test": "evil"}, "annotations": dict(ann, **{"weir.dev/backend": "vxlan"})},
+                      "spec": {"podCIDR": cidr, "podCIDRs": [cidr]}})
+    lab.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    for name, (_, _, addr, _) in HOSTILE.items():
+        lab.kubectl("patch", "node", name, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": {"addresses": [{"type": "InternalIP", "address": addr}]}}))
+    try:
+        def all_logged():
+            text = (lab.STATE / "logs" / "node-1.log").read_text()
+            return all(name in text and "node rejected as a peer" in text for name in HOSTILE)
+        wait(all_logged, 15, "a WARN line per hostile node on node-1")
+        log = (lab.STATE / "logs" / "node-1.log").read_text()
+        for name, (_, _, _, field) in HOSTILE.items():
+            line = next(ln for ln in log.splitlines() if "node rejected as a peer" in ln and name in ln)
+            assert field in line, line
+            assert len(line) < 1000, "a 4 KiB value is clipped in the log"
+        after = metrics(1)
+        for reason in ("vtep-mac", "public-ip", "pod-cidr"):
+            key = f'weir_peer_rejected_total{{reason="{reason}"}}'
+            assert after.get(key, 0) > before.get(key, 0), reason
+        routes = {r["dst"] for r in json.loads(lab.sh(["ip", "-n", lab.node_ns(1), "-j", "route", "show", "proto", "87"]))}
+        assert not any(r.startswith("10.244.9") for r in routes), routes
+        rows = lab.ping_matrix(count=1)
+        assert all(r[4] == r[3] for r in rows), "every pod still reaches every other"
+    finally:
+        lab.kubectl("delete", "nodes", "-l", "weir-test=evil")
+
+
+def etcd(path, body):
+    script = ("import urllib.request, json, sys\n"
+              f"r = urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:2379{path}', data=sys.stdin.read().encode()))\n"
+              "print(r.read().decode())")
+    return json.loads(lab.sh(["python3", "-c", script], ns=lab.CP_NS, input=json.dumps(body)))
+
+
+def test_relist_after_compaction_converges_without_spurious_deletes(cluster):
+    import base64
+    import os
+    import signal
+    lab.add_node(6)
+    wait(lambda: node_info("node-6")[1] is not None, 30, "node-6 published")
+    cidr6, mac6 = node_info("node-6")
+    keep2 = node_info("node-2")
+    wait(lambda: programmed(1, cidr6, mac6) == (True, True, True), 10, "node-6 programmed on node-1")
+    inits_before = metrics(1).get('weir_kube_watch_events_total{type="init_done"}', 0)
+    monitor = subprocess.Popen(["ip", "-n", lab.node_ns(1), "monitor", "route"], stdout=subprocess.PIPE, text=True)
+    agent = lab.running("node-1")
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        # While node-1's agent is frozen and its watch is cut: node-6 vanishes
+        # behind the API server's back (straight from etcd), history is
+        # compacted, and the API server restarts. The agent's resourceVersion
+        # is now too old: it must get 410 Gone, re-list, and sweep node-6.
+        lab.stop("node-6")
+        lab.stop("apiserver")
+        key = base64.b64encode(b"/registry/minions/node-6").decode()
+        assert etcd("/v3/kv/deleterange", {"key": key}).get("deleted") == "1"
+        for k in range(5):  # move the revision well past the agent's last one
+            etcd("/v3/kv/put", {"key": base64.b64encode(b"/weir-test/churn").decode(), "value": base64.b64encode(str(k).encode()).decode()})
+        rev = int(etcd("/v3/kv/range", {"key": "AA=="})["header"]["revision"])
+        etcd("/v3/kv/compaction", {"revision": str(rev), "physical": True})
+        lab.start_apiserver()
+        lab.wait_api()
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    wait(lambda: programmed(1, cidr6, mac6) == (False, False, False), 60, "node-6 swept after the re-list")
+    time.sleep(1)
+    monitor.terminate()
+    events = monitor.communicate()[0]
+    deleted = [ln for ln in events.splitlines() if ln.startswith("Deleted")]
+    assert all(keep2[0] not in ln for ln in deleted), f"a live node's route was deleted during the re-list: {deleted}"
+    assert any(cidr6 in ln for ln in deleted)
+    assert metrics(1).get('weir_kube_watch_events_total{type="init_done"}', 0) > inits_before, "a re-list happened"
+    lab.remove_node(6)
