@@ -388,9 +388,10 @@ def settings():
     return json.loads(p.read_text()) if p.exists() else {"backend": "vxlan", "mode": "full"}
 
 
-def start_agent(i):
+def start_agent(i, extra_env=None):
     s = settings()
-    spawn(f"node-{i}", node_ns(i), [str(agent_binary()), "run"], env=agent_env(i, s["backend"], s["mode"]))
+    env = dict(agent_env(i, s["backend"], s["mode"]), **s.get("extra_env", {}), **(extra_env or {}))
+    spawn(f"node-{i}", node_ns(i), [str(agent_binary()), "run"], env=env)
 
 
 def add_node(i, lab_podcidrs=None):
@@ -604,3 +605,14 @@ def api_request(kubeconfig_path, method, path, body=None, content_type="applicat
     out = sh(["python3", "-c", script], ns=CP_NS, input=json.dumps(body) if body is not None else "")
     res = json.loads(out)
     return res["status"], res["body"]
+
+
+def set_mode(mode, extra_env=None, nodes_=None):
+    """Restarts the agents in another mode (the device is recreated: l2miss/l3miss differ)."""
+    s = settings()
+    s["mode"] = mode
+    s["extra_env"] = extra_env or {}
+    (STATE / "settings.json").write_text(json.dumps(s))
+    for i in nodes_ or nodes():
+        stop(f"node-{i}")
+        start_agent(i)

@@ -116,6 +116,13 @@ pub struct RunArgs {
     /// Masquerade pod traffic leaving the cluster CIDR.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "WEIR_IP_MASQ", global = true)]
     pub ip_masq: bool,
+    /// On-demand mode: remove a peer's fdb and neighbour entries after this
+    /// long without traffic (0 keeps them while the peer exists).
+    #[arg(long, default_value = "0s", value_parser = parse_duration, env = "WEIR_IDLE_TIMEOUT", global = true)]
+    pub idle_timeout: Duration,
+    /// On-demand mode: receive buffer of the miss socket, in bytes.
+    #[arg(long, default_value_t = 8 << 20, env = "WEIR_MISS_RCVBUF", global = true)]
+    pub miss_rcvbuf: usize,
     /// Read peers from this YAML file instead of the Kubernetes API.
     #[arg(long, env = "WEIR_PEERS_FILE", global = true)]
     pub peers_file: Option<PathBuf>,

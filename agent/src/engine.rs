@@ -11,7 +11,8 @@ use tracing::{info, warn};
 use crate::dataplane::events::KernelEvent;
 use crate::dataplane::{DeviceAction, DeviceSpec, Kernel, KernelError};
 use crate::metrics::Metrics;
-use crate::model::{Backend, Mac, PeerSet};
+use crate::model::{Backend, Mac, Peer, PeerSet};
+use crate::ondemand::{ActiveSet, MissTable};
 use crate::plan::{self, Conflict, DesiredState, KernelState};
 
 pub struct EngineConfig {
@@ -19,6 +20,15 @@ pub struct EngineConfig {
     pub device: DeviceSpec,
     pub local_cidrs: Vec<IpNet>,
     pub resync_interval: Duration,
+    /// Set in on-demand mode: fdb and neighbour entries only for active peers.
+    pub on_demand: Option<OnDemand>,
+}
+
+pub struct OnDemand {
+    pub active: Arc<ActiveSet>,
+    pub table: watch::Sender<Arc<MissTable>>,
+    /// Remove a peer's fdb and neighbour entries after this long unused.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// What the engine last saw and did; read by health checks and `status`.
@@ -137,6 +147,14 @@ impl<K: Kernel> Engine<K> {
         };
         self.desired = desired;
         self.conflicts = conflicts;
+        if let Some(od) = &self.cfg.on_demand {
+            let accepted: Vec<&Peer> = self.accepted_peers().collect();
+            od.table
+                .send_replace(Arc::new(MissTable::new(accepted.iter().copied())));
+            let names: std::collections::BTreeSet<&str> =
+                accepted.iter().map(|p| p.name.as_str()).collect();
+            od.active.retain_known(|p| names.contains(p));
+        }
         let rejected = self.conflicts.len() as i64;
         self.metrics
             .peers
@@ -146,6 +164,47 @@ impl<K: Kernel> Engine<K> {
             .peers
             .with_label_values(&["rejected"])
             .set(rejected);
+    }
+
+    /// Peers that made it into the desired state (no conflict).
+    fn accepted_peers(&self) -> impl Iterator<Item = &Peer> {
+        self.peers
+            .peers
+            .values()
+            .filter(|p| !self.conflicts.iter().any(|c| c.peer == p.name))
+    }
+
+    /// In on-demand mode, the desired state holds routes for every peer but
+    /// fdb and neighbour entries only for active ones. Entries already in the
+    /// kernel for a known peer make it active (so a restart keeps them); idle
+    /// ones past the timeout make it inactive (so they are removed).
+    fn on_demand_desired(&self, kernel: &KernelState) -> Option<DesiredState> {
+        let od = self.cfg.on_demand.as_ref()?;
+        for peer in self.accepted_peers() {
+            let installed = kernel.fdb.contains(&(peer.vtep_mac, peer.underlay_ip));
+            if installed && !od.active.contains(&peer.name) {
+                od.active.mark(&peer.name);
+            }
+            if let (Some(limit), Some(idle)) =
+                (od.idle_timeout, kernel.fdb_idle.get(&peer.vtep_mac))
+            {
+                let last_miss = od.active.last_miss(&peer.name).unwrap_or(Duration::MAX);
+                if installed && *idle > limit && last_miss > limit {
+                    info!(node = %peer.name, idle = ?idle, "peer idle; removing its on-demand entries");
+                    od.active.remove(&peer.name);
+                }
+            }
+        }
+        let active: Vec<&Peer> = self
+            .accepted_peers()
+            .filter(|p| od.active.contains(&p.name))
+            .collect();
+        let (subset, _) = plan::desired_state(self.cfg.backend, &self.cfg.local_cidrs, active);
+        Some(DesiredState {
+            fdb: subset.fdb,
+            neigh: subset.neigh,
+            routes: self.desired.routes.clone(),
+        })
     }
 
     /// One pass: device, dump, diff, apply.
@@ -239,11 +298,13 @@ impl<K: Kernel> Engine<K> {
         for cidr in plan::blocked_routes(&self.desired, &kernel) {
             warn!(%cidr, "a route for this pod CIDR exists with another protocol; leaving it alone");
         }
-        let ops = plan::diff(&self.desired, &kernel, self.ifindex, self.peers.complete);
+        let on_demand = self.on_demand_desired(&kernel);
+        let desired = on_demand.as_ref().unwrap_or(&self.desired);
+        let ops = plan::diff(desired, &kernel, self.ifindex, self.peers.complete);
         let after = if ops.is_empty() {
             kernel
         } else {
-            let is_drift = self.applied.as_ref() == Some(&self.desired);
+            let is_drift = self.applied.as_ref() == Some(desired);
             let t = Instant::now();
             let results = self.kernel.apply(self.ifindex, &ops).await;
             self.metrics
@@ -275,18 +336,18 @@ impl<K: Kernel> Engine<K> {
             report.writes = ops.len();
             self.kernel.dump(self.ifindex).await?
         };
+        let synced_now = report.failures == 0 && self.peers.complete;
         if report.failures == 0 {
-            self.applied = Some(self.desired.clone());
+            self.applied = Some(desired.clone());
         }
-        self.publish_counts(&after);
+        self.publish_counts(&after, synced_now);
         Ok(report)
     }
 
-    fn publish_counts(&self, k: &KernelState) {
+    fn publish_counts(&self, k: &KernelState, synced_now: bool) {
         self.metrics.fdb_entries.set(k.fdb.len() as i64);
         self.metrics.neigh_entries.set(k.neigh.len() as i64);
         self.metrics.routes.set(k.routes.len() as i64);
-        let synced_now = self.peers.complete && self.applied.as_ref() == Some(&self.desired);
         self.status.send_modify(|s| {
             s.synced |= synced_now;
             s.peers = self.peers.peers.len();

@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod engine;
 pub mod metrics;
 pub mod model;
+pub mod ondemand;
 pub mod peers;
 pub mod plan;
 pub mod run;

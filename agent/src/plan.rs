@@ -119,6 +119,9 @@ pub struct KernelState {
     /// Prefixes routed in the main table by somebody else. weir will not
     /// overwrite them.
     pub foreign_routes: BTreeSet<IpNet>,
+    /// How long each fdb entry has gone without carrying a packet (the vxlan
+    /// driver stamps an entry on every transmit); used by on-demand idle GC.
+    pub fdb_idle: BTreeMap<Mac, std::time::Duration>,
 }
 
 /// One netlink write. Variants are declared in the order they must be applied:

@@ -29,6 +29,7 @@ fn applied(d: &DesiredState) -> KernelState {
         neigh: d.neigh.clone(),
         routes: d.routes.iter().map(|(c, g)| (*c, (*g, IF))).collect(),
         foreign_routes: Default::default(),
+        fdb_idle: Default::default(),
     }
 }
 

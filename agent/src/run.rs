@@ -17,9 +17,12 @@ use crate::cli::RunArgs;
 use crate::cni;
 use crate::dataplane::netlink::NetlinkKernel;
 use crate::dataplane::{DeviceKind, DeviceSpec, events};
+use crate::engine::OnDemand;
 use crate::engine::{Engine, EngineConfig, EngineStatus};
 use crate::metrics::Metrics;
 use crate::model::{Backend, Mac, Mode, PeerSet};
+use crate::ondemand::responder::Responder;
+use crate::ondemand::{ActiveSet, MissTable};
 use crate::peers::validate::{NodeInfo, Validator};
 use crate::peers::{file, kube as kube_peers};
 use crate::underlay;
@@ -158,16 +161,38 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         vni = args.vni, port = args.vxlan_port, mtu, device = %device.name, "weir-agent starting"
     );
 
+    let active = Arc::new(ActiveSet::default());
+    let (table_tx, table_rx) = watch::channel(Arc::new(MissTable::default()));
+    let on_demand = (args.mode == Mode::OnDemand).then(|| OnDemand {
+        active: active.clone(),
+        table: table_tx,
+        idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
+    });
     let cfg = EngineConfig {
         backend: args.backend,
         device,
         local_cidrs: own.pod_cidrs.clone(),
         resync_interval: args.resync_interval,
+        on_demand,
     };
     let (engine, status) = Engine::new(probe, cfg, metrics.clone());
     let (peers_tx, peers_rx) = watch::channel(PeerSet::default());
     let (ev_tx, ev_rx) = mpsc::channel(1024);
-    events::subscribe(ev_tx).context("subscribe to kernel notifications")?;
+    events::subscribe(ev_tx.clone()).context("subscribe to kernel notifications")?;
+    if args.mode == Mode::OnDemand {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().context("open the miss responder's netlink socket")?;
+        tokio::spawn(conn);
+        let responder = Responder {
+            table: table_rx,
+            active,
+            status: status.clone(),
+            metrics: metrics.clone(),
+            resync: ev_tx,
+            rcvbuf: args.miss_rcvbuf,
+        };
+        tokio::spawn(responder.run(handle));
+    }
     let reopen = move || {
         let (tx, rx) = mpsc::channel(1024);
         events::subscribe(tx).ok().map(|_| rx)

@@ -154,6 +154,7 @@ mod tests {
             neigh: d.neigh.clone(),
             routes: d.routes.iter().map(|(c, g)| (*c, (*g, 5))).collect(),
             foreign_routes: Default::default(),
+            fdb_idle: Default::default(),
         }
     }
 

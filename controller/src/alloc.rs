@@ -248,7 +248,11 @@ mod tests {
         assert!(p.mark(&"10.244.0.0/24".parse().unwrap()));
         assert!(!p.mark(&"10.244.0.128/25".parse().unwrap()));
         p.release(&"10.244.0.128/25".parse().unwrap());
-        assert_eq!(p.allocate().unwrap().to_string(), "10.244.1.0/24", "10.244.0.0/24 is still held");
+        assert_eq!(
+            p.allocate().unwrap().to_string(),
+            "10.244.1.0/24",
+            "10.244.0.0/24 is still held"
+        );
     }
 
     #[test]

@@ -299,6 +299,16 @@ impl NetlinkKernel {
             };
             if family == AddressFamily::Bridge {
                 state.fdb.insert((mac, ip));
+                if let Some(ci) = msg.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::CacheInfo(ci) => Some(ci),
+                    _ => None,
+                }) {
+                    // clock_t ticks (USER_HZ, 100 per second) since last use.
+                    state.fdb_idle.insert(
+                        mac,
+                        std::time::Duration::from_millis(u64::from(ci.used) * 10),
+                    );
+                }
             } else {
                 state.neigh.insert(ip, mac);
             }

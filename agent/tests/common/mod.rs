@@ -145,6 +145,7 @@ pub fn engine(
         device: spec,
         local_cidrs: vec![local_cidr.parse().unwrap()],
         resync_interval: Duration::from_secs(60),
+        on_demand: None,
     };
     let (e, status) = Engine::new(NetlinkKernel::connect().unwrap(), cfg, metrics.clone());
     (e, status, metrics)
