@@ -116,6 +116,11 @@ pub struct KernelState {
     pub neigh: BTreeMap<IpAddr, Mac>,
     /// prefix → (gateway, output ifindex)
     pub routes: BTreeMap<IpNet, (IpAddr, u32)>,
+    /// prefix → nexthop object id, for weir's routes that use one.
+    pub route_nhid: BTreeMap<IpNet, u32>,
+    /// weir's nexthop objects (id → gateway, ifindex); None when the kernel
+    /// has no nexthop objects (before 5.3), and routes name their gateway.
+    pub nexthops: Option<BTreeMap<u32, (IpAddr, u32)>>,
     /// Prefixes routed in the main table by somebody else. weir will not
     /// overwrite them.
     pub foreign_routes: BTreeSet<IpNet>,
@@ -130,12 +135,49 @@ pub struct KernelState {
 /// to ask; deletions go the other way round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Op {
-    PutFdb { mac: Mac, dst: IpAddr },
-    PutNeigh { ip: IpAddr, mac: Mac },
-    PutRoute { dst: IpNet, gateway: IpAddr },
-    DelRoute { dst: IpNet, gateway: IpAddr },
-    DelNeigh { ip: IpAddr, mac: Mac },
-    DelFdb { mac: Mac, dst: IpAddr },
+    PutFdb {
+        mac: Mac,
+        dst: IpAddr,
+    },
+    PutNeigh {
+        ip: IpAddr,
+        mac: Mac,
+    },
+    PutNexthop {
+        id: u32,
+        gateway: IpAddr,
+    },
+    PutRoute {
+        dst: IpNet,
+        gateway: IpAddr,
+        nhid: Option<u32>,
+    },
+    DelRoute {
+        dst: IpNet,
+        gateway: IpAddr,
+    },
+    DelNexthop {
+        id: u32,
+        gateway: IpAddr,
+    },
+    DelNeigh {
+        ip: IpAddr,
+        mac: Mac,
+    },
+    DelFdb {
+        mac: Mac,
+        dst: IpAddr,
+    },
+}
+
+/// The nexthop object id weir uses for an IPv4 gateway: the address itself,
+/// so ids are stable across restarts and need no bookkeeping. IPv6 routes keep
+/// a plain gateway (the per-gateway cost that nexthops avoid is IPv4's fib_info).
+pub fn nexthop_id(gateway: &IpAddr) -> Option<u32> {
+    match gateway {
+        IpAddr::V4(v4) => Some(u32::from(*v4)).filter(|id| *id != 0),
+        IpAddr::V6(_) => None,
+    }
 }
 
 impl Op {
@@ -144,13 +186,17 @@ impl Op {
         match self {
             Op::PutFdb { .. } | Op::DelFdb { .. } => "fdb",
             Op::PutNeigh { .. } | Op::DelNeigh { .. } => "neigh",
+            Op::PutNexthop { .. } | Op::DelNexthop { .. } => "nexthop",
             Op::PutRoute { .. } | Op::DelRoute { .. } => "route",
         }
     }
 
     pub fn verb(&self) -> &'static str {
         match self {
-            Op::PutFdb { .. } | Op::PutNeigh { .. } | Op::PutRoute { .. } => "replace",
+            Op::PutFdb { .. }
+            | Op::PutNeigh { .. }
+            | Op::PutNexthop { .. }
+            | Op::PutRoute { .. } => "replace",
             _ => "delete",
         }
     }
@@ -160,10 +206,12 @@ impl Op {
         match self {
             Op::PutFdb { .. } => 0,
             Op::PutNeigh { .. } => 1,
-            Op::PutRoute { .. } => 2,
-            Op::DelRoute { .. } => 3,
-            Op::DelNeigh { .. } => 4,
-            Op::DelFdb { .. } => 5,
+            Op::PutNexthop { .. } => 2,
+            Op::PutRoute { .. } => 3,
+            Op::DelRoute { .. } => 4,
+            Op::DelNexthop { .. } => 5,
+            Op::DelNeigh { .. } => 6,
+            Op::DelFdb { .. } => 7,
         }
     }
 }
@@ -180,12 +228,26 @@ impl fmt::Display for Op {
                 write!(f, "ip neigh replace {ip} lladdr {mac} nud permanent")
             }
             Op::DelNeigh { ip, mac } => write!(f, "ip neigh del {ip} lladdr {mac}"),
-            Op::PutRoute { dst, gateway } => {
-                write!(
-                    f,
-                    "ip route replace {dst} via {gateway} onlink proto {ROUTE_PROTOCOL}"
-                )
+            Op::PutNexthop { id, gateway } => write!(
+                f,
+                "ip nexthop replace id {id} via {gateway} onlink proto {ROUTE_PROTOCOL}"
+            ),
+            Op::DelNexthop { id, .. } => write!(f, "ip nexthop del id {id}"),
+            Op::PutRoute {
+                dst,
+                nhid: Some(id),
+                ..
+            } => {
+                write!(f, "ip route replace {dst} nhid {id} proto {ROUTE_PROTOCOL}")
             }
+            Op::PutRoute {
+                dst,
+                gateway,
+                nhid: None,
+            } => write!(
+                f,
+                "ip route replace {dst} via {gateway} onlink proto {ROUTE_PROTOCOL}"
+            ),
             Op::DelRoute { dst, gateway } => write!(f, "ip route del {dst} via {gateway}"),
         }
     }
@@ -206,18 +268,34 @@ pub fn diff(desired: &DesiredState, kernel: &KernelState, ifindex: u32, sweep: b
             ops.push(Op::PutNeigh { ip, mac });
         }
     }
+    let mut nexthops_put = BTreeSet::new();
     for (&dst, &gateway) in &desired.routes {
         if kernel.foreign_routes.contains(&dst) {
             continue;
         }
-        if kernel.routes.get(&dst) != Some(&(gateway, ifindex)) {
-            ops.push(Op::PutRoute { dst, gateway });
+        let nhid = kernel.nexthops.as_ref().and(nexthop_id(&gateway));
+        if let (Some(id), Some(nhs)) = (nhid, &kernel.nexthops)
+            && nhs.get(&id) != Some(&(gateway, ifindex))
+            && nexthops_put.insert(id)
+        {
+            ops.push(Op::PutNexthop { id, gateway });
+        }
+        if kernel.routes.get(&dst) != Some(&(gateway, ifindex))
+            || kernel.route_nhid.get(&dst).copied() != nhid
+        {
+            ops.push(Op::PutRoute { dst, gateway, nhid });
         }
     }
     if sweep {
         for (&dst, &(gateway, _)) in &kernel.routes {
             if !desired.routes.contains_key(&dst) {
                 ops.push(Op::DelRoute { dst, gateway });
+            }
+        }
+        let used: BTreeSet<u32> = desired.routes.values().filter_map(nexthop_id).collect();
+        for (&id, &(gateway, _)) in kernel.nexthops.iter().flatten() {
+            if !used.contains(&id) {
+                ops.push(Op::DelNexthop { id, gateway });
             }
         }
         for (&ip, &mac) in &kernel.neigh {

@@ -30,6 +30,8 @@ fn applied(d: &DesiredState) -> KernelState {
         routes: d.routes.iter().map(|(c, g)| (*c, (*g, IF))).collect(),
         foreign_routes: Default::default(),
         fdb_idle: Default::default(),
+        route_nhid: Default::default(),
+        nexthops: None,
     }
 }
 
@@ -67,7 +69,8 @@ fn new_peer_gets_fdb_then_neigh_then_route() {
             },
             Op::PutRoute {
                 dst: "10.244.1.0/24".parse().unwrap(),
-                gateway: "10.244.1.0".parse().unwrap()
+                gateway: "10.244.1.0".parse().unwrap(),
+                nhid: None
             },
         ]
     );
@@ -252,4 +255,71 @@ fn dual_stack_peer_gets_one_neigh_and_route_per_family() {
             .contains_key(&"fd00:10:244:1::".parse::<IpAddr>().unwrap())
     );
     assert_eq!(d.routes.len(), 2);
+}
+
+/// The kernel state after applying with nexthop objects.
+fn applied_nh(d: &DesiredState) -> KernelState {
+    let mut k = applied(d);
+    k.nexthops = Some(
+        d.routes
+            .values()
+            .map(|g| (nexthop_id(g).unwrap(), (*g, IF)))
+            .collect(),
+    );
+    k.route_nhid = d
+        .routes
+        .iter()
+        .map(|(c, g)| (*c, nexthop_id(g).unwrap()))
+        .collect();
+    k
+}
+
+#[test]
+fn with_nexthop_objects_routes_name_a_nexthop_created_first() {
+    let mut empty = KernelState::default();
+    empty.nexthops = Some(Default::default());
+    let ops = diff(&desired(&[a()]), &empty, IF, true);
+    let gw: IpAddr = "10.244.1.0".parse().unwrap();
+    let id = nexthop_id(&gw).unwrap();
+    assert_eq!(ops[2], Op::PutNexthop { id, gateway: gw });
+    assert_eq!(
+        ops[3],
+        Op::PutRoute {
+            dst: "10.244.1.0/24".parse().unwrap(),
+            gateway: gw,
+            nhid: Some(id)
+        }
+    );
+    assert!(diff(&desired(&[a()]), &applied_nh(&desired(&[a()])), IF, true).is_empty());
+}
+
+#[test]
+fn unused_nexthops_are_swept_after_their_routes() {
+    let before = applied_nh(&desired(&[a(), b()]));
+    let ops = diff(&desired(&[a()]), &before, IF, true);
+    let kinds: Vec<_> = ops.iter().map(|o| (o.verb(), o.object())).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("delete", "route"),
+            ("delete", "nexthop"),
+            ("delete", "neigh"),
+            ("delete", "fdb")
+        ]
+    );
+}
+
+#[test]
+fn classic_routes_are_converted_when_nexthops_appear() {
+    let d = desired(&[a()]);
+    let mut k = applied(&d);
+    k.nexthops = Some(Default::default());
+    let ops = diff(&d, &k, IF, true);
+    assert!(
+        matches!(
+            ops[..],
+            [Op::PutNexthop { .. }, Op::PutRoute { nhid: Some(_), .. }]
+        ),
+        "{ops:?}"
+    );
 }

@@ -155,6 +155,8 @@ mod tests {
             routes: d.routes.iter().map(|(c, g)| (*c, (*g, 5))).collect(),
             foreign_routes: Default::default(),
             fdb_idle: Default::default(),
+            route_nhid: Default::default(),
+            nexthops: None,
         }
     }
 

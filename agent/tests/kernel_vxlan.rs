@@ -62,7 +62,10 @@ fn programs_peers_and_second_pass_writes_nothing() {
             );
             e.set_peers(PeerSet::complete((0..200).map(fake_peer)));
             let first = e.reconcile().await.unwrap();
-            assert_eq!(first.writes, 600);
+            // This kernel has nexthop objects (>= 5.3): one per gateway, and each route names one.
+            let nexthops = count("ip -j nexthop show proto 87");
+            assert_eq!(nexthops, 200);
+            assert_eq!(first.writes, 600 + nexthops);
             assert_eq!(first.failures, 0);
             assert_eq!(
                 count("bridge -j fdb show dev weir.1 | jq '[.[] | select(.dst)]'"),
@@ -73,6 +76,10 @@ fn programs_peers_and_second_pass_writes_nothing() {
             let r = &json("ip -j -d route show 10.100.5.0/24")[0];
             assert_eq!(r["gateway"], "10.100.5.0");
             assert_eq!(r["dev"], "weir.1");
+            assert!(
+                r["nhid"].as_u64().is_some(),
+                "route goes through a nexthop object: {r}"
+            );
             assert!(r["flags"].as_array().unwrap().iter().any(|f| f == "onlink"));
             let n = &json("ip -j neigh show 10.100.5.0 dev weir.1")[0];
             assert_eq!(n["lladdr"], "0e:00:00:00:00:05");
@@ -125,10 +132,11 @@ fn startup_sweeps_stale_entries_only_once_the_set_is_complete() {
                 e.set_peers(PeerSet::complete((0..2).map(fake_peer)));
                 let r = e.reconcile().await.unwrap();
                 assert_eq!(
-                    r.writes, 3,
-                    "route, neighbour and fdb entry of the deleted peer"
+                    r.writes, 4,
+                    "route, nexthop, neighbour and fdb entry of the deleted peer"
                 );
                 assert_eq!(count("ip -j route show proto 87"), 2);
+                assert_eq!(count("ip -j nexthop show proto 87"), 2);
                 assert_eq!(count("ip -j neigh show dev weir.1 nud permanent"), 2);
                 assert!(!sh("bridge fdb show dev weir.1").contains("0e:00:00:00:00:02"));
                 assert!(

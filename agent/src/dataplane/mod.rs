@@ -1,6 +1,7 @@
 //! The kernel side of the agent, behind one narrow intent-level trait so the
 //! engine can be driven by a fake in unit tests and by netlink for real.
 
+pub mod batch;
 pub mod device;
 pub mod events;
 pub mod netlink;

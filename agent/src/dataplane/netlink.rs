@@ -1,13 +1,9 @@
-//! The real `Kernel`: rtnetlink requests over one NETLINK_ROUTE socket.
-//!
-//! Writes of one phase are pipelined: up to `WINDOW` requests are in flight and
-//! their acks are matched as they come, instead of one round trip per entry.
+//! The real `Kernel`: rtnetlink for the device and dumps, and the batched
+//! writer (`batch.rs`) for fdb, neighbour, nexthop and route entries.
 
-use std::future::Future;
 use std::net::IpAddr;
-use std::pin::Pin;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
@@ -15,28 +11,28 @@ use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::{Handle, LinkIpIp, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use tracing::info;
 
+use super::batch::{Batcher, encode_op};
 use super::device::{FoundDevice, FoundKind};
 use super::{DeviceAction, DeviceKind, DeviceSpec, DeviceStatus, Kernel, KernelError, OpResult};
 use crate::model::Mac;
 use crate::plan::{KernelState, Op, ROUTE_PROTOCOL};
 
-const WINDOW: usize = 512;
 const RT_TABLE_MAIN: u8 = 254;
 const ENOENT: i32 = 2;
 const ESRCH: i32 = 3;
 const ENODEV: i32 = 19;
 const EOPNOTSUPP: i32 = 95;
 
-type OpFuture = Pin<Box<dyn Future<Output = OpResult> + Send>>;
-
 pub struct NetlinkKernel {
     handle: Handle,
+    /// The batched writer; taken out while a blocking batch runs.
+    batcher: Option<Batcher>,
 }
 
 impl NetlinkKernel {
@@ -44,7 +40,31 @@ impl NetlinkKernel {
     pub fn connect() -> std::io::Result<Self> {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(conn);
-        Ok(NetlinkKernel { handle })
+        Ok(NetlinkKernel {
+            handle,
+            batcher: Some(Batcher::new()?),
+        })
+    }
+
+    /// Runs `f` on the batcher off the async threads: a batch of thousands of
+    /// entries keeps the kernel busy for tens of milliseconds.
+    async fn with_batcher<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut Batcher) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, KernelError> {
+        let mut batcher = match self.batcher.take() {
+            Some(b) => b,
+            None => Batcher::new()
+                .map_err(|e| KernelError::Other(format!("open netlink socket: {e}")))?,
+        };
+        let (batcher, result) = tokio::task::spawn_blocking(move || {
+            let r = f(&mut batcher);
+            (batcher, r)
+        })
+        .await
+        .map_err(|e| KernelError::Other(format!("netlink batch task: {e}")))?;
+        self.batcher = Some(batcher);
+        result.map_err(|e| KernelError::Other(format!("netlink batch: {e}")))
     }
 
     pub fn handle(&self) -> Handle {
@@ -210,70 +230,6 @@ impl NetlinkKernel {
         Ok(fixed)
     }
 
-    fn op_future(&self, ifindex: u32, op: Op) -> OpFuture {
-        let handle = self.handle.clone();
-        Box::pin(async move {
-            let result = match op {
-                Op::PutFdb { mac, dst } => {
-                    handle
-                        .neighbours()
-                        .add_bridge(ifindex, &mac.0)
-                        .destination(dst)
-                        .flags(NeighbourFlags::Own)
-                        .state(NeighbourState::Permanent)
-                        .replace()
-                        .execute()
-                        .await
-                }
-                Op::PutNeigh { ip, mac } => {
-                    handle
-                        .neighbours()
-                        .add(ifindex, ip)
-                        .link_layer_address(&mac.0)
-                        .state(NeighbourState::Permanent)
-                        .replace()
-                        .execute()
-                        .await
-                }
-                Op::PutRoute { dst, gateway } => {
-                    handle
-                        .route()
-                        .add(route_message(ifindex, dst, gateway))
-                        .replace()
-                        .execute()
-                        .await
-                }
-                Op::DelRoute { dst, gateway } => {
-                    handle
-                        .route()
-                        .del(route_message(ifindex, dst, gateway))
-                        .execute()
-                        .await
-                }
-                Op::DelNeigh { ip, mac } => {
-                    handle
-                        .neighbours()
-                        .del(neigh_message(ifindex, ip, mac))
-                        .execute()
-                        .await
-                }
-                Op::DelFdb { mac, dst } => {
-                    handle
-                        .neighbours()
-                        .del(fdb_message(ifindex, mac, dst))
-                        .execute()
-                        .await
-                }
-            };
-            match result {
-                Ok(()) => Ok(()),
-                // Something removed it first: the goal is reached.
-                Err(e) if op.verb() == "delete" && matches!(errno(&e), ENOENT | ESRCH) => Ok(()),
-                Err(e) => Err(to_kernel_error(op.to_string(), e)),
-            }
-        })
-    }
-
     async fn dump_neighbours(
         &self,
         family: AddressFamily,
@@ -343,6 +299,12 @@ impl NetlinkKernel {
                     RouteAttribute::Oif(i) => Some(*i),
                     _ => None,
                 });
+                if let Some(id) = msg.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::NhId(id) => Some(*id),
+                    _ => None,
+                }) {
+                    state.route_nhid.insert(dst, id);
+                }
                 if let (Some(gw), Some(oif)) = (gateway, oif) {
                     state.routes.insert(dst, (gw, oif));
                 } else {
@@ -427,30 +389,35 @@ impl Kernel for NetlinkKernel {
             .await?;
         self.dump_routes(false, &mut state).await?;
         self.dump_routes(true, &mut state).await?;
+        state.nexthops = self.with_batcher(|b| b.dump_nexthops()).await?.map(|nhs| {
+            nhs.into_iter()
+                .filter(|(_, _, _, proto)| *proto == ROUTE_PROTOCOL)
+                .map(|(id, gw, oif, _)| (id, (gw, oif)))
+                .collect()
+        });
         Ok(state)
     }
 
     async fn apply(&mut self, ifindex: u32, ops: &[Op]) -> Vec<OpResult> {
-        let mut results: Vec<OpResult> = vec![Ok(()); ops.len()];
-        let mut start = 0;
-        while start < ops.len() {
-            let phase = ops[start].phase();
-            let end = start
-                + ops[start..]
-                    .iter()
-                    .take_while(|o| o.phase() == phase)
-                    .count();
-            let mut inflight = futures::stream::iter((start..end).map(|i| {
-                let fut = self.op_future(ifindex, ops[i]);
-                async move { (i, fut.await) }
-            }))
-            .buffer_unordered(WINDOW);
-            while let Some((i, r)) = inflight.next().await {
-                results[i] = r;
-            }
-            start = end;
+        // Ops arrive sorted by phase, and one socket's requests are handled in
+        // order, so a single batch keeps fdb before neighbour before route.
+        let requests: Vec<Vec<u8>> = ops.iter().map(|op| encode_op(ifindex, op)).collect();
+        match self.with_batcher(move |b| b.run(&requests)).await {
+            Ok(errnos) => ops
+                .iter()
+                .zip(errnos)
+                .map(|(op, errno)| match errno {
+                    0 => Ok(()),
+                    // Something removed it first: the goal is reached.
+                    ENOENT | ESRCH if op.verb() == "delete" => Ok(()),
+                    errno => Err(KernelError::Errno {
+                        what: op.to_string(),
+                        errno,
+                    }),
+                })
+                .collect(),
+            Err(e) => ops.iter().map(|_| Err(e.clone())).collect(),
         }
-        results
     }
 }
 
@@ -569,48 +536,6 @@ fn parse_link_info(infos: &[LinkInfo], found: &mut FoundDevice) {
             _ => {}
         }
     }
-}
-
-fn route_message(ifindex: u32, dst: IpNet, gateway: IpAddr) -> RouteMessage {
-    let mut msg = RouteMessageBuilder::<IpAddr>::new()
-        .destination_prefix(dst.network(), dst.prefix_len())
-        .and_then(|b| b.gateway(gateway))
-        .expect("prefix and gateway of one family")
-        .output_interface(ifindex)
-        .onlink()
-        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-        .build();
-    msg.header.table = RT_TABLE_MAIN;
-    msg
-}
-
-fn neigh_message(ifindex: u32, ip: IpAddr, mac: Mac) -> NeighbourMessage {
-    let mut msg = NeighbourMessage::default();
-    msg.header.family = if ip.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
-    msg.header.ifindex = ifindex;
-    msg.header.state = NeighbourState::Permanent;
-    msg.attributes
-        .push(NeighbourAttribute::Destination(ip.into()));
-    msg.attributes
-        .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-    msg
-}
-
-fn fdb_message(ifindex: u32, mac: Mac, dst: IpAddr) -> NeighbourMessage {
-    let mut msg = NeighbourMessage::default();
-    msg.header.family = AddressFamily::Bridge;
-    msg.header.ifindex = ifindex;
-    msg.header.flags = NeighbourFlags::Own;
-    msg.header.state = NeighbourState::Permanent;
-    msg.attributes
-        .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-    msg.attributes
-        .push(NeighbourAttribute::Destination(dst.into()));
-    msg
 }
 
 fn neigh_destination(msg: &NeighbourMessage) -> Option<IpAddr> {
