@@ -55,21 +55,9 @@ pub struct RunArgs {
     /// kubeconfig path; in-cluster config when unset.
     #[arg(long, env = "KUBECONFIG", global = true)]
     pub kubeconfig: Option<PathBuf>,
-    #[arg(
-        long,
-        value_enum,
-        default_value = "vxlan",
-        env = "WEIR_BACKEND",
-        global = true
-    )]
+    #[arg(long, value_enum, default_value = "vxlan", env = "WEIR_BACKEND", global = true)]
     pub backend: Backend,
-    #[arg(
-        long,
-        value_enum,
-        default_value = "full",
-        env = "WEIR_MODE",
-        global = true
-    )]
+    #[arg(long, value_enum, default_value = "full", env = "WEIR_MODE", global = true)]
     pub mode: Mode,
     #[arg(long, default_value_t = 1, env = "WEIR_VNI", global = true)]
     pub vni: u32,
@@ -87,31 +75,15 @@ pub struct RunArgs {
     /// The cluster's pod network(s), comma separated; peers' CIDRs must lie inside.
     #[arg(long, env = "WEIR_CLUSTER_CIDR", value_delimiter = ',', global = true)]
     pub cluster_cidr: Vec<IpNet>,
-    #[arg(
-        long,
-        default_value = "/etc/cni/net.d",
-        env = "WEIR_CNI_CONF_DIR",
-        global = true
-    )]
+    #[arg(long, default_value = "/etc/cni/net.d", env = "WEIR_CNI_CONF_DIR", global = true)]
     pub cni_conf_dir: PathBuf,
     #[arg(long, default_value = "/run/weir", env = "WEIR_RUN_DIR", global = true)]
     pub run_dir: PathBuf,
-    #[arg(
-        long,
-        default_value = "0.0.0.0:9478",
-        env = "WEIR_METRICS_ADDR",
-        global = true
-    )]
+    #[arg(long, default_value = "0.0.0.0:9478", env = "WEIR_METRICS_ADDR", global = true)]
     pub metrics_addr: SocketAddr,
     #[arg(long, default_value = "60s", value_parser = parse_duration, env = "WEIR_RESYNC_INTERVAL", global = true)]
     pub resync_interval: Duration,
-    #[arg(
-        long,
-        value_enum,
-        default_value = "text",
-        env = "WEIR_LOG_FORMAT",
-        global = true
-    )]
+    #[arg(long, value_enum, default_value = "text", env = "WEIR_LOG_FORMAT", global = true)]
     pub log_format: LogFormat,
     /// Masquerade pod traffic leaving the cluster CIDR.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "WEIR_IP_MASQ", global = true)]
@@ -130,10 +102,7 @@ pub struct RunArgs {
 
 /// Accepts `90`, `90s`, `500ms`, `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map(|i| s.split_at(i)).unwrap_or((s, "s"));
     let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),

@@ -19,22 +19,10 @@ pub struct CniInputs<'a> {
 }
 
 pub fn conflist(i: &CniInputs) -> String {
-    let ranges: Vec<_> = i
-        .pod_cidrs
-        .iter()
-        .map(|c| json!([{ "subnet": c.to_string() }]))
-        .collect();
-    let mut routes: Vec<_> = i
-        .cluster_cidrs
-        .iter()
-        .map(|c| json!({ "dst": c.to_string() }))
-        .collect();
+    let ranges: Vec<_> = i.pod_cidrs.iter().map(|c| json!([{ "subnet": c.to_string() }])).collect();
+    let mut routes: Vec<_> = i.cluster_cidrs.iter().map(|c| json!({ "dst": c.to_string() })).collect();
     if routes.is_empty() {
-        routes = i
-            .pod_cidrs
-            .iter()
-            .map(|c| json!({ "dst": c.trunc().to_string() }))
-            .collect();
+        routes = i.pod_cidrs.iter().map(|c| json!({ "dst": c.trunc().to_string() })).collect();
     }
     let doc = json!({
         "cniVersion": "1.0.0",
@@ -63,21 +51,9 @@ pub fn conflist(i: &CniInputs) -> String {
 
 /// flannel-compatible names with weir's prefix, for scripts that source it.
 pub fn subnet_env(i: &CniInputs) -> String {
-    let join = |v: &[IpNet]| {
-        v.iter()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let subnets: Vec<IpNet> = i
-        .pod_cidrs
-        .iter()
-        .filter_map(|c| {
-            c.hosts()
-                .next()
-                .and_then(|h| IpNet::new(h, c.prefix_len()).ok())
-        })
-        .collect();
+    let join = |v: &[IpNet]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+    let subnets: Vec<IpNet> =
+        i.pod_cidrs.iter().filter_map(|c| c.hosts().next().and_then(|h| IpNet::new(h, c.prefix_len()).ok())).collect();
     format!(
         "WEIR_NETWORK={}\nWEIR_SUBNET={}\nWEIR_MTU={}\nWEIR_IPMASQ={}\n",
         join(i.cluster_cidrs),
@@ -95,10 +71,7 @@ pub fn write_if_changed(path: &Path, content: &str) -> std::io::Result<bool> {
     }
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("weir")
-    ));
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("weir")));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(content.as_bytes())?;
     f.sync_all()?;
@@ -124,10 +97,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&conflist(&i)).unwrap();
         assert_eq!(v["plugins"][0]["mtu"], 1450);
         assert_eq!(v["plugins"][0]["ipMasq"], false);
-        assert_eq!(
-            v["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
-            "10.244.1.0/24"
-        );
+        assert_eq!(v["plugins"][0]["ipam"]["ranges"][0][0]["subnet"], "10.244.1.0/24");
         assert_eq!(v["plugins"][0]["ipam"]["routes"][0]["dst"], "10.244.0.0/16");
         assert_eq!(v["plugins"][1]["type"], "portmap");
         assert!(subnet_env(&i).contains("WEIR_SUBNET=10.244.1.1/24"));

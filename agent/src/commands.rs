@@ -21,20 +21,16 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn status(args: &RunArgs, s: &StatusArgs) -> anyhow::Result<ExitCode> {
     let record_path = args.run_dir.join(crate::peers::publish::PEERS_FILE);
-    let record: PeersRecord =
-        serde_json::from_str(&std::fs::read_to_string(&record_path).with_context(|| {
-            format!(
-                "read {} (is the agent running on this node?)",
-                record_path.display()
-            )
-        })?)
-        .with_context(|| format!("parse {}", record_path.display()))?;
+    let record: PeersRecord = serde_json::from_str(
+        &std::fs::read_to_string(&record_path)
+            .with_context(|| format!("read {} (is the agent running on this node?)", record_path.display()))?,
+    )
+    .with_context(|| format!("parse {}", record_path.display()))?;
     let port = args.metrics_addr.port();
-    let agent: Option<serde_json::Value> =
-        weir_common::http::get(&format!("127.0.0.1:{port}"), "/status")
-            .ok()
-            .filter(|(code, _)| *code == 200)
-            .and_then(|(_, body)| serde_json::from_str(&body).ok());
+    let agent: Option<serde_json::Value> = weir_common::http::get(&format!("127.0.0.1:{port}"), "/status")
+        .ok()
+        .filter(|(code, _)| *code == 200)
+        .and_then(|(_, body)| serde_json::from_str(&body).ok());
     let device = match record.backend {
         Backend::Vxlan => DeviceSpec::vxlan_name(args.vni),
         Backend::Ipip => DeviceSpec::IPIP_NAME.to_string(),
@@ -43,17 +39,12 @@ fn status(args: &RunArgs, s: &StatusArgs) -> anyhow::Result<ExitCode> {
     let (ifindex, kernel) = tokio::task::block_in_place(|| {
         runtime.block_on(async {
             let mut k = NetlinkKernel::connect()?;
-            let ifindex = k
-                .link_index(&device)
-                .await?
-                .with_context(|| format!("device {device} does not exist"))?;
+            let ifindex = k.link_index(&device).await?.with_context(|| format!("device {device} does not exist"))?;
             anyhow::Ok((ifindex, k.dump(ifindex).await?))
         })
     })?;
     let report = crate::status::compare(record.backend, args.mode, &record.peers, &kernel, ifindex);
-    let agent_ok = agent
-        .as_ref()
-        .is_some_and(|a| a["synced"] == true && a["last_error"].is_null());
+    let agent_ok = agent.as_ref().is_some_and(|a| a["synced"] == true && a["last_error"].is_null());
     match s.output {
         OutputFormat::Json => println!(
             "{}",
@@ -75,29 +66,19 @@ fn status(args: &RunArgs, s: &StatusArgs) -> anyhow::Result<ExitCode> {
             print!("{}", crate::status::table(&report));
         }
     }
-    Ok(if agent_ok && !report.drift() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if agent_ok && !report.drift() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// Removes weir's devices; the kernel drops their fdb, neighbour and route
 /// entries with them. The CNI config is removed so no new pod uses weir.
 async fn cleanup(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let k = NetlinkKernel::connect()?;
-    for name in [
-        DeviceSpec::vxlan_name(args.vni),
-        DeviceSpec::IPIP_NAME.to_string(),
-    ] {
+    for name in [DeviceSpec::vxlan_name(args.vni), DeviceSpec::IPIP_NAME.to_string()] {
         if delete_link(&k.handle(), &name).await? {
             tracing::info!(device = %name, "removed");
         }
     }
-    for path in [
-        args.cni_conf_dir.join(crate::cni::CONFLIST_NAME),
-        args.run_dir.join("subnet.env"),
-    ] {
+    for path in [args.cni_conf_dir.join(crate::cni::CONFLIST_NAME), args.run_dir.join("subnet.env")] {
         if std::fs::remove_file(&path).is_ok() {
             tracing::info!(path = %path.display(), "removed");
         }

@@ -74,11 +74,7 @@ pub struct Engine<K> {
 }
 
 impl<K: Kernel> Engine<K> {
-    pub fn new(
-        kernel: K,
-        cfg: EngineConfig,
-        metrics: Arc<Metrics>,
-    ) -> (Self, watch::Receiver<EngineStatus>) {
+    pub fn new(kernel: K, cfg: EngineConfig, metrics: Arc<Metrics>) -> (Self, watch::Receiver<EngineStatus>) {
         let (status, status_rx) = watch::channel(EngineStatus::default());
         let engine = Engine {
             kernel,
@@ -118,23 +114,14 @@ impl<K: Kernel> Engine<K> {
             }
         }
         if next.complete {
-            for name in self
-                .peers
-                .peers
-                .keys()
-                .filter(|n| !next.peers.contains_key(*n))
-            {
+            for name in self.peers.peers.keys().filter(|n| !next.peers.contains_key(*n)) {
                 info!(node = %name, "peer removed");
             }
         }
-        let (desired, conflicts) =
-            plan::desired_state(self.cfg.backend, &self.cfg.local_cidrs, next.peers.values());
+        let (desired, conflicts) = plan::desired_state(self.cfg.backend, &self.cfg.local_cidrs, next.peers.values());
         for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
             warn!(node = %c.peer, field = c.field, value = %c.value, reason = %c.reason, "peer rejected");
-            self.metrics
-                .peer_rejected
-                .with_label_values(&["conflict"])
-                .inc();
+            self.metrics.peer_rejected.with_label_values(&["conflict"]).inc();
         }
         // Until the set is complete, keep what is known and add to it, so a
         // partial listing never shrinks the desired state.
@@ -149,29 +136,18 @@ impl<K: Kernel> Engine<K> {
         self.conflicts = conflicts;
         if let Some(od) = &self.cfg.on_demand {
             let accepted: Vec<&Peer> = self.accepted_peers().collect();
-            od.table
-                .send_replace(Arc::new(MissTable::new(accepted.iter().copied())));
-            let names: std::collections::BTreeSet<&str> =
-                accepted.iter().map(|p| p.name.as_str()).collect();
+            od.table.send_replace(Arc::new(MissTable::new(accepted.iter().copied())));
+            let names: std::collections::BTreeSet<&str> = accepted.iter().map(|p| p.name.as_str()).collect();
             od.active.retain_known(|p| names.contains(p));
         }
         let rejected = self.conflicts.len() as i64;
-        self.metrics
-            .peers
-            .with_label_values(&["accepted"])
-            .set(self.peers.peers.len() as i64 - rejected);
-        self.metrics
-            .peers
-            .with_label_values(&["rejected"])
-            .set(rejected);
+        self.metrics.peers.with_label_values(&["accepted"]).set(self.peers.peers.len() as i64 - rejected);
+        self.metrics.peers.with_label_values(&["rejected"]).set(rejected);
     }
 
     /// Peers that made it into the desired state (no conflict).
     fn accepted_peers(&self) -> impl Iterator<Item = &Peer> {
-        self.peers
-            .peers
-            .values()
-            .filter(|p| !self.conflicts.iter().any(|c| c.peer == p.name))
+        self.peers.peers.values().filter(|p| !self.conflicts.iter().any(|c| c.peer == p.name))
     }
 
     /// In on-demand mode, the desired state holds routes for every peer but
@@ -185,9 +161,7 @@ impl<K: Kernel> Engine<K> {
             if installed && !od.active.contains(&peer.name) {
                 od.active.mark(&peer.name);
             }
-            if let (Some(limit), Some(idle)) =
-                (od.idle_timeout, kernel.fdb_idle.get(&peer.vtep_mac))
-            {
+            if let (Some(limit), Some(idle)) = (od.idle_timeout, kernel.fdb_idle.get(&peer.vtep_mac)) {
                 let last_miss = od.active.last_miss(&peer.name).unwrap_or(Duration::MAX);
                 if installed && *idle > limit && last_miss > limit {
                     info!(node = %peer.name, idle = ?idle, "peer idle; removing its on-demand entries");
@@ -195,40 +169,24 @@ impl<K: Kernel> Engine<K> {
                 }
             }
         }
-        let active: Vec<&Peer> = self
-            .accepted_peers()
-            .filter(|p| od.active.contains(&p.name))
-            .collect();
+        let active: Vec<&Peer> = self.accepted_peers().filter(|p| od.active.contains(&p.name)).collect();
         let (subset, _) = plan::desired_state(self.cfg.backend, &self.cfg.local_cidrs, active);
-        Some(DesiredState {
-            fdb: subset.fdb,
-            neigh: subset.neigh,
-            routes: self.desired.routes.clone(),
-        })
+        Some(DesiredState { fdb: subset.fdb, neigh: subset.neigh, routes: self.desired.routes.clone() })
     }
 
     /// One pass: device, dump, diff, apply.
     pub async fn reconcile(&mut self) -> Result<Report, KernelError> {
         let started = Instant::now();
         let result = self.reconcile_inner().await;
-        self.metrics
-            .reconcile_seconds
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
         let label = match &result {
             Ok(r) if r.failures == 0 => "success",
             Ok(_) => "partial",
             Err(_) => "error",
         };
-        self.metrics
-            .reconcile_total
-            .with_label_values(&[label])
-            .inc();
+        self.metrics.reconcile_total.with_label_values(&[label]).inc();
         let failed = !matches!(&result, Ok(r) if r.failures == 0);
-        self.consecutive_failures = if failed {
-            self.consecutive_failures + 1
-        } else {
-            0
-        };
+        self.consecutive_failures = if failed { self.consecutive_failures + 1 } else { 0 };
         let error = match &result {
             Err(e) => Some(e.to_string()),
             Ok(r) if r.failures > 0 => Some(format!("{} netlink writes failed", r.failures)),
@@ -236,10 +194,8 @@ impl<K: Kernel> Engine<K> {
         };
         self.status.send_modify(|s| {
             s.last_error = error;
-            s.last_reconcile_unix_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0);
+            s.last_reconcile_unix_ms =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
         });
         result
     }
@@ -248,10 +204,7 @@ impl<K: Kernel> Engine<K> {
         let mut report = Report::default();
         let t = Instant::now();
         let device = self.kernel.ensure_device(&self.cfg.device).await;
-        self.metrics
-            .phase_seconds
-            .with_label_values(&["device"])
-            .observe(t.elapsed().as_secs_f64());
+        self.metrics.phase_seconds.with_label_values(&["device"]).observe(t.elapsed().as_secs_f64());
         let device = match device {
             Ok(d) => d,
             Err(e) => {
@@ -264,10 +217,7 @@ impl<K: Kernel> Engine<K> {
             action => {
                 if self.ifindex != 0 {
                     warn!(device = %self.cfg.device.name, %action, "overlay device repaired");
-                    self.metrics
-                        .drift_repaired
-                        .with_label_values(&["device"])
-                        .inc();
+                    self.metrics.drift_repaired.with_label_values(&["device"]).inc();
                 } else {
                     info!(device = %self.cfg.device.name, %action, ifindex = device.ifindex, "overlay device ready");
                 }
@@ -291,10 +241,7 @@ impl<K: Kernel> Engine<K> {
 
         let t = Instant::now();
         let kernel = self.kernel.dump(self.ifindex).await?;
-        self.metrics
-            .phase_seconds
-            .with_label_values(&["dump"])
-            .observe(t.elapsed().as_secs_f64());
+        self.metrics.phase_seconds.with_label_values(&["dump"]).observe(t.elapsed().as_secs_f64());
         for cidr in plan::blocked_routes(&self.desired, &kernel) {
             warn!(%cidr, "a route for this pod CIDR exists with another protocol; leaving it alone");
         }
@@ -307,23 +254,14 @@ impl<K: Kernel> Engine<K> {
             let is_drift = self.applied.as_ref() == Some(desired);
             let t = Instant::now();
             let results = self.kernel.apply(self.ifindex, &ops).await;
-            self.metrics
-                .phase_seconds
-                .with_label_values(&["apply"])
-                .observe(t.elapsed().as_secs_f64());
+            self.metrics.phase_seconds.with_label_values(&["apply"]).observe(t.elapsed().as_secs_f64());
             for (op, result) in ops.iter().zip(&results) {
                 let outcome = if result.is_ok() { "success" } else { "error" };
-                self.metrics
-                    .netlink_ops
-                    .with_label_values(&[op.verb(), op.object(), outcome])
-                    .inc();
+                self.metrics.netlink_ops.with_label_values(&[op.verb(), op.object(), outcome]).inc();
                 match result {
                     Ok(()) if is_drift => {
                         warn!(entry = %op, "kernel drift repaired");
-                        self.metrics
-                            .drift_repaired
-                            .with_label_values(&[op.object()])
-                            .inc();
+                        self.metrics.drift_repaired.with_label_values(&[op.object()]).inc();
                         report.drift_repaired += 1;
                     }
                     Ok(()) => {}
@@ -361,16 +299,13 @@ impl<K: Kernel> Engine<K> {
     /// The delay before retrying after failed passes: 0.5 s doubling to 30 s.
     fn retry_delay(&self) -> Option<Duration> {
         (self.consecutive_failures > 0).then(|| {
-            Duration::from_millis(500 * 2u64.pow(self.consecutive_failures.min(6) - 1))
-                .min(Duration::from_secs(30))
+            Duration::from_millis(500 * 2u64.pow(self.consecutive_failures.min(6) - 1)).min(Duration::from_secs(30))
         })
     }
 
     fn concerns_us(&self, event: &KernelEvent) -> bool {
         match event {
-            KernelEvent::Changed { ifindex, ours } => {
-                *ours || (*ifindex != 0 && *ifindex == self.ifindex)
-            }
+            KernelEvent::Changed { ifindex, ours } => *ours || (*ifindex != 0 && *ifindex == self.ifindex),
             KernelEvent::Overrun | KernelEvent::Closed => true,
         }
     }

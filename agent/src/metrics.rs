@@ -1,8 +1,7 @@
 //! The agent's Prometheus metrics. One registry, passed explicitly.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 pub struct Metrics {
@@ -34,8 +33,7 @@ fn opts(name: &str, help: &str) -> Opts {
 impl Metrics {
     pub fn new() -> Self {
         let latency_buckets = vec![
-            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
-            0.25, 0.5, 1.0, 2.5,
+            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         ];
         let m = Metrics {
             registry: Registry::new(),
@@ -54,24 +52,14 @@ impl Metrics {
                 "Routes carrying weir's protocol, as read from the kernel",
             ))
             .unwrap(),
-            peers: IntGaugeVec::new(opts("weir_peers", "Remote nodes by state"), &["state"])
+            peers: IntGaugeVec::new(opts("weir_peers", "Remote nodes by state"), &["state"]).unwrap(),
+            l2miss: IntCounterVec::new(opts("weir_l2miss_total", "L2MISS notifications by result"), &["result"])
                 .unwrap(),
-            l2miss: IntCounterVec::new(
-                opts("weir_l2miss_total", "L2MISS notifications by result"),
-                &["result"],
-            )
-            .unwrap(),
-            l3miss: IntCounterVec::new(
-                opts("weir_l3miss_total", "L3MISS notifications by result"),
-                &["result"],
-            )
-            .unwrap(),
+            l3miss: IntCounterVec::new(opts("weir_l3miss_total", "L3MISS notifications by result"), &["result"])
+                .unwrap(),
             miss_resolve_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "weir_miss_resolve_seconds",
-                    "Time from a miss received to its entries acked",
-                )
-                .buckets(latency_buckets.clone()),
+                HistogramOpts::new("weir_miss_resolve_seconds", "Time from a miss received to its entries acked")
+                    .buckets(latency_buckets.clone()),
             )
             .unwrap(),
             reconcile_seconds: Histogram::with_opts(
@@ -85,10 +73,7 @@ impl Metrics {
             )
             .unwrap(),
             netlink_ops: IntCounterVec::new(
-                opts(
-                    "weir_netlink_ops_total",
-                    "Netlink writes by op, object and result",
-                ),
+                opts("weir_netlink_ops_total", "Netlink writes by op, object and result"),
                 &["op", "object", "result"],
             )
             .unwrap(),
@@ -98,18 +83,12 @@ impl Metrics {
             ))
             .unwrap(),
             drift_repaired: IntCounterVec::new(
-                opts(
-                    "weir_drift_repaired_total",
-                    "Kernel entries found changed behind weir's back and put back",
-                ),
+                opts("weir_drift_repaired_total", "Kernel entries found changed behind weir's back and put back"),
                 &["object"],
             )
             .unwrap(),
             peer_rejected: IntCounterVec::new(
-                opts(
-                    "weir_peer_rejected_total",
-                    "Nodes skipped because a field failed validation",
-                ),
+                opts("weir_peer_rejected_total", "Nodes skipped because a field failed validation"),
                 &["reason"],
             )
             .unwrap(),
@@ -134,11 +113,8 @@ impl Metrics {
             ))
             .unwrap(),
             phase_seconds: HistogramVec::new(
-                HistogramOpts::new(
-                    "weir_reconcile_phase_seconds",
-                    "Time spent per reconcile phase",
-                )
-                .buckets(latency_buckets),
+                HistogramOpts::new("weir_reconcile_phase_seconds", "Time spent per reconcile phase")
+                    .buckets(latency_buckets),
                 &["phase"],
             )
             .unwrap(),
@@ -150,8 +126,7 @@ impl Metrics {
         r.register(Box::new(m.peers.clone())).unwrap();
         r.register(Box::new(m.l2miss.clone())).unwrap();
         r.register(Box::new(m.l3miss.clone())).unwrap();
-        r.register(Box::new(m.miss_resolve_seconds.clone()))
-            .unwrap();
+        r.register(Box::new(m.miss_resolve_seconds.clone())).unwrap();
         r.register(Box::new(m.reconcile_seconds.clone())).unwrap();
         r.register(Box::new(m.reconcile_total.clone())).unwrap();
         r.register(Box::new(m.netlink_ops.clone())).unwrap();
@@ -169,9 +144,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         use prometheus::Encoder;
         let mut buf = Vec::new();
-        prometheus::TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("text encoding cannot fail");
+        prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
 }

@@ -64,11 +64,7 @@ impl FromStr for Mac {
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
     }
 }
 
@@ -91,9 +87,7 @@ impl<'de> serde::Deserialize<'de> for Mac {
     }
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     Vxlan,
@@ -109,9 +103,7 @@ impl Backend {
     }
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     Full,
@@ -138,10 +130,7 @@ pub struct PeerSet {
 
 impl PeerSet {
     pub fn complete(peers: impl IntoIterator<Item = Peer>) -> Self {
-        PeerSet {
-            peers: peers.into_iter().map(|p| (p.name.clone(), p)).collect(),
-            complete: true,
-        }
+        PeerSet { peers: peers.into_iter().map(|p| (p.name.clone(), p)).collect(), complete: true }
     }
 }
 
@@ -163,10 +152,7 @@ mod tests {
         assert_eq!("01:00:5e:00:00:01".parse::<Mac>(), Err(MacError::Multicast));
         assert_eq!("ff:ff:ff:ff:ff:ff".parse::<Mac>(), Err(MacError::Multicast));
         assert_eq!("00:00:00:00:00:00".parse::<Mac>(), Err(MacError::Zero));
-        assert_eq!(
-            "0e:00:00:00:00:01:02".parse::<Mac>(),
-            Err(MacError::Malformed)
-        );
+        assert_eq!("0e:00:00:00:00:01:02".parse::<Mac>(), Err(MacError::Malformed));
         assert_eq!("0e:0:00:00:00:01".parse::<Mac>(), Err(MacError::Malformed));
     }
 

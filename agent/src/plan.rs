@@ -39,11 +39,7 @@ pub struct Conflict {
 
 impl fmt::Display for Conflict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "node {} field {}={}: {}",
-            self.peer, self.field, self.value, self.reason
-        )
+        write!(f, "node {} field {}={}: {}", self.peer, self.field, self.value, self.reason)
     }
 }
 
@@ -135,39 +131,14 @@ pub struct KernelState {
 /// to ask; deletions go the other way round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Op {
-    PutFdb {
-        mac: Mac,
-        dst: IpAddr,
-    },
-    PutNeigh {
-        ip: IpAddr,
-        mac: Mac,
-    },
-    PutNexthop {
-        id: u32,
-        gateway: IpAddr,
-    },
-    PutRoute {
-        dst: IpNet,
-        gateway: IpAddr,
-        nhid: Option<u32>,
-    },
-    DelRoute {
-        dst: IpNet,
-        gateway: IpAddr,
-    },
-    DelNexthop {
-        id: u32,
-        gateway: IpAddr,
-    },
-    DelNeigh {
-        ip: IpAddr,
-        mac: Mac,
-    },
-    DelFdb {
-        mac: Mac,
-        dst: IpAddr,
-    },
+    PutFdb { mac: Mac, dst: IpAddr },
+    PutNeigh { ip: IpAddr, mac: Mac },
+    PutNexthop { id: u32, gateway: IpAddr },
+    PutRoute { dst: IpNet, gateway: IpAddr, nhid: Option<u32> },
+    DelRoute { dst: IpNet, gateway: IpAddr },
+    DelNexthop { id: u32, gateway: IpAddr },
+    DelNeigh { ip: IpAddr, mac: Mac },
+    DelFdb { mac: Mac, dst: IpAddr },
 }
 
 /// The nexthop object id weir uses for an IPv4 gateway: the address itself,
@@ -193,10 +164,7 @@ impl Op {
 
     pub fn verb(&self) -> &'static str {
         match self {
-            Op::PutFdb { .. }
-            | Op::PutNeigh { .. }
-            | Op::PutNexthop { .. }
-            | Op::PutRoute { .. } => "replace",
+            Op::PutFdb { .. } | Op::PutNeigh { .. } | Op::PutNexthop { .. } | Op::PutRoute { .. } => "replace",
             _ => "delete",
         }
     }
@@ -228,26 +196,16 @@ impl fmt::Display for Op {
                 write!(f, "ip neigh replace {ip} lladdr {mac} nud permanent")
             }
             Op::DelNeigh { ip, mac } => write!(f, "ip neigh del {ip} lladdr {mac}"),
-            Op::PutNexthop { id, gateway } => write!(
-                f,
-                "ip nexthop replace id {id} via {gateway} onlink proto {ROUTE_PROTOCOL}"
-            ),
+            Op::PutNexthop { id, gateway } => {
+                write!(f, "ip nexthop replace id {id} via {gateway} onlink proto {ROUTE_PROTOCOL}")
+            }
             Op::DelNexthop { id, .. } => write!(f, "ip nexthop del id {id}"),
-            Op::PutRoute {
-                dst,
-                nhid: Some(id),
-                ..
-            } => {
+            Op::PutRoute { dst, nhid: Some(id), .. } => {
                 write!(f, "ip route replace {dst} nhid {id} proto {ROUTE_PROTOCOL}")
             }
-            Op::PutRoute {
-                dst,
-                gateway,
-                nhid: None,
-            } => write!(
-                f,
-                "ip route replace {dst} via {gateway} onlink proto {ROUTE_PROTOCOL}"
-            ),
+            Op::PutRoute { dst, gateway, nhid: None } => {
+                write!(f, "ip route replace {dst} via {gateway} onlink proto {ROUTE_PROTOCOL}")
+            }
             Op::DelRoute { dst, gateway } => write!(f, "ip route del {dst} via {gateway}"),
         }
     }
@@ -280,9 +238,7 @@ pub fn diff(desired: &DesiredState, kernel: &KernelState, ifindex: u32, sweep: b
         {
             ops.push(Op::PutNexthop { id, gateway });
         }
-        if kernel.routes.get(&dst) != Some(&(gateway, ifindex))
-            || kernel.route_nhid.get(&dst).copied() != nhid
-        {
+        if kernel.routes.get(&dst) != Some(&(gateway, ifindex)) || kernel.route_nhid.get(&dst).copied() != nhid {
             ops.push(Op::PutRoute { dst, gateway, nhid });
         }
     }
@@ -315,14 +271,8 @@ pub fn diff(desired: &DesiredState, kernel: &KernelState, ifindex: u32, sweep: b
 
 /// Prefixes a desired route could not be installed for, because somebody else
 /// already routes them.
-pub fn blocked_routes<'a>(
-    desired: &'a DesiredState,
-    kernel: &'a KernelState,
-) -> impl Iterator<Item = &'a IpNet> {
-    desired
-        .routes
-        .keys()
-        .filter(|d| kernel.foreign_routes.contains(d))
+pub fn blocked_routes<'a>(desired: &'a DesiredState, kernel: &'a KernelState) -> impl Iterator<Item = &'a IpNet> {
+    desired.routes.keys().filter(|d| kernel.foreign_routes.contains(d))
 }
 
 #[cfg(test)]

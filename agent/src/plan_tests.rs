@@ -36,20 +36,10 @@ fn applied(d: &DesiredState) -> KernelState {
 }
 
 fn a() -> Peer {
-    peer(
-        "node-1",
-        "198.18.0.11",
-        "0e:00:00:00:00:01",
-        "10.244.1.0/24",
-    )
+    peer("node-1", "198.18.0.11", "0e:00:00:00:00:01", "10.244.1.0/24")
 }
 fn b() -> Peer {
-    peer(
-        "node-2",
-        "198.18.0.12",
-        "0e:00:00:00:00:02",
-        "10.244.2.0/24",
-    )
+    peer("node-2", "198.18.0.12", "0e:00:00:00:00:02", "10.244.2.0/24")
 }
 
 #[test]
@@ -59,19 +49,9 @@ fn new_peer_gets_fdb_then_neigh_then_route() {
     assert_eq!(
         ops,
         vec![
-            Op::PutFdb {
-                mac,
-                dst: "198.18.0.11".parse().unwrap()
-            },
-            Op::PutNeigh {
-                ip: "10.244.1.0".parse().unwrap(),
-                mac
-            },
-            Op::PutRoute {
-                dst: "10.244.1.0/24".parse().unwrap(),
-                gateway: "10.244.1.0".parse().unwrap(),
-                nhid: None
-            },
+            Op::PutFdb { mac, dst: "198.18.0.11".parse().unwrap() },
+            Op::PutNeigh { ip: "10.244.1.0".parse().unwrap(), mac },
+            Op::PutRoute { dst: "10.244.1.0/24".parse().unwrap(), gateway: "10.244.1.0".parse().unwrap(), nhid: None },
         ]
     );
 }
@@ -87,13 +67,8 @@ fn removed_peer_is_deleted_route_first() {
     let before = applied(&desired(&[a(), b()]));
     let ops = diff(&desired(&[a()]), &before, IF, true);
     let kinds: Vec<_> = ops.iter().map(|o| (o.verb(), o.object())).collect();
-    assert_eq!(
-        kinds,
-        vec![("delete", "route"), ("delete", "neigh"), ("delete", "fdb")]
-    );
-    assert!(ops.iter().all(
-        |o| o.to_string().contains("10.244.2.0") || o.to_string().contains("0e:00:00:00:00:02")
-    ));
+    assert_eq!(kinds, vec![("delete", "route"), ("delete", "neigh"), ("delete", "fdb")]);
+    assert!(ops.iter().all(|o| o.to_string().contains("10.244.2.0") || o.to_string().contains("0e:00:00:00:00:02")));
 }
 
 #[test]
@@ -115,10 +90,7 @@ fn mac_change_replaces_neigh_and_removes_old_fdb() {
         ops,
         vec![
             Op::PutFdb { mac: new, dst: ip },
-            Op::PutNeigh {
-                ip: "10.244.1.0".parse().unwrap(),
-                mac: new
-            },
+            Op::PutNeigh { ip: "10.244.1.0".parse().unwrap(), mac: new },
             Op::DelFdb { mac: old, dst: ip },
         ]
     );
@@ -134,14 +106,8 @@ fn ip_change_replaces_fdb_only() {
     assert_eq!(
         ops,
         vec![
-            Op::PutFdb {
-                mac,
-                dst: "198.18.0.99".parse().unwrap()
-            },
-            Op::DelFdb {
-                mac,
-                dst: "198.18.0.11".parse().unwrap()
-            },
+            Op::PutFdb { mac, dst: "198.18.0.99".parse().unwrap() },
+            Op::DelFdb { mac, dst: "198.18.0.11".parse().unwrap() },
         ]
     );
 }
@@ -149,12 +115,7 @@ fn ip_change_replaces_fdb_only() {
 #[test]
 fn pod_cidr_change_moves_neigh_and_route() {
     let before = applied(&desired(&[a()]));
-    let moved = peer(
-        "node-1",
-        "198.18.0.11",
-        "0e:00:00:00:00:01",
-        "10.244.7.0/24",
-    );
+    let moved = peer("node-1", "198.18.0.11", "0e:00:00:00:00:01", "10.244.7.0/24");
     let ops = diff(&desired(&[moved]), &before, IF, true);
     let text: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
     assert_eq!(text.len(), 4, "{text:?}");
@@ -168,10 +129,7 @@ fn pod_cidr_change_moves_neigh_and_route() {
 fn route_on_another_device_is_reclaimed() {
     let d = desired(&[a()]);
     let mut k = applied(&d);
-    k.routes.insert(
-        "10.244.1.0/24".parse().unwrap(),
-        ("10.244.1.0".parse().unwrap(), IF + 1),
-    );
+    k.routes.insert("10.244.1.0/24".parse().unwrap(), ("10.244.1.0".parse().unwrap(), IF + 1));
     assert_eq!(diff(&d, &k, IF, true).len(), 1);
 }
 
@@ -182,10 +140,7 @@ fn foreign_routes_are_left_untouched() {
     let foreign: IpNet = "10.244.1.0/24".parse().unwrap();
     k.foreign_routes.insert(foreign);
     let ops = diff(&d, &k, IF, true);
-    assert!(
-        ops.iter()
-            .all(|o| !matches!(o, Op::PutRoute { .. } | Op::DelRoute { .. }))
-    );
+    assert!(ops.iter().all(|o| !matches!(o, Op::PutRoute { .. } | Op::DelRoute { .. })));
     assert_eq!(blocked_routes(&d, &k).collect::<Vec<_>>(), vec![&foreign]);
 }
 
@@ -214,18 +169,8 @@ fn two_peers_claiming_one_mac_keep_the_first_by_name() {
 
 #[test]
 fn overlapping_and_local_cidrs_are_rejected() {
-    let overlap = peer(
-        "node-3",
-        "198.18.0.13",
-        "0e:00:00:00:00:03",
-        "10.244.1.128/25",
-    );
-    let shadow = peer(
-        "node-4",
-        "198.18.0.14",
-        "0e:00:00:00:00:04",
-        "10.244.0.0/16",
-    );
+    let overlap = peer("node-3", "198.18.0.13", "0e:00:00:00:00:03", "10.244.1.128/25");
+    let shadow = peer("node-4", "198.18.0.14", "0e:00:00:00:00:04", "10.244.0.0/16");
     let (d, conflicts) = desired_state(Vxlan, &local(), &[a(), overlap, shadow]);
     assert_eq!(d, desired(&[a()]));
     let names: Vec<_> = conflicts.iter().map(|c| c.peer.as_str()).collect();
@@ -237,10 +182,7 @@ fn overlapping_and_local_cidrs_are_rejected() {
 fn ipip_needs_only_routes_via_the_peer_underlay() {
     let (d, _) = desired_state(Ipip, &local(), &[a()]);
     assert!(d.fdb.is_empty() && d.neigh.is_empty());
-    assert_eq!(
-        d.routes.get(&"10.244.1.0/24".parse().unwrap()),
-        Some(&"198.18.0.11".parse().unwrap())
-    );
+    assert_eq!(d.routes.get(&"10.244.1.0/24".parse().unwrap()), Some(&"198.18.0.11".parse().unwrap()));
 }
 
 #[test]
@@ -250,27 +192,15 @@ fn dual_stack_peer_gets_one_neigh_and_route_per_family() {
     let d = desired(&[p]);
     assert_eq!(d.fdb.len(), 1);
     assert_eq!(d.neigh.len(), 2);
-    assert!(
-        d.neigh
-            .contains_key(&"fd00:10:244:1::".parse::<IpAddr>().unwrap())
-    );
+    assert!(d.neigh.contains_key(&"fd00:10:244:1::".parse::<IpAddr>().unwrap()));
     assert_eq!(d.routes.len(), 2);
 }
 
 /// The kernel state after applying with nexthop objects.
 fn applied_nh(d: &DesiredState) -> KernelState {
     let mut k = applied(d);
-    k.nexthops = Some(
-        d.routes
-            .values()
-            .map(|g| (nexthop_id(g).unwrap(), (*g, IF)))
-            .collect(),
-    );
-    k.route_nhid = d
-        .routes
-        .iter()
-        .map(|(c, g)| (*c, nexthop_id(g).unwrap()))
-        .collect();
+    k.nexthops = Some(d.routes.values().map(|g| (nexthop_id(g).unwrap(), (*g, IF))).collect());
+    k.route_nhid = d.routes.iter().map(|(c, g)| (*c, nexthop_id(g).unwrap())).collect();
     k
 }
 
@@ -282,14 +212,7 @@ fn with_nexthop_objects_routes_name_a_nexthop_created_first() {
     let gw: IpAddr = "10.244.1.0".parse().unwrap();
     let id = nexthop_id(&gw).unwrap();
     assert_eq!(ops[2], Op::PutNexthop { id, gateway: gw });
-    assert_eq!(
-        ops[3],
-        Op::PutRoute {
-            dst: "10.244.1.0/24".parse().unwrap(),
-            gateway: gw,
-            nhid: Some(id)
-        }
-    );
+    assert_eq!(ops[3], Op::PutRoute { dst: "10.244.1.0/24".parse().unwrap(), gateway: gw, nhid: Some(id) });
     assert!(diff(&desired(&[a()]), &applied_nh(&desired(&[a()])), IF, true).is_empty());
 }
 
@@ -298,15 +221,7 @@ fn unused_nexthops_are_swept_after_their_routes() {
     let before = applied_nh(&desired(&[a(), b()]));
     let ops = diff(&desired(&[a()]), &before, IF, true);
     let kinds: Vec<_> = ops.iter().map(|o| (o.verb(), o.object())).collect();
-    assert_eq!(
-        kinds,
-        vec![
-            ("delete", "route"),
-            ("delete", "nexthop"),
-            ("delete", "neigh"),
-            ("delete", "fdb")
-        ]
-    );
+    assert_eq!(kinds, vec![("delete", "route"), ("delete", "nexthop"), ("delete", "neigh"), ("delete", "fdb")]);
 }
 
 #[test]
@@ -315,11 +230,5 @@ fn classic_routes_are_converted_when_nexthops_appear() {
     let mut k = applied(&d);
     k.nexthops = Some(Default::default());
     let ops = diff(&d, &k, IF, true);
-    assert!(
-        matches!(
-            ops[..],
-            [Op::PutNexthop { .. }, Op::PutRoute { nhid: Some(_), .. }]
-        ),
-        "{ops:?}"
-    );
+    assert!(matches!(ops[..], [Op::PutNexthop { .. }, Op::PutRoute { nhid: Some(_), .. }]), "{ops:?}");
 }

@@ -45,18 +45,10 @@ async fn own_from_api(api: &Api<Node>, name: &str) -> anyhow::Result<Own> {
                     let pod_cidrs = info
                         .pod_cidrs
                         .iter()
-                        .map(|c| {
-                            c.parse().with_context(|| {
-                                format!("node {name}: spec.podCIDRs has {c:?}, not a CIDR")
-                            })
-                        })
+                        .map(|c| c.parse().with_context(|| format!("node {name}: spec.podCIDRs has {c:?}, not a CIDR")))
                         .collect::<anyhow::Result<_>>()?;
                     let mac = info.vtep_mac.as_deref().and_then(|m| m.parse().ok());
-                    return Ok(Own {
-                        pod_cidrs,
-                        mac,
-                        node_ips: kube_peers::internal_ips(&node),
-                    });
+                    return Ok(Own { pod_cidrs, mac, node_ips: kube_peers::internal_ips(&node) });
                 }
                 if !logged {
                     info!(node = %name, "waiting for spec.podCIDRs to be set (by weir-controller or kube-controller-manager); not ready");
@@ -77,31 +69,17 @@ fn own_from_file(nodes: &[NodeInfo], name: &str) -> anyhow::Result<Own> {
     let pod_cidrs = me
         .pod_cidrs
         .iter()
-        .map(|c| {
-            c.parse()
-                .with_context(|| format!("peers file: node {name} podCIDRs {c:?}"))
-        })
+        .map(|c| c.parse().with_context(|| format!("peers file: node {name} podCIDRs {c:?}")))
         .collect::<anyhow::Result<_>>()?;
-    Ok(Own {
-        pod_cidrs,
-        mac: me.vtep_mac.as_deref().and_then(|m| m.parse().ok()),
-        node_ips: vec![],
-    })
+    Ok(Own { pod_cidrs, mac: me.vtep_mac.as_deref().and_then(|m| m.parse().ok()), node_ips: vec![] })
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let node_name = args
-        .node_name
-        .clone()
-        .context("--node-name (NODE_NAME) is required")?;
+    let node_name = args.node_name.clone().context("--node-name (NODE_NAME) is required")?;
     let metrics = Arc::new(Metrics::new());
     metrics
         .build_info
-        .with_label_values(&[
-            env!("CARGO_PKG_VERSION"),
-            args.backend.as_str(),
-            mode_str(args.mode),
-        ])
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), args.backend.as_str(), mode_str(args.mode)])
         .set(1);
 
     let client = match &args.peers_file {
@@ -111,26 +89,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let nodes_api: Option<Api<Node>> = client.clone().map(Api::all);
     let own = match (&nodes_api, &args.peers_file) {
         (Some(api), _) => own_from_api(api, &node_name).await?,
-        (None, Some(path)) => own_from_file(
-            &file::read(path, args.backend.as_str()).map_err(anyhow::Error::msg)?,
-            &node_name,
-        )?,
+        (None, Some(path)) => {
+            own_from_file(&file::read(path, args.backend.as_str()).map_err(anyhow::Error::msg)?, &node_name)?
+        }
         (None, None) => unreachable!("either the API or a peers file"),
     };
 
     let probe = NetlinkKernel::connect().context("open netlink socket")?;
-    let under = underlay::select(
-        &probe.handle(),
-        args.public_ip,
-        args.iface.as_deref(),
-        &own.node_ips,
-    )
-    .await?;
-    let overhead = if args.backend == Backend::Vxlan {
-        if under.ip.is_ipv4() { 50 } else { 70 }
-    } else {
-        20
-    };
+    let under = underlay::select(&probe.handle(), args.public_ip, args.iface.as_deref(), &own.node_ips).await?;
+    let overhead = if args.backend == Backend::Vxlan { if under.ip.is_ipv4() { 50 } else { 70 } } else { 20 };
     let mtu = args.mtu.unwrap_or(under.mtu - overhead);
     let device = DeviceSpec {
         name: match args.backend {
@@ -138,11 +105,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Backend::Ipip => DeviceSpec::IPIP_NAME.to_string(),
         },
         kind: match args.backend {
-            Backend::Vxlan => DeviceKind::Vxlan {
-                vni: args.vni,
-                port: args.vxlan_port,
-                on_demand: args.mode == Mode::OnDemand,
-            },
+            Backend::Vxlan => {
+                DeviceKind::Vxlan { vni: args.vni, port: args.vxlan_port, on_demand: args.mode == Mode::OnDemand }
+            }
             Backend::Ipip => DeviceKind::Ipip,
         },
         local: under.ip,
@@ -180,8 +145,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     events::subscribe(ev_tx.clone()).context("subscribe to kernel notifications")?;
     if args.mode == Mode::OnDemand {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().context("open the miss responder's netlink socket")?;
+        let (conn, handle, _) = rtnetlink::new_connection().context("open the miss responder's netlink socket")?;
         tokio::spawn(conn);
         let responder = Responder {
             table: table_rx,
@@ -210,9 +174,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(api) = &nodes_api {
         let wanted = kube_peers::weir_annotations(
             under.ip,
-            vtep_mac
-                .filter(|_| args.backend == Backend::Vxlan)
-                .map(|m| m.to_string()),
+            vtep_mac.filter(|_| args.backend == Backend::Vxlan).map(|m| m.to_string()),
             args.backend.as_str(),
             args.vni,
         );
@@ -237,15 +199,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ipam_dir: &args.run_dir.join("ipam"),
     };
     for (path, content) in [
-        (
-            args.cni_conf_dir.join(cni::CONFLIST_NAME),
-            cni::conflist(&inputs),
-        ),
+        (args.cni_conf_dir.join(cni::CONFLIST_NAME), cni::conflist(&inputs)),
         (args.run_dir.join("subnet.env"), cni::subnet_env(&inputs)),
     ] {
-        if cni::write_if_changed(&path, &content)
-            .with_context(|| format!("write {}", path.display()))?
-        {
+        if cni::write_if_changed(&path, &content).with_context(|| format!("write {}", path.display()))? {
             metrics.cni_writes.inc();
             info!(path = %path.display(), "wrote CNI config");
         }
@@ -267,23 +224,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     match (&nodes_api, &args.peers_file) {
         (Some(api), _) => {
-            tokio::spawn(kube_peers::watch_nodes(
-                api.clone(),
-                metrics.clone(),
-                publish,
-            ));
+            tokio::spawn(kube_peers::watch_nodes(api.clone(), metrics.clone(), publish));
         }
         (None, Some(path)) => {
             let mut publish = publish;
-            tokio::spawn(file::watch(
-                path.clone(),
-                args.backend.as_str().to_string(),
-                move |nodes| {
-                    let map: BTreeMap<String, NodeInfo> =
-                        nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
-                    publish(&map, true)
-                },
-            ));
+            tokio::spawn(file::watch(path.clone(), args.backend.as_str().to_string(), move |nodes| {
+                let map: BTreeMap<String, NodeInfo> = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+                publish(&map, true)
+            }));
         }
         _ => {}
     }
@@ -293,11 +241,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             if st.wait_for(|s| s.synced).await.is_ok() {
                 info!("dataplane synced with the full peer set; setting NetworkUnavailable=False");
-                retry(
-                    || kube_peers::set_network_available(&api, &name),
-                    "set NetworkUnavailable=False",
-                )
-                .await;
+                retry(|| kube_peers::set_network_available(&api, &name), "set NetworkUnavailable=False").await;
             }
         });
     }
@@ -317,9 +261,7 @@ async fn kube_client(args: &RunArgs) -> anyhow::Result<kube::Client> {
                 .with_context(|| format!("read kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
         }
-        None => {
-            kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?
-        }
+        None => kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?,
     };
     Ok(kube::Client::try_from(config)?)
 }
@@ -337,20 +279,14 @@ async fn serve_http(
     let router: http::Router = Arc::new(move |path| {
         let s = status.borrow().clone();
         match path {
-            "/metrics" => Response {
-                code: 200,
-                content_type: "text/plain; version=0.0.4",
-                body: metrics.render(),
-            },
+            "/metrics" => Response { code: 200, content_type: "text/plain; version=0.0.4", body: metrics.render() },
             "/healthz" => {
                 // Alive means the engine loop keeps turning; the API server plays no part.
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis())
                     .unwrap_or(0);
-                if s.last_reconcile_unix_ms == 0
-                    || now.saturating_sub(s.last_reconcile_unix_ms) < stale_after
-                {
+                if s.last_reconcile_unix_ms == 0 || now.saturating_sub(s.last_reconcile_unix_ms) < stale_after {
                     Response::text(200, "ok\n")
                 } else {
                     Response::text(503, "reconcile loop stalled\n")
@@ -363,10 +299,7 @@ async fn serve_http(
                 } else {
                     Response::text(
                         503,
-                        format!(
-                            "device_ready={} synced={} cni_written={cni}\n",
-                            s.device_ready, s.synced
-                        ),
+                        format!("device_ready={} synced={} cni_written={cni}\n", s.device_ready, s.synced),
                     )
                 }
             }

@@ -43,13 +43,7 @@ impl Report {
 /// Compares each peer's entries with the kernel. In on-demand mode fdb and
 /// neighbour entries come and go with traffic, so only their correctness,
 /// not their presence, is checked.
-pub fn compare(
-    backend: Backend,
-    mode: Mode,
-    peers: &[Peer],
-    kernel: &KernelState,
-    ifindex: u32,
-) -> Report {
+pub fn compare(backend: Backend, mode: Mode, peers: &[Peer], kernel: &KernelState, ifindex: u32) -> Report {
     let mut report = Report::default();
     let (all, _) = plan::desired_state(backend, &[], peers);
     for peer in peers {
@@ -57,19 +51,15 @@ pub fn compare(
         let on_demand = mode == Mode::OnDemand;
         let fdb = (backend == Backend::Vxlan).then(|| {
             want.fdb.iter().all(|(m, ip)| {
-                kernel.fdb.contains(&(*m, *ip))
-                    || (on_demand && !kernel.fdb.iter().any(|(km, _)| km == m))
+                kernel.fdb.contains(&(*m, *ip)) || (on_demand && !kernel.fdb.iter().any(|(km, _)| km == m))
             })
         });
         let neigh = (backend == Backend::Vxlan).then(|| {
-            want.neigh.iter().all(|(ip, m)| {
-                kernel.neigh.get(ip) == Some(m) || (on_demand && !kernel.neigh.contains_key(ip))
-            })
+            want.neigh
+                .iter()
+                .all(|(ip, m)| kernel.neigh.get(ip) == Some(m) || (on_demand && !kernel.neigh.contains_key(ip)))
         });
-        let route = want
-            .routes
-            .iter()
-            .all(|(c, gw)| kernel.routes.get(c) == Some(&(*gw, ifindex)));
+        let route = want.routes.iter().all(|(c, gw)| kernel.routes.get(c) == Some(&(*gw, ifindex)));
         report.peers.push(PeerRow {
             node: peer.name.clone(),
             pod_cidrs: peer.pod_cidrs.clone(),
@@ -115,9 +105,7 @@ pub fn table(report: &Report) -> String {
             r.node,
             cidrs.join(","),
             r.underlay_ip,
-            r.vtep_mac
-                .map(|m| m.to_string())
-                .unwrap_or_else(|| "-".into()),
+            r.vtep_mac.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
             mark(r.fdb),
             mark(r.neigh),
             mark(Some(r.route))
@@ -126,11 +114,7 @@ pub fn table(report: &Report) -> String {
     for s in &report.stale {
         out += &format!("stale: {s}\n");
     }
-    out += if report.drift() {
-        "DRIFT: the kernel does not match the peer set\n"
-    } else {
-        "in sync\n"
-    };
+    out += if report.drift() { "DRIFT: the kernel does not match the peer set\n" } else { "in sync\n" };
     out
 }
 
@@ -174,16 +158,8 @@ mod tests {
         assert!(r.drift());
         assert!(table(&r).contains("MISSING"));
         let mut k = synced();
-        k.neigh.insert(
-            "10.244.9.0".parse().unwrap(),
-            "0e:00:00:00:00:09".parse().unwrap(),
-        );
-        assert_eq!(
-            compare(Backend::Vxlan, Mode::Full, &[peer()], &k, 5)
-                .stale
-                .len(),
-            1
-        );
+        k.neigh.insert("10.244.9.0".parse().unwrap(), "0e:00:00:00:00:09".parse().unwrap());
+        assert_eq!(compare(Backend::Vxlan, Mode::Full, &[peer()], &k, 5).stale.len(), 1);
     }
 
     #[test]

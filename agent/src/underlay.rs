@@ -28,12 +28,7 @@ async fn interfaces(h: &Handle) -> anyhow::Result<Vec<Iface>> {
     let mut out = Vec::new();
     let mut links = h.link().get().execute();
     while let Some(l) = links.try_next().await? {
-        let mut i = Iface {
-            name: String::new(),
-            index: l.header.index,
-            mtu: 1500,
-            addrs: vec![],
-        };
+        let mut i = Iface { name: String::new(), index: l.header.index, mtu: 1500, addrs: vec![] };
         for a in &l.attributes {
             match a {
                 LinkAttribute::IfName(n) => i.name = n.clone(),
@@ -61,10 +56,7 @@ async fn interfaces(h: &Handle) -> anyhow::Result<Vec<Iface>> {
 }
 
 async fn default_route_ifindex(h: &Handle) -> anyhow::Result<Option<u32>> {
-    let mut routes = h
-        .route()
-        .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
-        .execute();
+    let mut routes = h.route().get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()).execute();
     while let Some(r) = routes.try_next().await? {
         if r.header.destination_prefix_length == 0
             && r.header.table == 254
@@ -80,12 +72,7 @@ async fn default_route_ifindex(h: &Handle) -> anyhow::Result<Option<u32>> {
 }
 
 fn pick(i: &Iface, ip: IpAddr) -> Underlay {
-    Underlay {
-        ifname: i.name.clone(),
-        ifindex: i.index,
-        ip,
-        mtu: i.mtu,
-    }
+    Underlay { ifname: i.name.clone(), ifindex: i.index, ip, mtu: i.mtu }
 }
 
 /// `node_ips` are the Node's InternalIPs, the last resort.
@@ -98,9 +85,7 @@ pub async fn select(
     let ifaces = interfaces(h).await?;
     let owner = |ip: IpAddr| ifaces.iter().find(|i| i.addrs.contains(&ip));
     if let Some(ip) = public_ip {
-        let i = owner(ip).ok_or_else(|| {
-            anyhow::anyhow!("--public-ip {ip} is not an address of any interface")
-        })?;
+        let i = owner(ip).ok_or_else(|| anyhow::anyhow!("--public-ip {ip} is not an address of any interface"))?;
         return Ok(pick(i, ip));
     }
     if let Some(pattern) = iface {
@@ -108,21 +93,13 @@ pub async fn select(
         let found = match exact {
             Some(i) => Some(i),
             None => {
-                let re = regex_lite::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
-                    anyhow::anyhow!("--iface {pattern:?} is not a name or regex: {e}")
-                })?;
-                ifaces
-                    .iter()
-                    .find(|i| re.is_match(&i.name) && !i.addrs.is_empty())
+                let re = regex_lite::Regex::new(&format!("^(?:{pattern})$"))
+                    .map_err(|e| anyhow::anyhow!("--iface {pattern:?} is not a name or regex: {e}"))?;
+                ifaces.iter().find(|i| re.is_match(&i.name) && !i.addrs.is_empty())
             }
         };
-        let i = found.ok_or_else(|| {
-            anyhow::anyhow!("--iface {pattern:?} matches no interface with an address")
-        })?;
-        let ip = *i
-            .addrs
-            .first()
-            .ok_or_else(|| anyhow::anyhow!("interface {} has no address", i.name))?;
+        let i = found.ok_or_else(|| anyhow::anyhow!("--iface {pattern:?} matches no interface with an address"))?;
+        let ip = *i.addrs.first().ok_or_else(|| anyhow::anyhow!("interface {} has no address", i.name))?;
         return Ok(pick(i, ip));
     }
     if let Some(idx) = default_route_ifindex(h).await?

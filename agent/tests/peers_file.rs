@@ -65,18 +65,10 @@ fn two_agents_from_a_peers_file_ping_and_follow_edits() {
     let pid = std::process::id();
     let (a, b) = (format!("weir-pf-{pid}-a"), format!("weir-pf-{pid}-b"));
     let (_na, _nb) = (NamedNetns::new(&a), NamedNetns::new(&b));
-    sh(&format!(
-        "ip link add ua netns {a} type veth peer name ub netns {b}"
-    ));
-    sh(&format!(
-        "ip -n {a} addr add 198.18.0.1/24 dev ua && ip -n {a} link set ua up"
-    ));
-    sh(&format!(
-        "ip -n {b} addr add 198.18.0.2/24 dev ub && ip -n {b} link set ub up"
-    ));
-    sh(&format!(
-        "ip -n {a} addr add 10.244.1.1/32 dev lo && ip -n {b} addr add 10.244.2.1/32 dev lo"
-    ));
+    sh(&format!("ip link add ua netns {a} type veth peer name ub netns {b}"));
+    sh(&format!("ip -n {a} addr add 198.18.0.1/24 dev ua && ip -n {a} link set ua up"));
+    sh(&format!("ip -n {b} addr add 198.18.0.2/24 dev ub && ip -n {b} link set ub up"));
+    sh(&format!("ip -n {a} addr add 10.244.1.1/32 dev lo && ip -n {b} addr add 10.244.2.1/32 dev lo"));
     let dir = std::env::temp_dir().join(format!("weir-pf-{pid}"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("peers.yaml"), PEERS).unwrap();
@@ -87,21 +79,12 @@ fn two_agents_from_a_peers_file_ping_and_follow_edits() {
         sh(&format!("ip -n {a} route show proto 87")).contains("10.244.2.0/24")
             && sh(&format!("ip -n {b} route show proto 87")).contains("10.244.1.0/24")
     });
-    let out = sh(&format!(
-        "ip netns exec {a} ping -c 3 -i 0.2 -W 1 -I 10.244.1.1 10.244.2.1"
-    ));
+    let out = sh(&format!("ip netns exec {a} ping -c 3 -i 0.2 -W 1 -I 10.244.1.1 10.244.2.1"));
     assert!(out.contains("3 received"), "{out}");
-    assert!(
-        dir.join("node-a/cni/10-weir.conflist").exists(),
-        "CNI config written without an API server"
-    );
+    assert!(dir.join("node-a/cni/10-weir.conflist").exists(), "CNI config written without an API server");
 
     // Drop node-b from the file: node-a sweeps it.
-    std::fs::write(
-        dir.join("peers.yaml"),
-        PEERS.split("- name: node-b").next().unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("peers.yaml"), PEERS.split("- name: node-b").next().unwrap()).unwrap();
     wait_until(Duration::from_secs(10), "node-b swept from node-a", || {
         !sh(&format!("ip -n {a} route show proto 87")).contains("10.244.2.0/24")
     });

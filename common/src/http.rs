@@ -15,18 +15,10 @@ pub struct Response {
 
 impl Response {
     pub fn text(code: u16, body: impl Into<String>) -> Self {
-        Response {
-            code,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into(),
-        }
+        Response { code, content_type: "text/plain; charset=utf-8", body: body.into() }
     }
     pub fn json(body: String) -> Self {
-        Response {
-            code: 200,
-            content_type: "application/json",
-            body,
-        }
+        Response { code: 200, content_type: "application/json", body }
     }
 }
 
@@ -39,9 +31,7 @@ pub async fn serve(listener: TcpListener, router: Router) {
         };
         let router = router.clone();
         tokio::spawn(async move {
-            let Ok(Some(head)) =
-                tokio::time::timeout(Duration::from_secs(5), read_head(&mut sock)).await
-            else {
+            let Ok(Some(head)) = tokio::time::timeout(Duration::from_secs(5), read_head(&mut sock)).await else {
                 return;
             };
             let req = String::from_utf8_lossy(&head);
@@ -87,19 +77,10 @@ pub fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     // One write: write! would send the request in pieces.
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((code, body))
 }

@@ -28,19 +28,12 @@ pub enum PoolError {
 impl Pool {
     pub fn new(cidr: IpNet, mask: u8) -> Result<Pool, PoolError> {
         if mask <= cidr.prefix_len() {
-            return Err(PoolError::MaskTooShort {
-                mask,
-                cluster: cidr.prefix_len(),
-            });
+            return Err(PoolError::MaskTooShort { mask, cluster: cidr.prefix_len() });
         }
         if mask > cidr.max_prefix_len() {
             return Err(PoolError::MaskTooLong { mask });
         }
-        Ok(Pool {
-            cidr: cidr.trunc(),
-            mask,
-            used: BTreeMap::new(),
-        })
+        Ok(Pool { cidr: cidr.trunc(), mask, used: BTreeMap::new() })
     }
 
     pub fn is_v4(&self) -> bool {
@@ -50,11 +43,7 @@ impl Pool {
     /// Number of node subnets in the pool (saturating for huge IPv6 pools).
     pub fn size(&self) -> u128 {
         let bits = u32::from(self.mask - self.cidr.prefix_len());
-        if bits >= 127 {
-            u128::MAX
-        } else {
-            1u128 << bits
-        }
+        if bits >= 127 { u128::MAX } else { 1u128 << bits }
     }
 
     pub fn used(&self) -> usize {
@@ -231,14 +220,8 @@ mod tests {
         let mut p = pool("10.244.0.0/16", 24);
         assert!(p.mark(&"10.244.0.0/23".parse().unwrap()));
         assert_eq!(p.allocate().unwrap().to_string(), "10.244.2.0/24");
-        assert!(
-            !p.mark(&"10.244.1.0/24".parse().unwrap()),
-            "overlap detected"
-        );
-        assert!(
-            p.mark(&"192.168.0.0/24".parse().unwrap()),
-            "outside the pool: not ours"
-        );
+        assert!(!p.mark(&"10.244.1.0/24".parse().unwrap()), "overlap detected");
+        assert!(p.mark(&"192.168.0.0/24".parse().unwrap()), "outside the pool: not ours");
         assert_eq!(p.used(), 3);
     }
 
@@ -248,11 +231,7 @@ mod tests {
         assert!(p.mark(&"10.244.0.0/24".parse().unwrap()));
         assert!(!p.mark(&"10.244.0.128/25".parse().unwrap()));
         p.release(&"10.244.0.128/25".parse().unwrap());
-        assert_eq!(
-            p.allocate().unwrap().to_string(),
-            "10.244.1.0/24",
-            "10.244.0.0/24 is still held"
-        );
+        assert_eq!(p.allocate().unwrap().to_string(), "10.244.1.0/24", "10.244.0.0/24 is still held");
     }
 
     #[test]
@@ -265,9 +244,7 @@ mod tests {
 
     #[test]
     fn dual_stack_is_all_or_nothing() {
-        let mut a = Allocator {
-            pools: vec![pool("10.244.0.0/23", 24), pool("fd00::/63", 64)],
-        };
+        let mut a = Allocator { pools: vec![pool("10.244.0.0/23", 24), pool("fd00::/63", 64)] };
         a.pools[1].mark(&"fd00::/64".parse().unwrap());
         let got = a.allocate().unwrap();
         assert_eq!(got.len(), 2);

@@ -5,19 +5,10 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 
 #[derive(Parser, Debug, Clone)]
-#[command(
-    name = "weir-controller",
-    version,
-    about = "weir's pod CIDR allocator (leader-elected)"
-)]
+#[command(name = "weir-controller", version, about = "weir's pod CIDR allocator (leader-elected)")]
 pub struct Args {
     /// One IPv4 and/or one IPv6 range, comma separated.
-    #[arg(
-        long,
-        env = "WEIR_CLUSTER_CIDR",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long, env = "WEIR_CLUSTER_CIDR", value_delimiter = ',', required = true)]
     pub cluster_cidr: Vec<IpNet>,
     #[arg(long, default_value_t = 24, env = "WEIR_NODE_CIDR_MASK_SIZE_IPV4")]
     pub node_cidr_mask_size_ipv4: u8,

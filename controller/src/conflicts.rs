@@ -44,16 +44,8 @@ pub fn detect(nodes: &[NodeView]) -> Vec<Conflict> {
                 (x.name.clone(), y.name.clone())
             };
             for ca in &a.cidrs {
-                if let Some(cb) = b
-                    .cidrs
-                    .iter()
-                    .find(|cb| ca.contains(&cb.network()) || cb.contains(&ca.network()))
-                {
-                    out.push(Conflict {
-                        kind: Kind::PodCidrOverlap,
-                        nodes: pair(),
-                        value: format!("{ca} / {cb}"),
-                    });
+                if let Some(cb) = b.cidrs.iter().find(|cb| ca.contains(&cb.network()) || cb.contains(&ca.network())) {
+                    out.push(Conflict { kind: Kind::PodCidrOverlap, nodes: pair(), value: format!("{ca} / {cb}") });
                 }
             }
             if a.vtep_mac.is_some() && a.vtep_mac == b.vtep_mac {
@@ -96,10 +88,7 @@ mod tests {
             n("b", "10.244.0.128/25", "0e:00:00:00:00:01", "198.18.0.2"),
             n("c", "10.244.9.0/24", "0e:00:00:00:00:03", "198.18.0.2"),
         ];
-        let kinds: Vec<_> = detect(&nodes)
-            .into_iter()
-            .map(|c| (c.kind, c.nodes))
-            .collect();
+        let kinds: Vec<_> = detect(&nodes).into_iter().map(|c| (c.kind, c.nodes)).collect();
         assert_eq!(
             kinds,
             vec![

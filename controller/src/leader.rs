@@ -35,10 +35,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let pools = pools(&args)?;
     for p in &pools {
         let fam = family(p.is_v4());
-        metrics
-            .pool_size
-            .with_label_values(&[fam])
-            .set(i64::try_from(p.size()).unwrap_or(i64::MAX));
+        metrics.pool_size.with_label_values(&[fam]).set(i64::try_from(p.size()).unwrap_or(i64::MAX));
     }
     info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -47,10 +44,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     serve_http(&args, metrics.clone()).await?;
 
-    let identity = args
-        .identity
-        .clone()
-        .unwrap_or_else(|| format!("weir-controller-{}", std::process::id()));
+    let identity = args.identity.clone().unwrap_or_else(|| format!("weir-controller-{}", std::process::id()));
     let manager = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
         .with_namespace(&args.lease_namespace)
         .with_identity(&identity)
@@ -60,10 +54,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("set up the Lease manager")?;
     let (mut leading, _lease_task) = manager.watch().await;
-    let reporter = Reporter {
-        controller: "weir-controller".into(),
-        instance: Some(identity.clone()),
-    };
+    let reporter = Reporter { controller: "weir-controller".into(), instance: Some(identity.clone()) };
     loop {
         while !*leading.borrow_and_update() {
             leading.changed().await.context("lease manager stopped")?;
@@ -71,14 +62,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         info!(%identity, "became leader; rebuilding the allocation map from a full list");
         metrics.leader.set(1);
         let recorder = Recorder::new(client.clone(), reporter.clone());
-        let mut work = tokio::spawn(lead(
-            Api::all(client.clone()),
-            Allocator {
-                pools: pools.clone(),
-            },
-            metrics.clone(),
-            recorder,
-        ));
+        let mut work =
+            tokio::spawn(lead(Api::all(client.clone()), Allocator { pools: pools.clone() }, metrics.clone(), recorder));
         loop {
             tokio::select! {
                 r = &mut work => {
@@ -120,9 +105,7 @@ async fn lead(api: Api<Node>, alloc: Allocator, metrics: Arc<Metrics>, recorder:
         synced: false,
     };
     let mut relist: Option<BTreeMap<String, NodeView>> = None;
-    let stream = watcher::watcher(api.clone(), watcher::Config::default())
-        .default_backoff()
-        .ready_chunks(1024);
+    let stream = watcher::watcher(api.clone(), watcher::Config::default()).default_backoff().ready_chunks(1024);
     futures::pin_mut!(stream);
     while let Some(batch) = stream.next().await {
         let mut need: Vec<String> = Vec::new();
@@ -131,21 +114,14 @@ async fn lead(api: Api<Node>, alloc: Allocator, metrics: Arc<Metrics>, recorder:
                 Ok(Event::Init) => relist = Some(BTreeMap::new()),
                 Ok(Event::InitApply(n)) => {
                     let v = view(&n);
-                    relist
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(v.name.clone(), v);
+                    relist.get_or_insert_with(BTreeMap::new).insert(v.name.clone(), v);
                 }
                 Ok(Event::InitDone) => {
                     st.nodes = relist.take().unwrap_or_default();
                     rebuild(&mut st);
                     report_conflicts(&mut st, &metrics, &recorder).await;
                     st.synced = true;
-                    need.extend(
-                        st.nodes
-                            .values()
-                            .filter(|v| v.cidrs.is_empty())
-                            .map(|v| v.name.clone()),
-                    );
+                    need.extend(st.nodes.values().filter(|v| v.cidrs.is_empty()).map(|v| v.name.clone()));
                 }
                 Ok(Event::Apply(n)) => {
                     let v = view(&n);
@@ -196,8 +172,7 @@ fn rebuild(st: &mut State) {
         st.alloc.mark(&v.cidrs);
         st.held.insert(v.name.clone(), v.cidrs.clone());
     }
-    st.quarantine
-        .retain(|(_, since)| since.elapsed() < QUARANTINE);
+    st.quarantine.retain(|(_, since)| since.elapsed() < QUARANTINE);
     for (cidrs, _) in &st.quarantine {
         st.alloc.mark(cidrs);
     }
@@ -209,13 +184,7 @@ fn rebuild(st: &mut State) {
     );
 }
 
-async fn allocate(
-    api: &Api<Node>,
-    st: &mut State,
-    names: Vec<String>,
-    metrics: &Metrics,
-    recorder: &Recorder,
-) {
+async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: &Metrics, recorder: &Recorder) {
     let mut planned = Vec::new();
     for name in names {
         if st.held.contains_key(&name) || !st.nodes.contains_key(&name) {
@@ -282,11 +251,7 @@ async fn allocate(
 async fn report_conflicts(st: &mut State, metrics: &Metrics, recorder: &Recorder) {
     let views: Vec<NodeView> = st.nodes.values().cloned().collect();
     let found: BTreeSet<_> = conflicts::detect(&views).into_iter().collect();
-    for kind in [
-        conflicts::Kind::PodCidrOverlap,
-        conflicts::Kind::VtepMac,
-        conflicts::Kind::PublicIp,
-    ] {
+    for kind in [conflicts::Kind::PodCidrOverlap, conflicts::Kind::VtepMac, conflicts::Kind::PublicIp] {
         metrics
             .conflicts
             .with_label_values(&[kind.label()])
@@ -294,13 +259,7 @@ async fn report_conflicts(st: &mut State, metrics: &Metrics, recorder: &Recorder
     }
     for c in found.difference(&st.conflicts) {
         warn!(kind = c.kind.label(), node_a = %c.nodes.0, node_b = %c.nodes.1, value = %c.value, "conflict between nodes");
-        let note = format!(
-            "{} conflict between {} and {}: {}",
-            c.kind.label(),
-            c.nodes.0,
-            c.nodes.1,
-            c.value
-        );
+        let note = format!("{} conflict between {} and {}: {}", c.kind.label(), c.nodes.0, c.nodes.1, c.value);
         for n in [&c.nodes.0, &c.nodes.1] {
             publish(recorder, n, EventType::Warning, "WeirConflict", &note).await;
         }
@@ -312,13 +271,8 @@ async fn publish(recorder: &Recorder, node: &str, type_: EventType, reason: &str
     let mut obj = Node::default();
     obj.metadata.name = Some(node.to_string());
     let reference = obj.object_ref(&());
-    let ev = KEvent {
-        type_,
-        reason: reason.into(),
-        note: Some(note.into()),
-        action: "Allocate".into(),
-        secondary: None,
-    };
+    let ev =
+        KEvent { type_, reason: reason.into(), note: Some(note.into()), action: "Allocate".into(), secondary: None };
     if let Err(e) = recorder.publish(&ev, &reference).await {
         warn!(%node, error = %e, "cannot publish event");
     }
@@ -341,10 +295,7 @@ fn view(n: &Node) -> NodeView {
 
 fn update_pool_metrics(st: &State, metrics: &Metrics) {
     for p in &st.alloc.pools {
-        metrics
-            .pool_used
-            .with_label_values(&[family(p.is_v4())])
-            .set(p.used() as i64);
+        metrics.pool_used.with_label_values(&[family(p.is_v4())]).set(p.used() as i64);
     }
 }
 
@@ -353,32 +304,15 @@ fn family(v4: bool) -> &'static str {
 }
 
 fn pools(args: &Args) -> anyhow::Result<Vec<Pool>> {
-    let v4: Vec<_> = args
-        .cluster_cidr
-        .iter()
-        .filter(|c| c.addr().is_ipv4())
-        .collect();
-    let v6: Vec<_> = args
-        .cluster_cidr
-        .iter()
-        .filter(|c| c.addr().is_ipv6())
-        .collect();
-    anyhow::ensure!(
-        v4.len() <= 1 && v6.len() <= 1,
-        "--cluster-cidr takes at most one IPv4 and one IPv6 range"
-    );
+    let v4: Vec<_> = args.cluster_cidr.iter().filter(|c| c.addr().is_ipv4()).collect();
+    let v6: Vec<_> = args.cluster_cidr.iter().filter(|c| c.addr().is_ipv6()).collect();
+    anyhow::ensure!(v4.len() <= 1 && v6.len() <= 1, "--cluster-cidr takes at most one IPv4 and one IPv6 range");
     let mut pools = Vec::new();
     if let Some(c) = v4.first() {
-        pools.push(
-            Pool::new(**c, args.node_cidr_mask_size_ipv4)
-                .with_context(|| format!("--cluster-cidr {c}"))?,
-        );
+        pools.push(Pool::new(**c, args.node_cidr_mask_size_ipv4).with_context(|| format!("--cluster-cidr {c}"))?);
     }
     if let Some(c) = v6.first() {
-        pools.push(
-            Pool::new(**c, args.node_cidr_mask_size_ipv6)
-                .with_context(|| format!("--cluster-cidr {c}"))?,
-        );
+        pools.push(Pool::new(**c, args.node_cidr_mask_size_ipv6).with_context(|| format!("--cluster-cidr {c}"))?);
     }
     Ok(pools)
 }
@@ -390,9 +324,7 @@ async fn client(args: &Args) -> anyhow::Result<Client> {
                 .with_context(|| format!("read kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
         }
-        None => {
-            kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?
-        }
+        None => kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?,
     };
     Ok(Client::try_from(config)?)
 }
@@ -402,11 +334,7 @@ async fn serve_http(args: &Args, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind {}", args.metrics_addr))?;
     let router: http::Router = Arc::new(move |path| match path {
-        "/metrics" => Response {
-            code: 200,
-            content_type: "text/plain; version=0.0.4",
-            body: metrics.render(),
-        },
+        "/metrics" => Response { code: 200, content_type: "text/plain; version=0.0.4", body: metrics.render() },
         "/healthz" | "/readyz" => Response::text(200, "ok\n"),
         _ => Response::text(404, "not found\n"),
     });

@@ -16,16 +16,10 @@ impl Metrics {
     pub fn new() -> Self {
         let m = Metrics {
             registry: Registry::new(),
-            allocations: IntCounter::new(
-                "weir_controller_allocations_total",
-                "Pod CIDR sets written to Nodes",
-            )
-            .unwrap(),
-            releases: IntCounter::new(
-                "weir_controller_releases_total",
-                "Pod CIDR sets freed by Node deletion",
-            )
-            .unwrap(),
+            allocations: IntCounter::new("weir_controller_allocations_total", "Pod CIDR sets written to Nodes")
+                .unwrap(),
+            releases: IntCounter::new("weir_controller_releases_total", "Pod CIDR sets freed by Node deletion")
+                .unwrap(),
             allocation_failures: IntCounter::new(
                 "weir_controller_allocation_failures_total",
                 "Patches that failed; their CIDRs stay reserved until the next full rebuild",
@@ -41,31 +35,16 @@ impl Metrics {
                 &["family"],
             )
             .unwrap(),
-            pool_used: IntGaugeVec::new(
-                Opts::new("weir_controller_pool_used", "Node subnets in use"),
-                &["family"],
-            )
-            .unwrap(),
-            leader: IntGauge::new(
-                "weir_controller_leader",
-                "1 while this replica holds the lease",
-            )
-            .unwrap(),
+            pool_used: IntGaugeVec::new(Opts::new("weir_controller_pool_used", "Node subnets in use"), &["family"])
+                .unwrap(),
+            leader: IntGauge::new("weir_controller_leader", "1 while this replica holds the lease").unwrap(),
             conflicts: IntGaugeVec::new(
-                Opts::new(
-                    "weir_controller_conflicts",
-                    "Conflicts between Nodes found by the last list",
-                ),
+                Opts::new("weir_controller_conflicts", "Conflicts between Nodes found by the last list"),
                 &["kind"],
             )
             .unwrap(),
         };
-        for c in [
-            &m.allocations,
-            &m.releases,
-            &m.allocation_failures,
-            &m.pool_exhausted,
-        ] {
+        for c in [&m.allocations, &m.releases, &m.allocation_failures, &m.pool_exhausted] {
             m.registry.register(Box::new(c.clone())).unwrap();
         }
         m.registry.register(Box::new(m.pool_size.clone())).unwrap();
@@ -81,9 +60,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         use prometheus::Encoder;
         let mut buf = Vec::new();
-        prometheus::TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("text encoding");
+        prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
         String::from_utf8(buf).expect("UTF-8")
     }
 }

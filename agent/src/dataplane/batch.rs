@@ -9,15 +9,10 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
-use netlink_packet_route::neighbour::{
-    NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
-};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
-};
+use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -51,11 +46,7 @@ impl Batcher {
         // Replies to a dump can be large; errors for a chunk must all fit.
         sock.set_rx_buf_sz(4 << 20)?;
         sock.set_ext_ack(false)?;
-        Ok(Batcher {
-            sock,
-            seq: 1,
-            buf: vec![0; 256 * 1024],
-        })
+        Ok(Batcher { sock, seq: 1, buf: vec![0; 256 * 1024] })
     }
 
     /// Sends the encoded requests in order; returns each one's errno, 0 for success.
@@ -67,9 +58,7 @@ impl Batcher {
         while start < requests.len() {
             let mut chunk = Vec::with_capacity(CHUNK + 64);
             let mut end = start;
-            while end < requests.len()
-                && (end == start || chunk.len() + requests[end].len() <= CHUNK)
-            {
+            while end < requests.len() && (end == start || chunk.len() + requests[end].len() <= CHUNK) {
                 let mut req = requests[end].clone();
                 set_seq(&mut req, base.wrapping_add(end as u32));
                 chunk.extend_from_slice(&req);
@@ -114,9 +103,8 @@ impl Batcher {
             match msg_type {
                 NLMSG_DONE => true,
                 NLMSG_ERROR => {
-                    unsupported = payload.len() >= 4
-                        && i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]])
-                            != 0;
+                    unsupported =
+                        payload.len() >= 4 && i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]) != 0;
                     true
                 }
                 RTM_NEWNEXTHOP => {
@@ -229,13 +217,7 @@ fn encode(msg: RouteNetlinkMessage, flags: u16) -> Vec<u8> {
 
 const PUT: u16 = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE;
 
-fn neigh(
-    ifindex: u32,
-    family: AddressFamily,
-    dst: IpAddr,
-    mac: Mac,
-    fdb: bool,
-) -> NeighbourMessage {
+fn neigh(ifindex: u32, family: AddressFamily, dst: IpAddr, mac: Mac, fdb: bool) -> NeighbourMessage {
     let mut m = NeighbourMessage::default();
     m.header.family = family;
     m.header.ifindex = ifindex;
@@ -244,35 +226,20 @@ fn neigh(
         m.header.flags = NeighbourFlags::Own;
     }
     m.header.kind = RouteType::Unicast;
-    m.attributes
-        .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-    m.attributes
-        .push(NeighbourAttribute::Destination(dst.into()));
+    m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+    m.attributes.push(NeighbourAttribute::Destination(dst.into()));
     m
 }
 
-fn route(
-    ifindex: u32,
-    dst: IpNet,
-    gateway: IpAddr,
-    nhid: Option<u32>,
-    for_delete: bool,
-) -> RouteMessage {
+fn route(ifindex: u32, dst: IpNet, gateway: IpAddr, nhid: Option<u32>, for_delete: bool) -> RouteMessage {
     let mut m = RouteMessage::default();
-    m.header.address_family = if dst.addr().is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
+    m.header.address_family = if dst.addr().is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
     m.header.destination_prefix_length = dst.prefix_len();
     m.header.table = RT_TABLE_MAIN;
     m.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
     m.header.scope = RouteScope::Universe;
     m.header.kind = RouteType::Unicast;
-    m.attributes
-        .push(RouteAttribute::Destination(RouteAddress::from(
-            dst.network(),
-        )));
+    m.attributes.push(RouteAttribute::Destination(RouteAddress::from(dst.network())));
     if for_delete {
         return m;
     }
@@ -280,8 +247,7 @@ fn route(
         Some(id) => m.attributes.push(RouteAttribute::NhId(id)),
         None => {
             m.header.flags = netlink_packet_route::route::RouteFlags::Onlink;
-            m.attributes
-                .push(RouteAttribute::Gateway(RouteAddress::from(gateway)));
+            m.attributes.push(RouteAttribute::Gateway(RouteAddress::from(gateway)));
             m.attributes.push(RouteAttribute::Oif(ifindex));
         }
     }
@@ -290,20 +256,9 @@ fn route(
 
 fn nexthop(msg_type: u16, flags: u16, ifindex: u32, id: u32, gateway: &IpAddr) -> Vec<u8> {
     // A delete must leave protocol, scope and flags zero or the kernel refuses it.
-    let protocol = if msg_type == RTM_NEWNEXTHOP {
-        ROUTE_PROTOCOL
-    } else {
-        0
-    };
+    let protocol = if msg_type == RTM_NEWNEXTHOP { ROUTE_PROTOCOL } else { 0 };
     let mut body = vec![family(gateway), 0, protocol, 0];
-    body.extend_from_slice(
-        &(if msg_type == RTM_NEWNEXTHOP {
-            RTNH_F_ONLINK
-        } else {
-            0
-        })
-        .to_ne_bytes(),
-    );
+    body.extend_from_slice(&(if msg_type == RTM_NEWNEXTHOP { RTNH_F_ONLINK } else { 0 }).to_ne_bytes());
     attr(&mut body, NHA_ID, &id.to_ne_bytes());
     if msg_type == RTM_NEWNEXTHOP {
         attr(&mut body, NHA_OIF, &ifindex.to_ne_bytes());
@@ -319,38 +274,20 @@ pub fn encode_op(ifindex: u32, op: &Op) -> Vec<u8> {
     use RouteNetlinkMessage as R;
     let del = NLM_F_REQUEST;
     match *op {
-        Op::PutFdb { mac, dst } => encode(
-            R::NewNeighbour(neigh(ifindex, AddressFamily::Bridge, dst, mac, true)),
-            PUT,
-        ),
-        Op::DelFdb { mac, dst } => encode(
-            R::DelNeighbour(neigh(ifindex, AddressFamily::Bridge, dst, mac, true)),
-            del,
-        ),
+        Op::PutFdb { mac, dst } => encode(R::NewNeighbour(neigh(ifindex, AddressFamily::Bridge, dst, mac, true)), PUT),
+        Op::DelFdb { mac, dst } => encode(R::DelNeighbour(neigh(ifindex, AddressFamily::Bridge, dst, mac, true)), del),
         Op::PutNeigh { ip, mac } => {
-            let fam = if ip.is_ipv4() {
-                AddressFamily::Inet
-            } else {
-                AddressFamily::Inet6
-            };
+            let fam = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
             encode(R::NewNeighbour(neigh(ifindex, fam, ip, mac, false)), PUT)
         }
         Op::DelNeigh { ip, mac } => {
-            let fam = if ip.is_ipv4() {
-                AddressFamily::Inet
-            } else {
-                AddressFamily::Inet6
-            };
+            let fam = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
             encode(R::DelNeighbour(neigh(ifindex, fam, ip, mac, false)), del)
         }
         Op::PutNexthop { id, gateway } => nexthop(RTM_NEWNEXTHOP, PUT, ifindex, id, &gateway),
         Op::DelNexthop { id, gateway } => nexthop(RTM_DELNEXTHOP, del, ifindex, id, &gateway),
-        Op::PutRoute { dst, gateway, nhid } => {
-            encode(R::NewRoute(route(ifindex, dst, gateway, nhid, false)), PUT)
-        }
-        Op::DelRoute { dst, gateway } => {
-            encode(R::DelRoute(route(ifindex, dst, gateway, None, true)), del)
-        }
+        Op::PutRoute { dst, gateway, nhid } => encode(R::NewRoute(route(ifindex, dst, gateway, nhid, false)), PUT),
+        Op::DelRoute { dst, gateway } => encode(R::DelRoute(route(ifindex, dst, gateway, None, true)), del),
     }
 }
 
@@ -362,16 +299,10 @@ mod tests {
     fn nexthop_request_layout() {
         let gw: IpAddr = "10.244.2.0".parse().unwrap();
         let b = nexthop(RTM_NEWNEXTHOP, PUT, 7, 42, &gw);
-        assert_eq!(
-            u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize,
-            b.len()
-        );
+        assert_eq!(u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize, b.len());
         assert_eq!(b[16], 2, "AF_INET");
         assert_eq!(b[18], ROUTE_PROTOCOL);
-        assert_eq!(
-            u32::from_ne_bytes(b[20..24].try_into().unwrap()),
-            RTNH_F_ONLINK
-        );
+        assert_eq!(u32::from_ne_bytes(b[20..24].try_into().unwrap()), RTNH_F_ONLINK);
         let parsed = parse_nexthop(&b[16..]).unwrap();
         assert_eq!(parsed, (42, gw, 7, ROUTE_PROTOCOL));
     }
@@ -380,23 +311,10 @@ mod tests {
     fn every_request_is_aligned() {
         let mac: Mac = "0e:00:00:00:00:01".parse().unwrap();
         let ops = [
-            Op::PutFdb {
-                mac,
-                dst: "198.18.0.1".parse().unwrap(),
-            },
-            Op::PutNeigh {
-                ip: "fd00::".parse().unwrap(),
-                mac,
-            },
-            Op::PutRoute {
-                dst: "10.244.2.0/24".parse().unwrap(),
-                gateway: "10.244.2.0".parse().unwrap(),
-                nhid: None,
-            },
-            Op::DelRoute {
-                dst: "10.244.2.0/24".parse().unwrap(),
-                gateway: "10.244.2.0".parse().unwrap(),
-            },
+            Op::PutFdb { mac, dst: "198.18.0.1".parse().unwrap() },
+            Op::PutNeigh { ip: "fd00::".parse().unwrap(), mac },
+            Op::PutRoute { dst: "10.244.2.0/24".parse().unwrap(), gateway: "10.244.2.0".parse().unwrap(), nhid: None },
+            Op::DelRoute { dst: "10.244.2.0/24".parse().unwrap(), gateway: "10.244.2.0".parse().unwrap() },
         ];
         for op in ops {
             let b = encode_op(3, &op);

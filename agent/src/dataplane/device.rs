@@ -10,11 +10,7 @@ use crate::model::Mac;
 pub enum DeviceKind {
     /// `ip link add weir.N type vxlan id N dstport P local IP dev UNDERLAY nolearning
     /// [proxy l2miss l3miss]`
-    Vxlan {
-        vni: u32,
-        port: u16,
-        on_demand: bool,
-    },
+    Vxlan { vni: u32, port: u16, on_demand: bool },
     /// `ip link add weir.ipip type ipip local IP`
     Ipip,
 }
@@ -43,17 +39,8 @@ impl DeviceSpec {
     pub fn incompatibility(&self, found: &FoundDevice) -> Option<String> {
         match (&self.kind, &found.kind) {
             (
-                DeviceKind::Vxlan {
-                    vni,
-                    port,
-                    on_demand,
-                },
-                Some(FoundKind::Vxlan {
-                    vni: fv,
-                    port: fp,
-                    learning,
-                    miss,
-                }),
+                DeviceKind::Vxlan { vni, port, on_demand },
+                Some(FoundKind::Vxlan { vni: fv, port: fp, learning, miss }),
             ) => {
                 if vni != fv {
                     Some(format!("VNI is {fv}, want {vni}"))
@@ -76,13 +63,8 @@ impl DeviceSpec {
         if found.local != Some(self.local) {
             return Some(format!("local is {:?}, want {}", found.local, self.local));
         }
-        if matches!(self.kind, DeviceKind::Vxlan { .. })
-            && found.link != Some(self.underlay_ifindex)
-        {
-            return Some(format!(
-                "underlay ifindex is {:?}, want {}",
-                found.link, self.underlay_ifindex
-            ));
+        if matches!(self.kind, DeviceKind::Vxlan { .. }) && found.link != Some(self.underlay_ifindex) {
+            return Some(format!("underlay ifindex is {:?}, want {}", found.link, self.underlay_ifindex));
         }
         None
     }
@@ -102,12 +84,7 @@ pub struct FoundDevice {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FoundKind {
-    Vxlan {
-        vni: u32,
-        port: u16,
-        learning: bool,
-        miss: bool,
-    },
+    Vxlan { vni: u32, port: u16, learning: bool, miss: bool },
     Ipip,
     Other(String),
 }
@@ -119,11 +96,7 @@ mod tests {
     fn spec() -> DeviceSpec {
         DeviceSpec {
             name: "weir.1".into(),
-            kind: DeviceKind::Vxlan {
-                vni: 1,
-                port: 8472,
-                on_demand: false,
-            },
+            kind: DeviceKind::Vxlan { vni: 1, port: 8472, on_demand: false },
             local: "198.18.0.11".parse().unwrap(),
             underlay_ifindex: 2,
             mtu: 1450,
@@ -135,12 +108,7 @@ mod tests {
     fn found() -> FoundDevice {
         FoundDevice {
             ifindex: 9,
-            kind: Some(FoundKind::Vxlan {
-                vni: 1,
-                port: 8472,
-                learning: false,
-                miss: false,
-            }),
+            kind: Some(FoundKind::Vxlan { vni: 1, port: 8472, learning: false, miss: false }),
             local: Some("198.18.0.11".parse().unwrap()),
             link: Some(2),
             mtu: Some(1400),
@@ -157,20 +125,10 @@ mod tests {
     #[test]
     fn vni_port_local_and_dev_force_a_recreate() {
         let mut f = found();
-        f.kind = Some(FoundKind::Vxlan {
-            vni: 2,
-            port: 8472,
-            learning: false,
-            miss: false,
-        });
+        f.kind = Some(FoundKind::Vxlan { vni: 2, port: 8472, learning: false, miss: false });
         assert!(spec().incompatibility(&f).unwrap().contains("VNI"));
         let mut f = found();
-        f.kind = Some(FoundKind::Vxlan {
-            vni: 1,
-            port: 4789,
-            learning: false,
-            miss: false,
-        });
+        f.kind = Some(FoundKind::Vxlan { vni: 1, port: 4789, learning: false, miss: false });
         assert!(spec().incompatibility(&f).unwrap().contains("port"));
         let mut f = found();
         f.local = Some("198.18.0.99".parse().unwrap());

@@ -44,11 +44,7 @@ pub fn subscribe(tx: mpsc::Sender<KernelEvent>) -> std::io::Result<()> {
                 },
                 _ => continue,
             };
-            let event = if pending_overrun {
-                KernelEvent::Overrun
-            } else {
-                event
-            };
+            let event = if pending_overrun { KernelEvent::Overrun } else { event };
             pending_overrun = match tx.try_send(event) {
                 Ok(()) => false,
                 Err(mpsc::error::TrySendError::Full(_)) => true,
@@ -63,14 +59,8 @@ pub fn subscribe(tx: mpsc::Sender<KernelEvent>) -> std::io::Result<()> {
 fn classify(m: &RouteNetlinkMessage) -> Option<KernelEvent> {
     use RouteNetlinkMessage::*;
     match m {
-        NewLink(l) | DelLink(l) => Some(KernelEvent::Changed {
-            ifindex: l.header.index,
-            ours: false,
-        }),
-        NewNeighbour(n) | DelNeighbour(n) => Some(KernelEvent::Changed {
-            ifindex: n.header.ifindex,
-            ours: false,
-        }),
+        NewLink(l) | DelLink(l) => Some(KernelEvent::Changed { ifindex: l.header.index, ours: false }),
+        NewNeighbour(n) | DelNeighbour(n) => Some(KernelEvent::Changed { ifindex: n.header.ifindex, ours: false }),
         NewRoute(r) | DelRoute(r) => {
             let ours = r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL);
             let ifindex = r

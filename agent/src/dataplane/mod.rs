@@ -25,10 +25,7 @@ pub enum KernelError {
         "kernel has no {kind} device support (netlink says 'unknown device type'); \
          load the module with `modprobe {module}` or use a kernel built with it"
     )]
-    MissingDeviceType {
-        kind: &'static str,
-        module: &'static str,
-    },
+    MissingDeviceType { kind: &'static str, module: &'static str },
 }
 
 impl KernelError {

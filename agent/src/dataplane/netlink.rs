@@ -7,12 +7,8 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-};
-use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
-};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::{Handle, LinkIpIp, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use tracing::info;
@@ -40,10 +36,7 @@ impl NetlinkKernel {
     pub fn connect() -> std::io::Result<Self> {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(conn);
-        Ok(NetlinkKernel {
-            handle,
-            batcher: Some(Batcher::new()?),
-        })
+        Ok(NetlinkKernel { handle, batcher: Some(Batcher::new()?) })
     }
 
     /// Runs `f` on the batcher off the async threads: a batch of thousands of
@@ -54,8 +47,7 @@ impl NetlinkKernel {
     ) -> Result<T, KernelError> {
         let mut batcher = match self.batcher.take() {
             Some(b) => b,
-            None => Batcher::new()
-                .map_err(|e| KernelError::Other(format!("open netlink socket: {e}")))?,
+            None => Batcher::new().map_err(|e| KernelError::Other(format!("open netlink socket: {e}")))?,
         };
         let (batcher, result) = tokio::task::spawn_blocking(move || {
             let r = f(&mut batcher);
@@ -76,12 +68,7 @@ impl NetlinkKernel {
     }
 
     async fn find_link(&self, name: &str) -> Result<Option<FoundDevice>, KernelError> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
+        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
         match links.try_next().await {
             Ok(Some(msg)) => Ok(Some(parse_link(&msg))),
             Ok(None) => Ok(None),
@@ -92,11 +79,7 @@ impl NetlinkKernel {
 
     async fn create(&self, spec: &DeviceSpec) -> Result<(), KernelError> {
         let msg = match spec.kind {
-            DeviceKind::Vxlan {
-                vni,
-                port,
-                on_demand,
-            } => {
+            DeviceKind::Vxlan { vni, port, on_demand } => {
                 let mut b = LinkVxlan::new(&spec.name, vni)
                     .port(port)
                     .dev(spec.underlay_ifindex)
@@ -118,24 +101,14 @@ impl NetlinkKernel {
                 let IpAddr::V4(local) = spec.local else {
                     return Err(KernelError::Other("ipip needs an IPv4 underlay".into()));
                 };
-                LinkIpIp::new(&spec.name)
-                    .local(local)
-                    .mtu(spec.mtu)
-                    .up()
-                    .build()
+                LinkIpIp::new(&spec.name).local(local).mtu(spec.mtu).up().build()
             }
         };
         self.handle.link().add(msg).execute().await.map_err(|e| {
             if errno(&e) == EOPNOTSUPP {
                 match spec.kind {
-                    DeviceKind::Vxlan { .. } => KernelError::MissingDeviceType {
-                        kind: "vxlan",
-                        module: "vxlan",
-                    },
-                    DeviceKind::Ipip => KernelError::MissingDeviceType {
-                        kind: "ipip",
-                        module: "ipip",
-                    },
+                    DeviceKind::Vxlan { .. } => KernelError::MissingDeviceType { kind: "vxlan", module: "vxlan" },
+                    DeviceKind::Ipip => KernelError::MissingDeviceType { kind: "ipip", module: "ipip" },
                 }
             } else {
                 to_kernel_error(format!("ip link add {}", spec.name), e)
@@ -143,11 +116,7 @@ impl NetlinkKernel {
         })
     }
 
-    async fn fix_link(
-        &self,
-        spec: &DeviceSpec,
-        found: &FoundDevice,
-    ) -> Result<Vec<String>, KernelError> {
+    async fn fix_link(&self, spec: &DeviceSpec, found: &FoundDevice) -> Result<Vec<String>, KernelError> {
         let mut fixed = Vec::new();
         let mut b = LinkUnspec::new_with_index(found.ifindex);
         if found.mtu != Some(spec.mtu) {
@@ -173,23 +142,12 @@ impl NetlinkKernel {
         Ok(fixed)
     }
 
-    async fn sync_addresses(
-        &self,
-        spec: &DeviceSpec,
-        ifindex: u32,
-    ) -> Result<Vec<String>, KernelError> {
+    async fn sync_addresses(&self, spec: &DeviceSpec, ifindex: u32) -> Result<Vec<String>, KernelError> {
         let mut present = Vec::new();
         let mut stale = Vec::new();
-        let mut addrs = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(ifindex)
-            .execute();
-        while let Some(msg) = addrs
-            .try_next()
-            .await
-            .map_err(|e| to_kernel_error(format!("ip addr show dev {}", spec.name), e))?
+        let mut addrs = self.handle.address().get().set_link_index_filter(ifindex).execute();
+        while let Some(msg) =
+            addrs.try_next().await.map_err(|e| to_kernel_error(format!("ip addr show dev {}", spec.name), e))?
         {
             let Some(ip) = msg.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => Some(*ip),
@@ -197,8 +155,7 @@ impl NetlinkKernel {
             }) else {
                 continue;
             };
-            let net = IpNet::new(ip, msg.header.prefix_len)
-                .map_err(|e| KernelError::Other(e.to_string()))?;
+            let net = IpNet::new(ip, msg.header.prefix_len).map_err(|e| KernelError::Other(e.to_string()))?;
             if spec.addresses.contains(&net) {
                 present.push(net);
             } else if !is_link_local(&ip) {
@@ -213,9 +170,7 @@ impl NetlinkKernel {
                 .replace()
                 .execute()
                 .await
-                .map_err(|e| {
-                    to_kernel_error(format!("ip addr replace {net} dev {}", spec.name), e)
-                })?;
+                .map_err(|e| to_kernel_error(format!("ip addr replace {net} dev {}", spec.name), e))?;
             fixed.push(format!("address +{net}"));
         }
         for msg in stale {
@@ -236,16 +191,9 @@ impl NetlinkKernel {
         ifindex: u32,
         state: &mut KernelState,
     ) -> Result<(), KernelError> {
-        let mut neighs = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(family)
-            .execute();
-        while let Some(msg) = neighs
-            .try_next()
-            .await
-            .map_err(|e| to_kernel_error(format!("dump neighbours {family:?}"), e))?
+        let mut neighs = self.handle.neighbours().get().set_address_family(family).execute();
+        while let Some(msg) =
+            neighs.try_next().await.map_err(|e| to_kernel_error(format!("dump neighbours {family:?}"), e))?
         {
             if msg.header.ifindex != ifindex || msg.header.state != NeighbourState::Permanent {
                 continue;
@@ -260,10 +208,7 @@ impl NetlinkKernel {
                     _ => None,
                 }) {
                     // clock_t ticks (USER_HZ, 100 per second) since last use.
-                    state.fdb_idle.insert(
-                        mac,
-                        std::time::Duration::from_millis(u64::from(ci.used) * 10),
-                    );
+                    state.fdb_idle.insert(mac, std::time::Duration::from_millis(u64::from(ci.used) * 10));
                 }
             } else {
                 state.neigh.insert(ip, mac);
@@ -279,11 +224,7 @@ impl NetlinkKernel {
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
         };
         let mut routes = self.handle.route().get(query).execute();
-        while let Some(msg) = routes
-            .try_next()
-            .await
-            .map_err(|e| to_kernel_error("dump routes".into(), e))?
-        {
+        while let Some(msg) = routes.try_next().await.map_err(|e| to_kernel_error("dump routes".into(), e))? {
             if route_table(&msg) != u32::from(RT_TABLE_MAIN) {
                 continue;
             }
@@ -339,31 +280,18 @@ impl Kernel for NetlinkKernel {
                     self.create(spec).await?;
                     DeviceAction::Recreated { reason }
                 }
-                None => DeviceAction::Adopted {
-                    fixed: self.fix_link(spec, f).await?,
-                },
+                None => DeviceAction::Adopted { fixed: self.fix_link(spec, f).await? },
             },
         };
-        let now = self.find_link(&spec.name).await?.ok_or_else(|| {
-            KernelError::Other(format!("{} vanished right after it was set up", spec.name))
-        })?;
+        let now = self
+            .find_link(&spec.name)
+            .await?
+            .ok_or_else(|| KernelError::Other(format!("{} vanished right after it was set up", spec.name)))?;
         let addr_fixes = self.sync_addresses(spec, now.ifindex).await?;
-        set_sysctl(
-            &format!("/proc/sys/net/ipv6/conf/{}/accept_ra", spec.name),
-            "0",
-        );
-        if matches!(
-            spec.kind,
-            DeviceKind::Vxlan {
-                on_demand: true,
-                ..
-            }
-        ) {
+        set_sysctl(&format!("/proc/sys/net/ipv6/conf/{}/accept_ra", spec.name), "0");
+        if matches!(spec.kind, DeviceKind::Vxlan { on_demand: true, .. }) {
             // Without app_solicit the neighbour code never reports routed misses.
-            set_sysctl(
-                &format!("/proc/sys/net/ipv4/neigh/{}/app_solicit", spec.name),
-                "3",
-            );
+            set_sysctl(&format!("/proc/sys/net/ipv4/neigh/{}/app_solicit", spec.name), "3");
         }
         let action = match action {
             DeviceAction::Adopted { mut fixed } => {
@@ -372,21 +300,14 @@ impl Kernel for NetlinkKernel {
             }
             other => other,
         };
-        Ok(DeviceStatus {
-            ifindex: now.ifindex,
-            mac: now.mac,
-            action,
-        })
+        Ok(DeviceStatus { ifindex: now.ifindex, mac: now.mac, action })
     }
 
     async fn dump(&mut self, ifindex: u32) -> Result<KernelState, KernelError> {
         let mut state = KernelState::default();
-        self.dump_neighbours(AddressFamily::Bridge, ifindex, &mut state)
-            .await?;
-        self.dump_neighbours(AddressFamily::Inet, ifindex, &mut state)
-            .await?;
-        self.dump_neighbours(AddressFamily::Inet6, ifindex, &mut state)
-            .await?;
+        self.dump_neighbours(AddressFamily::Bridge, ifindex, &mut state).await?;
+        self.dump_neighbours(AddressFamily::Inet, ifindex, &mut state).await?;
+        self.dump_neighbours(AddressFamily::Inet6, ifindex, &mut state).await?;
         self.dump_routes(false, &mut state).await?;
         self.dump_routes(true, &mut state).await?;
         state.nexthops = self.with_batcher(|b| b.dump_nexthops()).await?.map(|nhs| {
@@ -410,10 +331,7 @@ impl Kernel for NetlinkKernel {
                     0 => Ok(()),
                     // Something removed it first: the goal is reached.
                     ENOENT | ESRCH if op.verb() == "delete" => Ok(()),
-                    errno => Err(KernelError::Errno {
-                        what: op.to_string(),
-                        errno,
-                    }),
+                    errno => Err(KernelError::Errno { what: op.to_string(), errno }),
                 })
                 .collect(),
             Err(e) => ops.iter().map(|_| Err(e.clone())).collect(),
@@ -430,12 +348,7 @@ pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool, KernelErro
         Err(e) if errno(&e) == ENODEV => return Ok(false),
         Err(e) => return Err(to_kernel_error(format!("ip link show {name}"), e)),
     };
-    handle
-        .link()
-        .del(index)
-        .execute()
-        .await
-        .map_err(|e| to_kernel_error(format!("ip link del {name}"), e))?;
+    handle.link().del(index).execute().await.map_err(|e| to_kernel_error(format!("ip link del {name}"), e))?;
     Ok(true)
 }
 
@@ -496,12 +409,7 @@ fn parse_link_info(infos: &[LinkInfo], found: &mut FoundDevice) {
     for info in infos {
         match info {
             LinkInfo::Kind(InfoKind::Vxlan) if found.kind.is_none() => {
-                found.kind = Some(FoundKind::Vxlan {
-                    vni: 0,
-                    port: 0,
-                    learning: true,
-                    miss: false,
-                });
+                found.kind = Some(FoundKind::Vxlan { vni: 0, port: 0, learning: true, miss: false });
             }
             LinkInfo::Kind(InfoKind::IpIp) => found.kind = Some(FoundKind::Ipip),
             LinkInfo::Kind(other) => found.kind = Some(FoundKind::Other(format!("{other:?}"))),
@@ -519,12 +427,7 @@ fn parse_link_info(infos: &[LinkInfo], found: &mut FoundDevice) {
                         _ => {}
                     }
                 }
-                found.kind = Some(FoundKind::Vxlan {
-                    vni,
-                    port,
-                    learning,
-                    miss,
-                });
+                found.kind = Some(FoundKind::Vxlan { vni, port, learning, miss });
             }
             LinkInfo::Data(InfoData::IpTunnel(attrs)) => {
                 for a in attrs {
@@ -554,9 +457,7 @@ fn neigh_destination(msg: &NeighbourMessage) -> Option<IpAddr> {
 
 fn neigh_lladdr(msg: &NeighbourMessage) -> Option<Mac> {
     msg.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::LinkLayerAddress(a) if a.len() == 6 => {
-            Some(Mac([a[0], a[1], a[2], a[3], a[4], a[5]]))
-        }
+        NeighbourAttribute::LinkLayerAddress(a) if a.len() == 6 => Some(Mac([a[0], a[1], a[2], a[3], a[4], a[5]])),
         _ => None,
     })
 }

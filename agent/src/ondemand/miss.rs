@@ -32,18 +32,13 @@ pub fn parse_datagram(mut buf: &[u8], ifindex: u32) -> Vec<Parsed> {
     while buf.len() >= 16 {
         let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         if len < 16 || len > buf.len() {
-            out.push(Parsed::Malformed(format!(
-                "netlink length {len} with {} bytes left",
-                buf.len()
-            )));
+            out.push(Parsed::Malformed(format!("netlink length {len} with {} bytes left", buf.len())));
             break;
         }
-        out.push(
-            match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..len]) {
-                Ok(msg) => classify(msg, ifindex),
-                Err(e) => Parsed::Malformed(e.to_string()),
-            },
-        );
+        out.push(match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..len]) {
+            Ok(msg) => classify(msg, ifindex),
+            Err(e) => Parsed::Malformed(e.to_string()),
+        });
         // Messages are 4-byte aligned within a datagram.
         let step = (len + 3) & !3;
         buf = &buf[step.min(buf.len())..];
@@ -53,9 +48,7 @@ pub fn parse_datagram(mut buf: &[u8], ifindex: u32) -> Vec<Parsed> {
 
 fn classify(msg: NetlinkMessage<RouteNetlinkMessage>, ifindex: u32) -> Parsed {
     match msg.payload {
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetNeighbour(n))
-            if n.header.ifindex == ifindex =>
-        {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetNeighbour(n)) if n.header.ifindex == ifindex => {
             miss_of(&n)
         }
         _ => Parsed::Ignored,
@@ -65,24 +58,17 @@ fn classify(msg: NetlinkMessage<RouteNetlinkMessage>, ifindex: u32) -> Parsed {
 fn miss_of(n: &NeighbourMessage) -> Parsed {
     if n.header.family == AddressFamily::Bridge {
         let mac = n.attributes.iter().find_map(|a| match a {
-            NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
-                Some(Mac([b[0], b[1], b[2], b[3], b[4], b[5]]))
-            }
+            NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => Some(Mac([b[0], b[1], b[2], b[3], b[4], b[5]])),
             _ => None,
         });
-        return mac.map_or(Parsed::Malformed("L2 miss without a MAC".into()), |mac| {
-            Parsed::Miss(Miss::L2 { mac })
-        });
+        return mac.map_or(Parsed::Malformed("L2 miss without a MAC".into()), |mac| Parsed::Miss(Miss::L2 { mac }));
     }
     let ip = n.attributes.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
         NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
         _ => None,
     });
-    ip.map_or(
-        Parsed::Malformed("L3 miss without an address".into()),
-        |ip| Parsed::Miss(Miss::L3 { ip }),
-    )
+    ip.map_or(Parsed::Malformed("L3 miss without an address".into()), |ip| Parsed::Miss(Miss::L3 { ip }))
 }
 
 #[cfg(test)]
@@ -129,12 +115,8 @@ mod tests {
         assert_eq!(
             parsed,
             vec![
-                Parsed::Miss(Miss::L3 {
-                    ip: "10.244.2.0".parse().unwrap()
-                }),
-                Parsed::Miss(Miss::L2 {
-                    mac: "0e:00:00:00:00:02".parse().unwrap()
-                }),
+                Parsed::Miss(Miss::L3 { ip: "10.244.2.0".parse().unwrap() }),
+                Parsed::Miss(Miss::L2 { mac: "0e:00:00:00:00:02".parse().unwrap() }),
                 Parsed::Ignored,
             ]
         );
@@ -147,16 +129,8 @@ mod tests {
             7,
             NeighbourAttribute::Destination(NeighbourAddress::Inet6("fd00::1".parse().unwrap())),
         );
-        assert_eq!(
-            parse_datagram(&d, 7),
-            vec![Parsed::Miss(Miss::L3 {
-                ip: "fd00::1".parse().unwrap()
-            })]
-        );
-        assert!(matches!(
-            parse_datagram(&[0xff; 20], 7)[0],
-            Parsed::Malformed(_)
-        ));
+        assert_eq!(parse_datagram(&d, 7), vec![Parsed::Miss(Miss::L3 { ip: "fd00::1".parse().unwrap() })]);
+        assert!(matches!(parse_datagram(&[0xff; 20], 7)[0], Parsed::Malformed(_)));
         assert!(parse_datagram(&[], 7).is_empty());
     }
 }

@@ -27,17 +27,11 @@ pub struct ActiveSet {
 
 impl ActiveSet {
     pub fn mark(&self, peer: &str) {
-        self.inner
-            .lock()
-            .expect("active set lock")
-            .insert(peer.to_string(), Instant::now());
+        self.inner.lock().expect("active set lock").insert(peer.to_string(), Instant::now());
     }
 
     pub fn contains(&self, peer: &str) -> bool {
-        self.inner
-            .lock()
-            .expect("active set lock")
-            .contains_key(peer)
+        self.inner.lock().expect("active set lock").contains_key(peer)
     }
 
     pub fn remove(&self, peer: &str) {
@@ -54,18 +48,11 @@ impl ActiveSet {
 
     /// Forgets peers that are gone from the peer set.
     pub fn retain_known(&self, known: impl Fn(&str) -> bool) {
-        self.inner
-            .lock()
-            .expect("active set lock")
-            .retain(|p, _| known(p));
+        self.inner.lock().expect("active set lock").retain(|p, _| known(p));
     }
 
     pub fn last_miss(&self, peer: &str) -> Option<Duration> {
-        self.inner
-            .lock()
-            .expect("active set lock")
-            .get(peer)
-            .map(|t| t.elapsed())
+        self.inner.lock().expect("active set lock").get(peer).map(|t| t.elapsed())
     }
 }
 
@@ -89,14 +76,9 @@ impl MissTable {
     pub fn new<'a>(peers: impl IntoIterator<Item = &'a Peer>) -> Self {
         let mut t = MissTable::default();
         for p in peers {
-            let answer = Answer {
-                peer: p.name.clone(),
-                mac: p.vtep_mac,
-                underlay: p.underlay_ip,
-            };
+            let answer = Answer { peer: p.name.clone(), mac: p.vtep_mac, underlay: p.underlay_ip };
             for cidr in &p.pod_cidrs {
-                t.by_gateway
-                    .insert(crate::model::gateway_of(cidr), answer.clone());
+                t.by_gateway.insert(crate::model::gateway_of(cidr), answer.clone());
             }
             t.by_mac.insert(p.vtep_mac, answer);
         }
@@ -122,22 +104,11 @@ mod tests {
             name: "node-2".into(),
             underlay_ip: "198.18.0.12".parse().unwrap(),
             vtep_mac: "0e:00:00:00:00:02".parse().unwrap(),
-            pod_cidrs: vec![
-                "10.244.2.0/24".parse().unwrap(),
-                "fd00:10:244:2::/64".parse().unwrap(),
-            ],
+            pod_cidrs: vec!["10.244.2.0/24".parse().unwrap(), "fd00:10:244:2::/64".parse().unwrap()],
         };
         let t = MissTable::new([&p]);
-        assert_eq!(
-            t.gateway(&"10.244.2.0".parse().unwrap()).unwrap().peer,
-            "node-2"
-        );
-        assert_eq!(
-            t.gateway(&"fd00:10:244:2::".parse().unwrap())
-                .unwrap()
-                .underlay,
-            p.underlay_ip
-        );
+        assert_eq!(t.gateway(&"10.244.2.0".parse().unwrap()).unwrap().peer, "node-2");
+        assert_eq!(t.gateway(&"fd00:10:244:2::".parse().unwrap()).unwrap().underlay, p.underlay_ip);
         assert!(t.gateway(&"10.244.2.1".parse().unwrap()).is_none());
         assert_eq!(t.mac(&p.vtep_mac).unwrap().peer, "node-2");
     }

@@ -62,11 +62,7 @@ fn force_rcvbuf(sock: &TokioSocket, bytes: usize) -> std::io::Result<()> {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        sock.socket_ref().set_rx_buf_sz(bytes)
-    }
+    if rc == 0 { Ok(()) } else { sock.socket_ref().set_rx_buf_sz(bytes) }
 }
 
 /// Logs at most one line per interval for a noisy condition, with the count.
@@ -90,19 +86,12 @@ impl RateLimited {
     }
 }
 
-type Pending = std::pin::Pin<
-    Box<
-        dyn std::future::Future<Output = (&'static str, Instant, Result<(), rtnetlink::Error>)>
-            + Send,
-    >,
->;
+type Pending =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (&'static str, Instant, Result<(), rtnetlink::Error>)> + Send>>;
 
 impl Responder {
     pub async fn run(self, handle: Handle) {
-        let mut unknown_log = RateLimited {
-            last: None,
-            suppressed: 0,
-        };
+        let mut unknown_log = RateLimited { last: None, suppressed: 0 };
         loop {
             let sock = match open_socket(self.rcvbuf) {
                 Ok(s) => s,
@@ -171,25 +160,14 @@ impl Responder {
             Parsed::Miss(Miss::L3 { ip }) => match table.gateway(&ip) {
                 Some(ans) => {
                     self.active.mark(&ans.peer);
-                    inflight.push(Box::pin(l3_answer(
-                        handle.clone(),
-                        ifindex,
-                        ip,
-                        ans.clone(),
-                        received,
-                    )));
+                    inflight.push(Box::pin(l3_answer(handle.clone(), ifindex, ip, ans.clone(), received)));
                 }
                 None => self.unknown("l3", &ip.to_string(), log),
             },
             Parsed::Miss(Miss::L2 { mac }) => match table.mac(&mac) {
                 Some(ans) => {
                     self.active.mark(&ans.peer);
-                    inflight.push(Box::pin(l2_answer(
-                        handle.clone(),
-                        ifindex,
-                        ans.clone(),
-                        received,
-                    )));
+                    inflight.push(Box::pin(l2_answer(handle.clone(), ifindex, ans.clone(), received)));
                 }
                 None => self.unknown("l2", &mac.to_string(), log),
             },
@@ -197,11 +175,7 @@ impl Responder {
     }
 
     fn unknown(&self, kind: &str, what: &str, log: &mut RateLimited) {
-        let counter = if kind == "l3" {
-            &self.metrics.l3miss
-        } else {
-            &self.metrics.l2miss
-        };
+        let counter = if kind == "l3" { &self.metrics.l3miss } else { &self.metrics.l2miss };
         counter.with_label_values(&["unknown"]).inc();
         if let Some(suppressed) = log.hit(Duration::from_secs(10)) {
             info!(kind, address = %what, suppressed, "miss for an address no peer owns; ignored");

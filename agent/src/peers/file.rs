@@ -52,11 +52,7 @@ pub fn read(path: &Path, default_backend: &str) -> Result<Vec<NodeInfo>, String>
 
 /// Calls `on_change` with the file's nodes now and after every change. A file
 /// that fails to parse is reported and the last good content stays in force.
-pub async fn watch(
-    path: PathBuf,
-    default_backend: String,
-    mut on_change: impl FnMut(Vec<NodeInfo>),
-) {
+pub async fn watch(path: PathBuf, default_backend: String, mut on_change: impl FnMut(Vec<NodeInfo>)) {
     let mut seen: Option<SystemTime> = None;
     loop {
         let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
@@ -89,11 +85,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_an_error_that_names_them() {
-        let e = super::parse(
-            "- name: a\n  publicIP: 1.2.3.4\n  podCIDRs: []\n  vtepMac: x\n",
-            "vxlan",
-        )
-        .unwrap_err();
+        let e = super::parse("- name: a\n  publicIP: 1.2.3.4\n  podCIDRs: []\n  vtepMac: x\n", "vxlan").unwrap_err();
         assert!(e.contains("vtepMac"), "{e}");
     }
 }

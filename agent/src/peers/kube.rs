@@ -26,12 +26,7 @@ pub fn trim(node: &Node) -> NodeInfo {
     }
     NodeInfo {
         name: node.metadata.name.clone().unwrap_or_default(),
-        created: node
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.as_second())
-            .unwrap_or(0),
+        created: node.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0),
         public_ip: get(ANN_PUBLIC_IP),
         vtep_mac: get(ANN_VTEP_MAC),
         backend: get(ANN_BACKEND),
@@ -49,12 +44,7 @@ pub fn internal_ips(node: &Node) -> Vec<IpAddr> {
     node.status
         .as_ref()
         .and_then(|s| s.addresses.as_ref())
-        .map(|a| {
-            a.iter()
-                .filter(|a| a.type_ == "InternalIP")
-                .filter_map(|a| a.address.parse().ok())
-                .collect()
-        })
+        .map(|a| a.iter().filter(|a| a.type_ == "InternalIP").filter_map(|a| a.address.parse().ok()).collect())
         .unwrap_or_default()
 }
 
@@ -69,9 +59,7 @@ pub async fn watch_nodes(
     let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
     let mut relist: Option<BTreeMap<String, NodeInfo>> = None;
     let mut complete = false;
-    let stream = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .ready_chunks(4096);
+    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff().ready_chunks(4096);
     futures::pin_mut!(stream);
     while let Some(batch) = stream.next().await {
         let mut changed = false;
@@ -80,10 +68,7 @@ pub async fn watch_nodes(
                 Ok(ev) => ev,
                 Err(e) => {
                     warn!(error = %e, "node watch failed; retrying with backoff, dataplane unchanged");
-                    metrics
-                        .kube_watch_events
-                        .with_label_values(&["error"])
-                        .inc();
+                    metrics.kube_watch_events.with_label_values(&["error"]).inc();
                     continue;
                 }
             };
@@ -99,9 +84,7 @@ pub async fn watch_nodes(
                 Event::Init => relist = Some(BTreeMap::new()),
                 Event::InitApply(n) => {
                     let info = trim(&n);
-                    relist
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(info.name.clone(), info);
+                    relist.get_or_insert_with(BTreeMap::new).insert(info.name.clone(), info);
                 }
                 Event::InitDone => {
                     nodes = relist.take().unwrap_or_default();
@@ -119,9 +102,7 @@ pub async fn watch_nodes(
                     }
                 }
                 Event::Delete(n) => {
-                    changed |= nodes
-                        .remove(n.metadata.name.as_deref().unwrap_or_default())
-                        .is_some();
+                    changed |= nodes.remove(n.metadata.name.as_deref().unwrap_or_default()).is_some();
                 }
             }
         }
@@ -133,28 +114,17 @@ pub async fn watch_nodes(
 
 /// Publishes weir's annotations on its own Node through nodes/status, patching
 /// only the keys whose value differs.
-pub async fn publish_annotations(
-    api: &Api<Node>,
-    node: &str,
-    wanted: &[(&str, String)],
-) -> kube::Result<usize> {
+pub async fn publish_annotations(api: &Api<Node>, node: &str, wanted: &[(&str, String)]) -> kube::Result<usize> {
     let current = api.get(node).await?;
     let have = current.metadata.annotations.unwrap_or_default();
-    let diff: serde_json::Map<String, serde_json::Value> = wanted
-        .iter()
-        .filter(|(k, v)| have.get(*k) != Some(v))
-        .map(|(k, v)| (k.to_string(), json!(v)))
-        .collect();
+    let diff: serde_json::Map<String, serde_json::Value> =
+        wanted.iter().filter(|(k, v)| have.get(*k) != Some(v)).map(|(k, v)| (k.to_string(), json!(v))).collect();
     if diff.is_empty() {
         return Ok(0);
     }
     let n = diff.len();
-    api.patch_status(
-        node,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "metadata": { "annotations": diff } })),
-    )
-    .await?;
+    api.patch_status(node, &PatchParams::default(), &Patch::Merge(json!({ "metadata": { "annotations": diff } })))
+        .await?;
     Ok(n)
 }
 
@@ -165,16 +135,13 @@ pub async fn set_network_available(api: &Api<Node>, node: &str) -> kube::Result<
         "type": "NetworkUnavailable", "status": "False", "reason": "WeirIsUp",
         "message": "weir-agent has programmed the overlay", "lastTransitionTime": now, "lastHeartbeatTime": now
     }]}});
-    api.patch_status(node, &PatchParams::default(), &Patch::Strategic(patch))
-        .await?;
+    api.patch_status(node, &PatchParams::default(), &Patch::Strategic(patch)).await?;
     Ok(())
 }
 
 fn chrono_now() -> String {
     k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-        k8s_openapi::jiff::Timestamp::now()
-            .round(k8s_openapi::jiff::Unit::Second)
-            .unwrap(),
+        k8s_openapi::jiff::Timestamp::now().round(k8s_openapi::jiff::Unit::Second).unwrap(),
     )
     .0
     .to_string()
@@ -186,10 +153,7 @@ pub fn weir_annotations(
     backend: &str,
     vni: u32,
 ) -> Vec<(&'static str, String)> {
-    let mut v = vec![
-        (ANN_PUBLIC_IP, public_ip.to_string()),
-        (ANN_BACKEND, backend.to_string()),
-    ];
+    let mut v = vec![(ANN_PUBLIC_IP, public_ip.to_string()), (ANN_BACKEND, backend.to_string())];
     if let Some(mac) = mac {
         v.push((ANN_VTEP_MAC, mac));
         v.push((ANN_VNI, vni.to_string()));

@@ -36,35 +36,18 @@ pub fn publisher(
         for (r, text) in out.rejected.iter().zip(&rejections) {
             if !last_rejections.contains(text) {
                 warn!(node = %r.node, field = r.field, value = %r.value, reason = r.reason, "node rejected as a peer");
-                metrics
-                    .peer_rejected
-                    .with_label_values(&[reason_label(r)])
-                    .inc();
+                metrics.peer_rejected.with_label_values(&[reason_label(r)]).inc();
             }
         }
-        let skips: BTreeMap<String, String> = out
-            .skipped
-            .iter()
-            .map(|(n, s)| (n.clone(), format!("{s:?}")))
-            .collect();
+        let skips: BTreeMap<String, String> = out.skipped.iter().map(|(n, s)| (n.clone(), format!("{s:?}"))).collect();
         for (name, text) in &skips {
             if last_skips.get(name) != Some(text) {
                 info!(node = %name, reason = %text, "node is not a peer (yet)");
             }
         }
-        metrics
-            .peers
-            .with_label_values(&["invalid"])
-            .set(out.rejected.len() as i64);
-        metrics
-            .peers
-            .with_label_values(&["pending"])
-            .set(out.skipped.len() as i64);
-        let record = PeersRecord {
-            backend: validator.backend,
-            peers: out.peers,
-            rejected: rejections,
-        };
+        metrics.peers.with_label_values(&["invalid"]).set(out.rejected.len() as i64);
+        metrics.peers.with_label_values(&["pending"]).set(out.skipped.len() as i64);
+        let record = PeersRecord { backend: validator.backend, peers: out.peers, rejected: rejections };
         let json = serde_json::to_string(&record).expect("peers serialise");
         if let Err(e) = crate::cni::write_if_changed(&record_path, &json) {
             warn!(path = %record_path.display(), error = %e, "cannot record peers for `weir-agent status`");

@@ -44,11 +44,7 @@ pub struct Rejection {
 
 impl std::fmt::Display for Rejection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "node {}: {}={:?}: {}",
-            self.node, self.field, self.value, self.reason
-        )
+        write!(f, "node {}: {}={:?}: {}", self.node, self.field, self.value, self.reason)
     }
 }
 
@@ -77,21 +73,14 @@ pub struct Outcome {
 const MAX_VALUE: usize = 256;
 
 fn clip(v: &str) -> String {
-    if v.len() > 64 {
-        format!("{}…({} bytes)", &v[..v.floor_char_boundary(64)], v.len())
-    } else {
-        v.to_string()
-    }
+    if v.len() > 64 { format!("{}…({} bytes)", &v[..v.floor_char_boundary(64)], v.len()) } else { v.to_string() }
 }
 
 impl Validator {
     /// Validates every node; conflicts between nodes go to the older node, then
     /// the smaller name, so every agent reaches the same verdict.
     pub fn validate<'a>(&self, nodes: impl IntoIterator<Item = &'a NodeInfo>) -> Outcome {
-        let mut ordered: Vec<&NodeInfo> = nodes
-            .into_iter()
-            .filter(|n| n.name != self.local_name)
-            .collect();
+        let mut ordered: Vec<&NodeInfo> = nodes.into_iter().filter(|n| n.name != self.local_name).collect();
         ordered.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
         let mut out = Outcome::default();
         let mut macs: BTreeSet<Mac> = BTreeSet::new();
@@ -138,55 +127,23 @@ impl Validator {
         if self.skip_reason(n).is_some() {
             return Ok(None);
         }
-        let reject = |field, value: &str, reason| Rejection {
-            node: n.name.clone(),
-            field,
-            value: clip(value),
-            reason,
-        };
+        let reject = |field, value: &str, reason| Rejection { node: n.name.clone(), field, value: clip(value), reason };
         let ip_text = n.public_ip.as_deref().unwrap_or_default();
         if ip_text.len() > MAX_VALUE {
             return Err(reject(ANN_PUBLIC_IP, ip_text, "value too long"));
         }
-        let ip: IpAddr = ip_text
-            .parse()
-            .map_err(|_| reject(ANN_PUBLIC_IP, ip_text, "not an IP address"))?;
+        let ip: IpAddr = ip_text.parse().map_err(|_| reject(ANN_PUBLIC_IP, ip_text, "not an IP address"))?;
         if ip.is_ipv4() != self.underlay_is_v4 {
-            return Err(reject(
-                ANN_PUBLIC_IP,
-                ip_text,
-                "address family differs from this node's underlay",
-            ));
+            return Err(reject(ANN_PUBLIC_IP, ip_text, "address family differs from this node's underlay"));
         }
-        if ip.is_loopback()
-            || ip.is_multicast()
-            || ip.is_unspecified()
-            || ip == IpAddr::from([255, 255, 255, 255])
-        {
-            return Err(reject(
-                ANN_PUBLIC_IP,
-                ip_text,
-                "loopback, multicast, broadcast or unspecified",
-            ));
+        if ip.is_loopback() || ip.is_multicast() || ip.is_unspecified() || ip == IpAddr::from([255, 255, 255, 255]) {
+            return Err(reject(ANN_PUBLIC_IP, ip_text, "loopback, multicast, broadcast or unspecified"));
         }
-        if !n.addresses.is_empty()
-            && !n
-                .addresses
-                .iter()
-                .any(|a| a.parse::<IpAddr>().ok() == Some(ip))
-        {
-            return Err(reject(
-                ANN_PUBLIC_IP,
-                ip_text,
-                "not one of the Node's status.addresses",
-            ));
+        if !n.addresses.is_empty() && !n.addresses.iter().any(|a| a.parse::<IpAddr>().ok() == Some(ip)) {
+            return Err(reject(ANN_PUBLIC_IP, ip_text, "not one of the Node's status.addresses"));
         }
         if ips.contains(&ip) {
-            return Err(reject(
-                ANN_PUBLIC_IP,
-                ip_text,
-                "already used by an older node",
-            ));
+            return Err(reject(ANN_PUBLIC_IP, ip_text, "already used by an older node"));
         }
         let mac = match self.backend {
             Backend::Vxlan => {
@@ -215,40 +172,23 @@ impl Validator {
         };
         let mut cidrs = Vec::new();
         for text in &n.pod_cidrs {
-            let cidr: IpNet = text
-                .parse()
-                .map_err(|_| reject("spec.podCIDRs", text, "not a CIDR"))?;
+            let cidr: IpNet = text.parse().map_err(|_| reject("spec.podCIDRs", text, "not a CIDR"))?;
             if cidr != cidr.trunc() {
                 return Err(reject("spec.podCIDRs", text, "host bits set"));
             }
             if !self.cluster_cidrs.is_empty()
                 && !self.cluster_cidrs.iter().any(|c| c.contains(&cidr))
-                && self
-                    .cluster_cidrs
-                    .iter()
-                    .any(|c| c.addr().is_ipv4() == cidr.addr().is_ipv4())
+                && self.cluster_cidrs.iter().any(|c| c.addr().is_ipv4() == cidr.addr().is_ipv4())
             {
                 return Err(reject("spec.podCIDRs", text, "outside --cluster-cidr"));
             }
-            if claimed
-                .iter()
-                .chain(&cidrs)
-                .any(|c: &IpNet| c.contains(&cidr.network()) || cidr.contains(&c.network()))
+            if claimed.iter().chain(&cidrs).any(|c: &IpNet| c.contains(&cidr.network()) || cidr.contains(&c.network()))
             {
-                return Err(reject(
-                    "spec.podCIDRs",
-                    text,
-                    "overlaps this node's or an older node's pod CIDR",
-                ));
+                return Err(reject("spec.podCIDRs", text, "overlaps this node's or an older node's pod CIDR"));
             }
             cidrs.push(cidr);
         }
-        Ok(Some(Peer {
-            name: n.name.clone(),
-            underlay_ip: ip,
-            vtep_mac: mac,
-            pod_cidrs: cidrs,
-        }))
+        Ok(Some(Peer { name: n.name.clone(), underlay_ip: ip, vtep_mac: mac, pod_cidrs: cidrs }))
     }
 }
 

@@ -34,12 +34,7 @@ fn good(i: u8) -> NodeInfo {
 
 fn rejected(n: NodeInfo) -> Rejection {
     let out = validator().validate(&[good(1), n]);
-    assert_eq!(
-        out.peers.len(),
-        1,
-        "the good node stays: {:?}",
-        out.rejected
-    );
+    assert_eq!(out.peers.len(), 1, "the good node stays: {:?}", out.rejected);
     assert_eq!(out.rejected.len(), 1);
     out.rejected[0].clone()
 }
@@ -49,23 +44,15 @@ fn good_nodes_become_peers_and_self_is_skipped() {
     let mut me = good(3);
     me.name = "node-0".into();
     let out = validator().validate(&[good(1), good(2), me]);
-    assert_eq!(
-        out.peers
-            .iter()
-            .map(|p| p.name.as_str())
-            .collect::<Vec<_>>(),
-        vec!["node-1", "node-2"]
-    );
+    assert_eq!(out.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), vec!["node-1", "node-2"]);
     assert!(out.rejected.is_empty());
 }
 
 #[test]
 fn bad_macs_are_rejected_with_their_field() {
-    for (mac, reason) in [
-        ("01:00:5e:00:00:01", "multicast"),
-        ("not-a-mac", "not a MAC"),
-        ("00:00:00:00:00:00", "all-zero"),
-    ] {
+    for (mac, reason) in
+        [("01:00:5e:00:00:01", "multicast"), ("not-a-mac", "not a MAC"), ("00:00:00:00:00:00", "all-zero")]
+    {
         let mut n = good(2);
         n.vtep_mac = Some(mac.into());
         let r = rejected(n);
@@ -158,8 +145,5 @@ fn pending_and_other_backend_nodes_are_skipped_not_rejected() {
     assert_eq!(out.peers.len(), 1);
     assert!(out.rejected.is_empty());
     assert_eq!(out.skipped.get("node-2"), Some(&Skip::Pending));
-    assert_eq!(
-        out.skipped.get("node-3"),
-        Some(&Skip::OtherBackend("ipip".into()))
-    );
+    assert_eq!(out.skipped.get("node-3"), Some(&Skip::OtherBackend("ipip".into())));
 }

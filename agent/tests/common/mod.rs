@@ -19,17 +19,11 @@ use weir_agent::model::{Backend, Peer};
 /// visible SKIP when the test cannot create one.
 pub fn in_fresh_netns<F: FnOnce() + Send + 'static>(test: &str, f: F) {
     if !can_create_netns() {
-        eprintln!(
-            "SKIP {test}: kernel tests need root (CAP_NET_ADMIN) to create network namespaces"
-        );
+        eprintln!("SKIP {test}: kernel tests need root (CAP_NET_ADMIN) to create network namespaces");
         return;
     }
     std::thread::spawn(move || {
-        assert_eq!(
-            unsafe { libc::unshare(libc::CLONE_NEWNET) },
-            0,
-            "unshare(CLONE_NEWNET)"
-        );
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
         sh("ip link set lo up");
         f()
     })
@@ -40,11 +34,7 @@ pub fn in_fresh_netns<F: FnOnce() + Send + 'static>(test: &str, f: F) {
 /// Moves the calling thread into the named namespace (from `ip netns add`).
 pub fn enter_netns(name: &str) {
     let f = std::fs::File::open(format!("/var/run/netns/{name}")).expect("open netns");
-    assert_eq!(
-        unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
-        0,
-        "setns {name}"
-    );
+    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {name}");
 }
 
 pub fn can_create_netns() -> bool {
@@ -56,10 +46,7 @@ pub struct NamedNetns(pub String);
 
 impl NamedNetns {
     pub fn new(name: &str) -> Self {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(std::process::Stdio::null())
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", name]).stderr(std::process::Stdio::null()).status();
         sh(&format!("ip netns add {name}"));
         sh(&format!("ip -n {name} link set lo up"));
         NamedNetns(name.to_string())
@@ -74,16 +61,8 @@ impl Drop for NamedNetns {
 
 /// Runs a shell command in the calling thread's namespace and returns stdout.
 pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .expect("spawn sh");
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
+    assert!(out.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -109,20 +88,14 @@ pub fn underlay() -> u32 {
 
 /// /sys shows the namespace it was mounted in, so ask netlink instead.
 pub fn ifindex(dev: &str) -> u32 {
-    json(&format!("ip -j link show {dev}"))[0]["ifindex"]
-        .as_u64()
-        .expect("ifindex") as u32
+    json(&format!("ip -j link show {dev}"))[0]["ifindex"].as_u64().expect("ifindex") as u32
 }
 
 pub fn vxlan_spec(underlay_ifindex: u32, local: &str, cidr: &str) -> DeviceSpec {
     let net: ipnet::IpNet = cidr.parse().unwrap();
     DeviceSpec {
         name: "weir.1".into(),
-        kind: DeviceKind::Vxlan {
-            vni: 1,
-            port: 8472,
-            on_demand: false,
-        },
+        kind: DeviceKind::Vxlan { vni: 1, port: 8472, on_demand: false },
         local: local.parse().unwrap(),
         underlay_ifindex,
         mtu: 1450,
@@ -134,11 +107,7 @@ pub fn vxlan_spec(underlay_ifindex: u32, local: &str, cidr: &str) -> DeviceSpec 
 pub fn engine(
     spec: DeviceSpec,
     local_cidr: &str,
-) -> (
-    Engine<NetlinkKernel>,
-    tokio::sync::watch::Receiver<EngineStatus>,
-    Arc<Metrics>,
-) {
+) -> (Engine<NetlinkKernel>, tokio::sync::watch::Receiver<EngineStatus>, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
     let cfg = EngineConfig {
         backend: Backend::Vxlan,
@@ -163,10 +132,7 @@ pub fn fake_peer(i: u32) -> Peer {
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 /// Polls `cond` every 20 ms for up to `limit`; returns the time it took.
