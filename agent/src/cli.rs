@@ -95,6 +95,12 @@ pub struct RunArgs {
     /// On-demand mode: receive buffer of the miss socket, in bytes.
     #[arg(long, default_value_t = 8 << 20, env = "WEIR_MISS_RCVBUF", global = true)]
     pub miss_rcvbuf: usize,
+    /// Manage the nftables table `inet weir` (masquerade, tunnel ingress filter).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "WEIR_FIREWALL", global = true)]
+    pub firewall: bool,
+    /// How often the nftables table is checked for drift.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "WEIR_FIREWALL_CHECK_INTERVAL", global = true)]
+    pub firewall_check_interval: Duration,
     /// Read peers from this YAML file instead of the Kubernetes API.
     #[arg(long, env = "WEIR_PEERS_FILE", global = true)]
     pub peers_file: Option<PathBuf>,

@@ -78,6 +78,10 @@ async fn cleanup(args: &RunArgs) -> anyhow::Result<ExitCode> {
             tracing::info!(device = %name, "removed");
         }
     }
+    match crate::firewall::delete_table().await {
+        Ok(()) => tracing::info!("removed nftables table inet weir"),
+        Err(e) => tracing::warn!(error = %e, "could not remove nftables table inet weir"),
+    }
     for path in [args.cni_conf_dir.join(crate::cni::CONFLIST_NAME), args.run_dir.join("subnet.env")] {
         if std::fs::remove_file(&path).is_ok() {
             tracing::info!(path = %path.display(), "removed");

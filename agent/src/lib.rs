@@ -5,6 +5,7 @@ pub mod cni;
 pub mod commands;
 pub mod dataplane;
 pub mod engine;
+pub mod firewall;
 pub mod metrics;
 pub mod model;
 pub mod ondemand;

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub cni_writes: IntCounter,
     pub device_recreated: IntCounter,
     pub phase_seconds: HistogramVec,
+    pub firewall_sync: IntCounterVec,
+    pub tunnel_dropped: IntGauge,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -118,6 +120,16 @@ impl Metrics {
                 &["phase"],
             )
             .unwrap(),
+            firewall_sync: IntCounterVec::new(
+                opts("weir_firewall_sync_total", "Applications of the nftables table inet weir by result"),
+                &["result"],
+            )
+            .unwrap(),
+            tunnel_dropped: IntGauge::with_opts(opts(
+                "weir_tunnel_dropped_packets",
+                "Tunnel packets dropped because they came from no known node (read from the nft counter)",
+            ))
+            .unwrap(),
         };
         let r = &m.registry;
         r.register(Box::new(m.fdb_entries.clone())).unwrap();
@@ -138,6 +150,8 @@ impl Metrics {
         r.register(Box::new(m.cni_writes.clone())).unwrap();
         r.register(Box::new(m.device_recreated.clone())).unwrap();
         r.register(Box::new(m.phase_seconds.clone())).unwrap();
+        r.register(Box::new(m.firewall_sync.clone())).unwrap();
+        r.register(Box::new(m.tunnel_dropped.clone())).unwrap();
         m
     }
 

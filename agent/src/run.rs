@@ -19,6 +19,7 @@ use crate::dataplane::netlink::NetlinkKernel;
 use crate::dataplane::{DeviceKind, DeviceSpec, events};
 use crate::engine::OnDemand;
 use crate::engine::{Engine, EngineConfig, EngineStatus};
+use crate::firewall::{self, FirewallSpec};
 use crate::metrics::Metrics;
 use crate::model::{Backend, Mac, Mode, PeerSet};
 use crate::ondemand::responder::Responder;
@@ -162,6 +163,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         events::subscribe(tx).ok().map(|_| rx)
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let firewall_peers = peers_rx.clone();
     let engine_task = tokio::spawn(engine.run(peers_rx, ev_rx, reopen, shutdown_rx));
 
     let cni_ready = Arc::new(AtomicBool::new(false));
@@ -208,6 +210,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     cni_ready.store(true, Ordering::Relaxed);
+
+    if args.firewall {
+        let spec = FirewallSpec {
+            backend: args.backend,
+            vxlan_port: args.vxlan_port,
+            pod_cidrs: own.pod_cidrs.clone(),
+            cluster_cidrs: args.cluster_cidr.clone(),
+            masquerade: args.ip_masq,
+            peers: Default::default(),
+        };
+        if args.ip_masq && args.cluster_cidr.is_empty() {
+            warn!("--ip-masq needs --cluster-cidr to tell pod traffic from outside traffic; not masquerading");
+        }
+        tokio::spawn(firewall::run(spec, firewall_peers, metrics.clone(), args.firewall_check_interval));
+    }
 
     let validator = Validator {
         backend: args.backend,

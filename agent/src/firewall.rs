@@ -1,0 +1,226 @@
+//! weir's nftables table `inet weir`: pod masquerade, forward accept for the
+//! cluster, and tunnel ingress only from known nodes.
+//!
+//! Driven through the `nft` binary: one `nft -f -` run is one atomic
+//! transaction, so the table is replaced as a whole on every change, and
+//! `nft -s list table inet weir` gives a canonical text to detect drift.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::model::{Backend, PeerSet};
+
+pub const TABLE: &str = "inet weir";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallSpec {
+    pub backend: Backend,
+    pub vxlan_port: u16,
+    pub pod_cidrs: Vec<IpNet>,
+    pub cluster_cidrs: Vec<IpNet>,
+    pub masquerade: bool,
+    pub peers: BTreeSet<IpAddr>,
+}
+
+fn elements<'a>(ips: impl Iterator<Item = &'a IpAddr>) -> String {
+    let list: Vec<String> = ips.map(|i| i.to_string()).collect();
+    if list.is_empty() { String::new() } else { format!(" elements = {{ {} }};", list.join(", ")) }
+}
+
+fn nets(v: &[&IpNet]) -> String {
+    v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// The whole nft script: create-then-delete makes the replacement work
+/// whether or not the table exists, inside one transaction.
+pub fn render(spec: &FirewallSpec) -> String {
+    let mut s = String::new();
+    let v4: Vec<&IpAddr> = spec.peers.iter().filter(|i| i.is_ipv4()).collect();
+    let v6: Vec<&IpAddr> = spec.peers.iter().filter(|i| i.is_ipv6()).collect();
+    // Only weir's own port (or IP protocol 4) to a local address is filtered:
+    // other VXLAN users on the host keep working.
+    let tunnel = match spec.backend {
+        Backend::Vxlan => format!("udp dport {}", spec.vxlan_port),
+        Backend::Ipip => "meta l4proto ipip".to_string(),
+    };
+    writeln!(s, "table {TABLE}\ndelete table {TABLE}\ntable {TABLE} {{").unwrap();
+    writeln!(s, "\tcomment \"managed by weir-agent; changes are reverted\"").unwrap();
+    writeln!(s, "\tset peers4 {{ type ipv4_addr;{} }}", elements(v4.into_iter())).unwrap();
+    writeln!(s, "\tset peers6 {{ type ipv6_addr;{} }}", elements(v6.into_iter())).unwrap();
+    writeln!(s, "\tcounter tunnel_dropped {{ }}").unwrap();
+    writeln!(s, "\tchain input {{\n\t\ttype filter hook input priority filter - 10; policy accept;").unwrap();
+    writeln!(s, "\t\t{tunnel} fib daddr type local ip saddr @peers4 accept").unwrap();
+    writeln!(s, "\t\t{tunnel} fib daddr type local ip6 saddr @peers6 accept").unwrap();
+    writeln!(s, "\t\t{tunnel} fib daddr type local counter name \"tunnel_dropped\" drop\n\t}}").unwrap();
+    writeln!(s, "\tchain forward {{\n\t\ttype filter hook forward priority filter - 10; policy accept;").unwrap();
+    for (fam, cidrs) in by_family(&spec.pod_cidrs) {
+        // A pod has no business sending tunnel packets: they could be forged.
+        writeln!(s, "\t\t{fam} saddr {{ {} }} {tunnel} counter name \"tunnel_dropped\" drop", nets(&cidrs)).unwrap();
+    }
+    for (fam, cidrs) in by_family(&spec.cluster_cidrs) {
+        writeln!(s, "\t\t{fam} saddr {{ {} }} accept", nets(&cidrs)).unwrap();
+        writeln!(s, "\t\t{fam} daddr {{ {} }} accept", nets(&cidrs)).unwrap();
+    }
+    writeln!(s, "\t}}").unwrap();
+    if spec.masquerade && !spec.cluster_cidrs.is_empty() {
+        writeln!(s, "\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;").unwrap();
+        let cluster = by_family(&spec.cluster_cidrs);
+        for (fam, pods) in by_family(&spec.pod_cidrs) {
+            if let Some((_, c)) = cluster.iter().find(|(f, _)| *f == fam) {
+                writeln!(
+                    s,
+                    "\t\t{fam} saddr {{ {} }} {fam} daddr != {{ {} }} masquerade fully-random",
+                    nets(&pods),
+                    nets(c)
+                )
+                .unwrap();
+            }
+        }
+        writeln!(s, "\t}}").unwrap();
+    }
+    writeln!(s, "}}").unwrap();
+    s
+}
+
+fn by_family(v: &[IpNet]) -> Vec<(&'static str, Vec<&IpNet>)> {
+    let v4: Vec<&IpNet> = v.iter().filter(|n| n.addr().is_ipv4()).collect();
+    let v6: Vec<&IpNet> = v.iter().filter(|n| n.addr().is_ipv6()).collect();
+    [("ip", v4), ("ip6", v6)].into_iter().filter(|(_, v)| !v.is_empty()).collect()
+}
+
+async fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+    let mut cmd = tokio::process::Command::new("nft");
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run nft: {e}"))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).await.map_err(|e| format!("nft stdin: {e}"))?;
+    }
+    let out = child.wait_with_output().await.map_err(|e| format!("nft: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+async fn dropped_packets() -> Option<u64> {
+    let out = nft(&["-j", "list", "counter", "inet", "weir", "tunnel_dropped"], None).await.ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    v["nftables"].as_array()?.iter().find_map(|o| o["counter"]["packets"].as_u64())
+}
+
+pub async fn delete_table() -> Result<(), String> {
+    match nft(&["delete", "table", "inet", "weir"], None).await {
+        Err(e) if e.contains("No such file") => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Keeps the table equal to the spec for the current peers: re-applied when
+/// the peers change, re-checked every `check_every` and repaired on drift.
+pub async fn run(
+    base: FirewallSpec,
+    mut peers: watch::Receiver<PeerSet>,
+    metrics: Arc<Metrics>,
+    check_every: Duration,
+) {
+    let mut applied: Option<(String, String)> = None; // (script, canonical listing)
+    let mut dropped_before = 0u64; // counts carried over table replacements
+    let mut tick = tokio::time::interval(check_every);
+    loop {
+        let spec =
+            FirewallSpec { peers: peers.borrow().peers.values().map(|p| p.underlay_ip).collect(), ..base.clone() };
+        let script = render(&spec);
+        let listing = nft(&["-s", "list", "table", "inet", "weir"], None).await.ok();
+        let current = dropped_packets().await;
+        let drifted = matches!(&applied, Some((_, canonical)) if listing.as_deref() != Some(canonical));
+        let changed = applied.as_ref().map(|(s, _)| s) != Some(&script);
+        if drifted || changed {
+            dropped_before += current.unwrap_or(0);
+            match nft(&["-f", "-"], Some(&script)).await {
+                Ok(_) => {
+                    let canonical = nft(&["-s", "list", "table", "inet", "weir"], None).await.unwrap_or_default();
+                    if drifted && !changed {
+                        warn!("nftables table inet weir was changed or removed; restored");
+                        metrics.firewall_sync.with_label_values(&["repaired"]).inc();
+                        metrics.drift_repaired.with_label_values(&["firewall"]).inc();
+                    } else {
+                        info!(peers = spec.peers.len(), "nftables table inet weir applied");
+                        metrics.firewall_sync.with_label_values(&["success"]).inc();
+                    }
+                    applied = Some((script, canonical));
+                }
+                Err(e) => {
+                    warn!(error = %e, "applying nftables table inet weir failed; will retry");
+                    metrics.firewall_sync.with_label_values(&["error"]).inc();
+                    applied = None;
+                }
+            }
+        } else if let Some(now) = current {
+            metrics.tunnel_dropped.set((dropped_before + now) as i64);
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = peers.changed() => if r.is_err() { tick.tick().await; },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> FirewallSpec {
+        FirewallSpec {
+            backend: Backend::Vxlan,
+            vxlan_port: 8472,
+            pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            masquerade: true,
+            peers: ["198.18.0.12".parse().unwrap(), "198.18.0.13".parse().unwrap()].into(),
+        }
+    }
+
+    #[test]
+    fn tunnel_ingress_only_from_peers_on_our_port() {
+        let s = render(&spec());
+        assert!(s.contains("set peers4 { type ipv4_addr; elements = { 198.18.0.12, 198.18.0.13 }; }"), "{s}");
+        assert!(s.contains("udp dport 8472 fib daddr type local ip saddr @peers4 accept"));
+        assert!(s.contains("udp dport 8472 fib daddr type local counter name \"tunnel_dropped\" drop"));
+        assert!(!s.contains("4789"));
+    }
+
+    #[test]
+    fn masquerade_only_leaving_the_cluster() {
+        let s = render(&spec());
+        assert!(s.contains("ip saddr { 10.244.1.0/24 } ip daddr != { 10.244.0.0/16 } masquerade fully-random"));
+        let off = render(&FirewallSpec { masquerade: false, ..spec() });
+        assert!(!off.contains("masquerade"));
+    }
+
+    #[test]
+    fn ipip_filters_protocol_4_and_an_empty_peer_set_is_valid() {
+        let s = render(&FirewallSpec { backend: Backend::Ipip, peers: BTreeSet::new(), ..spec() });
+        assert!(s.contains("meta l4proto ipip fib daddr type local ip saddr @peers4 accept"));
+        assert!(s.contains("set peers4 { type ipv4_addr; }"));
+    }
+
+    #[test]
+    fn replacement_is_one_transaction() {
+        let s = render(&spec());
+        assert!(s.starts_with("table inet weir\ndelete table inet weir\ntable inet weir {"));
+    }
+}
