@@ -88,7 +88,7 @@ impl Batcher {
     }
 
     /// Dumps weir's nexthop objects: None if the kernel has no nexthop support.
-    pub fn dump_nexthops(&mut self) -> std::io::Result<Option<Vec<(u32, IpAddr, u32, u8)>>> {
+    pub fn dump_nexthops(&mut self) -> std::io::Result<Option<Vec<Nexthop>>> {
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);
         let mut req = header(24, RTM_GETNEXTHOP, NLM_F_REQUEST | NLM_F_DUMP, seq).to_vec();
@@ -155,7 +155,7 @@ fn set_seq(req: &mut [u8], seq: u32) {
 }
 
 fn pad(v: &mut Vec<u8>) {
-    while v.len() % 4 != 0 {
+    while !v.len().is_multiple_of(4) {
         v.push(0);
     }
 }
@@ -178,7 +178,16 @@ fn family(ip: &IpAddr) -> u8 {
     if ip.is_ipv4() { 2 } else { 10 }
 }
 
-fn parse_nexthop(p: &[u8]) -> Option<(u32, IpAddr, u32, u8)> {
+/// A nexthop object as dumped by the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nexthop {
+    pub id: u32,
+    pub gateway: IpAddr,
+    pub oif: u32,
+    pub protocol: u8,
+}
+
+fn parse_nexthop(p: &[u8]) -> Option<Nexthop> {
     if p.len() < 8 {
         return None;
     }
@@ -201,7 +210,7 @@ fn parse_nexthop(p: &[u8]) -> Option<(u32, IpAddr, u32, u8)> {
         }
         off += (len + 3) & !3;
     }
-    Some((id?, gw?, oif.unwrap_or(0), protocol))
+    Some(Nexthop { id: id?, gateway: gw?, oif: oif.unwrap_or(0), protocol })
 }
 
 fn encode(msg: RouteNetlinkMessage, flags: u16) -> Vec<u8> {
@@ -304,7 +313,7 @@ mod tests {
         assert_eq!(b[18], ROUTE_PROTOCOL);
         assert_eq!(u32::from_ne_bytes(b[20..24].try_into().unwrap()), RTNH_F_ONLINK);
         let parsed = parse_nexthop(&b[16..]).unwrap();
-        assert_eq!(parsed, (42, gw, 7, ROUTE_PROTOCOL));
+        assert_eq!(parsed, Nexthop { id: 42, gateway: gw, oif: 7, protocol: ROUTE_PROTOCOL });
     }
 
     #[test]

@@ -312,8 +312,8 @@ impl Kernel for NetlinkKernel {
         self.dump_routes(true, &mut state).await?;
         state.nexthops = self.with_batcher(|b| b.dump_nexthops()).await?.map(|nhs| {
             nhs.into_iter()
-                .filter(|(_, _, _, proto)| *proto == ROUTE_PROTOCOL)
-                .map(|(id, gw, oif, _)| (id, (gw, oif)))
+                .filter(|nh| nh.protocol == ROUTE_PROTOCOL)
+                .map(|nh| (nh.id, (nh.gateway, nh.oif)))
                 .collect()
         });
         Ok(state)
