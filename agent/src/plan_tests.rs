@@ -206,8 +206,7 @@ fn applied_nh(d: &DesiredState) -> KernelState {
 
 #[test]
 fn with_nexthop_objects_routes_name_a_nexthop_created_first() {
-    let mut empty = KernelState::default();
-    empty.nexthops = Some(Default::default());
+    let empty = KernelState { nexthops: Some(Default::default()), ..Default::default() };
     let ops = diff(&desired(&[a()]), &empty, IF, true);
     let gw: IpAddr = "10.244.1.0".parse().unwrap();
     let id = nexthop_id(&gw).unwrap();
