@@ -121,3 +121,18 @@ def test_relist_after_compaction_converges_without_spurious_deletes(cluster):
     assert any(cidr6 in ln for ln in deleted)
     assert metrics(1).get('weir_kube_watch_events_total{type="init_done"}', 0) > inits_before, "a re-list happened"
     lab.remove_node(6)
+
+
+def test_mixed_backend_node_is_logged_not_programmed(cluster):
+    node = {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "ipip-node", "annotations": {"weir.dev/public-ip": "198.18.0.77", "weir.dev/backend": "ipip"}},
+            "spec": {"podCIDR": "10.244.77.0/24", "podCIDRs": ["10.244.77.0/24"]}}
+    lab.kubectl("apply", "-f", "-", input=json.dumps(node))
+    try:
+        wait(lambda: "ipip-node" in (lab.STATE / "logs" / "node-1.log").read_text(), 15, "node-1 logs the ipip node")
+        line = next(ln for ln in (lab.STATE / "logs" / "node-1.log").read_text().splitlines() if "ipip-node" in ln)
+        assert "another backend" in line and "ipip" in line, line
+        routes = lab.sh(["ip", "-n", lab.node_ns(1), "route", "show", "proto", "87"])
+        assert "10.244.77.0" not in routes
+    finally:
+        lab.kubectl("delete", "node", "ipip-node")

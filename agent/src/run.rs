@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::cli::RunArgs;
 use crate::cni;
 use crate::dataplane::netlink::NetlinkKernel;
-use crate::dataplane::{DeviceKind, DeviceSpec, events};
+use crate::dataplane::{DeviceKind, DeviceSpec, Kernel, KernelError, events};
 use crate::engine::OnDemand;
 use crate::engine::{Engine, EngineConfig, EngineStatus};
 use crate::firewall::{self, FirewallSpec};
@@ -114,7 +114,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         local: under.ip,
         underlay_ifindex: under.ifindex,
         mtu,
-        mac: own.mac,
+        // Only a VXLAN device has an Ethernet address to keep.
+        mac: own.mac.filter(|_| args.backend == Backend::Vxlan),
         addresses: own
             .pod_cidrs
             .iter()
@@ -127,6 +128,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         vni = args.vni, port = args.vxlan_port, mtu, device = %device.name, "weir-agent starting"
     );
 
+    // A kernel without the device type cannot be fixed by retrying: stop with
+    // the name of what is missing instead of looping on a raw errno.
+    let mut probe = probe;
+    match probe.ensure_device(&device).await {
+        Err(e @ KernelError::MissingDeviceType { .. }) => return Err(anyhow::anyhow!(e)),
+        Err(e) => warn!(error = %e, "first device set-up failed; the engine will retry"),
+        Ok(_) => {}
+    }
     let active = Arc::new(ActiveSet::default());
     let (table_tx, table_rx) = watch::channel(Arc::new(MissTable::default()));
     let on_demand = (args.mode == Mode::OnDemand).then(|| OnDemand {

@@ -123,7 +123,8 @@ impl NetlinkKernel {
             fixed.push(format!("mtu {:?}->{}", found.mtu, spec.mtu));
             b = b.mtu(spec.mtu);
         }
-        if let Some(mac) = spec.mac.filter(|m| found.mac != Some(*m)) {
+        let ethernet = matches!(spec.kind, DeviceKind::Vxlan { .. });
+        if let Some(mac) = spec.mac.filter(|m| ethernet && found.mac != Some(*m)) {
             fixed.push(format!("address {:?}->{mac}", found.mac));
             b = b.address(mac.0.to_vec());
         }
@@ -311,10 +312,7 @@ impl Kernel for NetlinkKernel {
         self.dump_routes(false, &mut state).await?;
         self.dump_routes(true, &mut state).await?;
         state.nexthops = self.with_batcher(|b| b.dump_nexthops()).await?.map(|nhs| {
-            nhs.into_iter()
-                .filter(|nh| nh.protocol == ROUTE_PROTOCOL)
-                .map(|nh| (nh.id, (nh.gateway, nh.oif)))
-                .collect()
+            nhs.into_iter().filter(|nh| nh.protocol == ROUTE_PROTOCOL).map(|nh| (nh.id, (nh.gateway, nh.oif))).collect()
         });
         Ok(state)
     }

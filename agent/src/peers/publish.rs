@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::validate::{NodeInfo, Validator, reason_label};
+use super::validate::{NodeInfo, Skip, Validator, reason_label};
 use crate::metrics::Metrics;
 use crate::model::{Backend, Peer, PeerSet};
 
@@ -40,9 +40,14 @@ pub fn publisher(
             }
         }
         let skips: BTreeMap<String, String> = out.skipped.iter().map(|(n, s)| (n.clone(), format!("{s:?}"))).collect();
-        for (name, text) in &skips {
-            if last_skips.get(name) != Some(text) {
-                info!(node = %name, reason = %text, "node is not a peer (yet)");
+        for (name, skip) in &out.skipped {
+            if last_skips.get(name) != skips.get(name) {
+                match skip {
+                    Skip::Pending => info!(node = %name, "node has not published its VTEP yet; not a peer"),
+                    Skip::OtherBackend(b) => {
+                        info!(node = %name, backend = %b, ours = validator.backend.as_str(), "node uses another backend; not programmed")
+                    }
+                }
             }
         }
         metrics.peers.with_label_values(&["invalid"]).set(out.rejected.len() as i64);
