@@ -99,17 +99,23 @@ def ensure_control_plane_binaries():
     log(f"control plane built ({count} packages)")
 
 
+# Benchmarks run the release build; everything else the debug build that
+# `cargo test` has already compiled.
+PROFILE = os.environ.get("WEIR_LAB_PROFILE", "debug")
+
+
 def agent_binary():
-    return ROOT / "target" / "debug" / "weir-agent"
+    return ROOT / "target" / PROFILE / "weir-agent"
 
 
 def controller_binary():
-    return ROOT / "target" / "debug" / "weir-controller"
+    return ROOT / "target" / PROFILE / "weir-controller"
 
 
 def ensure_weir_built():
     log("building weir (cargo build)")
-    sh(["cargo", "build", "--quiet", "-p", "weir-agent", "-p", "weir-controller"], capture=False, check=True)
+    release = ["--release"] if PROFILE == "release" else []
+    sh(["cargo", "build", "--quiet", *release, "-p", "weir-agent", "-p", "weir-controller"], capture=False, check=True)
 
 
 # ---------------------------------------------------------------- certificates
@@ -455,12 +461,22 @@ def cni_call(i, j, command, conflist):
     return prev
 
 
+def loopback(i, j, command):
+    """The pod's lo, brought up by the loopback plugin as a runtime would."""
+    conf = json.dumps({"cniVersion": "1.0.0", "name": "lo", "type": "loopback"})
+    env = dict(os.environ, CNI_COMMAND=command, CNI_CONTAINERID=f"lab-{i}-{j}", CNI_NETNS=f"/var/run/netns/{pod_ns(i, j)}",
+               CNI_IFNAME="lo", CNI_PATH=CNI_BIN)
+    r = subprocess.run([f"{CNI_BIN}/loopback"], input=conf, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"CNI {command} loopback for {pod_ns(i, j)}: {r.stdout}{r.stderr}")
+
+
 def add_pod(i, j):
     ns = pod_ns(i, j)
     if ns in netns_list():
         return
     sh(["ip", "netns", "add", ns])
-    sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+    loopback(i, j, "ADD")
     result = cni_call(i, j, "ADD", wait_cni_config(i))
     ip = result["ips"][0]["address"].split("/")[0]
     (STATE / "pods").mkdir(parents=True, exist_ok=True)
@@ -473,6 +489,7 @@ def del_pod(i, j):
     if conf.exists() and node_ns(i) in netns_list():
         try:
             cni_call(i, j, "DEL", json.loads(conf.read_text()))
+            loopback(i, j, "DEL")
         except RuntimeError as e:
             log(f"CNI DEL {ns}: {e}")
     if ns in netns_list():

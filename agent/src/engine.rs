@@ -242,12 +242,18 @@ impl<K: Kernel> Engine<K> {
         let t = Instant::now();
         let kernel = self.kernel.dump(self.ifindex).await?;
         self.metrics.phase_seconds.with_label_values(&["dump"]).observe(t.elapsed().as_secs_f64());
-        for cidr in plan::blocked_routes(&self.desired, &kernel) {
-            warn!(%cidr, "a route for this pod CIDR exists with another protocol; leaving it alone");
-        }
+        let mut kernel = kernel;
         let on_demand = self.on_demand_desired(&kernel);
         let desired = on_demand.as_ref().unwrap_or(&self.desired);
-        let ops = plan::diff(desired, &kernel, self.ifindex, self.peers.complete);
+        let mut ops = plan::diff(desired, &kernel, self.ifindex, self.peers.complete);
+        if ops.iter().any(|op| matches!(op, plan::Op::PutRoute { .. })) {
+            // About to add routes: first make sure none would overwrite somebody else's.
+            kernel.foreign_routes = self.kernel.foreign_routes().await?;
+            for cidr in plan::blocked_routes(desired, &kernel) {
+                warn!(%cidr, "a route for this pod CIDR exists with another protocol; leaving it alone");
+            }
+            ops = plan::diff(desired, &kernel, self.ifindex, self.peers.complete);
+        }
         let after = if ops.is_empty() {
             kernel
         } else {

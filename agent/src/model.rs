@@ -141,6 +141,40 @@ pub fn gateway_of(cidr: &IpNet) -> IpAddr {
     cidr.network()
 }
 
+/// Non-overlapping CIDRs with an owner each; finds an overlap in O(log n).
+/// Prefixes either nest or are disjoint, so a new one overlaps a stored one
+/// exactly when the nearest stored range at or below its start reaches into it,
+/// or the nearest one above starts inside it.
+#[derive(Debug, Default, Clone)]
+pub struct CidrSet {
+    by_start: BTreeMap<(bool, u128), (u128, IpNet, String)>,
+}
+
+fn span(c: &IpNet) -> (bool, u128, u128) {
+    let (v6, start, bits) = match c.trunc() {
+        IpNet::V4(n) => (false, u128::from(u32::from(n.network())), 32 - u32::from(n.prefix_len())),
+        IpNet::V6(n) => (true, u128::from(n.network()), 128 - u32::from(n.prefix_len())),
+    };
+    let size_minus_one = if bits >= 128 { u128::MAX } else { (1u128 << bits) - 1 };
+    (v6, start, start.saturating_add(size_minus_one))
+}
+
+impl CidrSet {
+    /// The stored CIDR and owner `c` overlaps, if any.
+    pub fn overlap(&self, c: &IpNet) -> Option<(&IpNet, &str)> {
+        let (v6, start, end) = span(c);
+        let below =
+            self.by_start.range(..=(v6, start)).next_back().filter(|((f, _), (e, _, _))| *f == v6 && *e >= start);
+        let above = self.by_start.range((v6, start)..).next().filter(|((f, s), _)| *f == v6 && *s <= end);
+        below.or(above).map(|(_, (_, net, owner))| (net, owner.as_str()))
+    }
+
+    pub fn insert(&mut self, c: IpNet, owner: &str) {
+        let (v6, start, end) = span(&c);
+        self.by_start.insert((v6, start), (end, c, owner.to_string()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +188,21 @@ mod tests {
         assert_eq!("00:00:00:00:00:00".parse::<Mac>(), Err(MacError::Zero));
         assert_eq!("0e:00:00:00:00:01:02".parse::<Mac>(), Err(MacError::Malformed));
         assert_eq!("0e:0:00:00:00:01".parse::<Mac>(), Err(MacError::Malformed));
+    }
+
+    #[test]
+    fn cidr_set_finds_nesting_and_neighbours() {
+        let mut set = CidrSet::default();
+        set.insert("10.244.1.0/24".parse().unwrap(), "a");
+        set.insert("10.244.3.0/24".parse().unwrap(), "b");
+        let hit = |c: &str| set.overlap(&c.parse().unwrap()).map(|(_, o)| o.to_string());
+        assert_eq!(hit("10.244.1.128/25"), Some("a".into()));
+        assert_eq!(hit("10.244.0.0/16"), Some("a".into()));
+        assert_eq!(hit("10.244.3.7/32"), Some("b".into()));
+        assert_eq!(hit("10.244.2.0/24"), None);
+        assert_eq!(hit("10.244.0.0/24"), None);
+        assert_eq!(hit("fd00::/8"), None, "families never overlap");
+        assert_eq!(hit("0.0.0.0/0"), Some("a".into()));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{Backend, Mac, Peer, gateway_of};
+use crate::model::{Backend, CidrSet, Mac, Peer, gateway_of};
 
 /// The route protocol number that marks a route as weir's (`ip route show proto 87`).
 /// Sweeps only ever delete routes that carry it.
@@ -54,7 +54,10 @@ pub fn desired_state<'a>(
     let mut desired = DesiredState::default();
     let mut conflicts = Vec::new();
     let mut mac_owner: BTreeMap<Mac, &str> = BTreeMap::new();
-    let mut claimed: Vec<(IpNet, &str)> = local_cidrs.iter().map(|c| (*c, "this node")).collect();
+    let mut claimed = CidrSet::default();
+    for c in local_cidrs {
+        claimed.insert(*c, "this node");
+    }
     for peer in peers {
         if backend == Backend::Vxlan
             && let Some(owner) = mac_owner.get(&peer.vtep_mac)
@@ -67,11 +70,11 @@ pub fn desired_state<'a>(
             });
             continue;
         }
-        let overlap = peer.pod_cidrs.iter().find_map(|c| {
-            claimed
-                .iter()
-                .find(|(other, _)| other.contains(&c.network()) || c.contains(&other.network()))
-                .map(|(other, owner)| (c, *other, *owner))
+        let overlap = peer.pod_cidrs.iter().enumerate().find_map(|(i, c)| {
+            let within_peer = peer.pod_cidrs[..i].iter().find(|o| o.contains(&c.network()) || c.contains(&o.network()));
+            within_peer
+                .map(|o| (c, *o, peer.name.clone()))
+                .or_else(|| claimed.overlap(c).map(|(o, who)| (c, *o, who.to_string())))
         });
         if let Some((cidr, other, owner)) = overlap {
             conflicts.push(Conflict {
@@ -83,7 +86,9 @@ pub fn desired_state<'a>(
             continue;
         }
         mac_owner.insert(peer.vtep_mac, &peer.name);
-        claimed.extend(peer.pod_cidrs.iter().map(|c| (*c, peer.name.as_str())));
+        for c in &peer.pod_cidrs {
+            claimed.insert(*c, &peer.name);
+        }
         match backend {
             Backend::Vxlan => {
                 desired.fdb.insert(peer.vtep_mac, peer.underlay_ip);

@@ -46,6 +46,8 @@ impl Batcher {
         // Replies to a dump can be large; errors for a chunk must all fit.
         sock.set_rx_buf_sz(4 << 20)?;
         sock.set_ext_ack(false)?;
+        // Lets dumps be filtered in the kernel (by device, table, protocol).
+        sock.set_netlink_get_strict_chk(true)?;
         Ok(Batcher { sock, seq: 1, buf: vec![0; 256 * 1024] })
     }
 
@@ -119,6 +121,77 @@ impl Batcher {
         Ok((!unsupported).then_some(out))
     }
 
+    /// One dump request; calls `each(type, payload)` per reply message.
+    fn dump(&mut self, msg_type: u16, body: &[u8], mut each: impl FnMut(u16, &[u8])) -> std::io::Result<()> {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let mut req = header((16 + body.len()) as u32, msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq).to_vec();
+        req.extend_from_slice(body);
+        self.sock.send_to(&req, &SocketAddr::new(0, 0), 0)?;
+        let mut error = 0;
+        self.read_until(|t, s, payload| {
+            if s != seq {
+                return false;
+            }
+            match t {
+                NLMSG_DONE => true,
+                NLMSG_ERROR => {
+                    error = if payload.len() >= 4 { -i32::from_ne_bytes(payload[0..4].try_into().unwrap()) } else { 0 };
+                    true
+                }
+                t => {
+                    each(t, payload);
+                    false
+                }
+            }
+        })?;
+        if error != 0 { Err(std::io::Error::from_raw_os_error(error)) } else { Ok(()) }
+    }
+
+    /// Neighbours (or, with AF_BRIDGE, fdb entries) of one device, filtered by
+    /// the kernel, parsed by hand: only the few fields weir compares.
+    pub fn dump_neighbours(&mut self, family: u8, ifindex: u32) -> std::io::Result<Vec<RawNeigh>> {
+        const AF_BRIDGE: u8 = 7;
+        const NDA_IFINDEX: u16 = 8;
+        let mut body = vec![family, 0, 0, 0];
+        // The fdb dump takes the device in the header; the neighbour dump in NDA_IFINDEX.
+        let header_ifindex = if family == AF_BRIDGE { ifindex } else { 0 };
+        body.extend_from_slice(&header_ifindex.to_ne_bytes());
+        body.extend_from_slice(&[0u8; 4]);
+        if family != AF_BRIDGE {
+            attr(&mut body, NDA_IFINDEX, &ifindex.to_ne_bytes());
+        }
+        let mut out = Vec::new();
+        self.dump(30 /* RTM_GETNEIGH */, &body, |t, p| {
+            if t == 28 /* RTM_NEWNEIGH */
+                && let Some(n) = parse_neigh(p)
+                && n.ifindex == ifindex
+            {
+                out.push(n);
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Main-table routes of one family, optionally only those of `protocol`
+    /// (filtered by the kernel, which needs strict checking on).
+    pub fn dump_routes(&mut self, family: u8, protocol: Option<u8>) -> std::io::Result<Vec<RawRoute>> {
+        const RTA_TABLE: u16 = 15;
+        let mut body = vec![family, 0, 0, 0, RT_TABLE_MAIN, protocol.unwrap_or(0), 0, 0, 0, 0, 0, 0];
+        attr(&mut body, RTA_TABLE, &u32::from(RT_TABLE_MAIN).to_ne_bytes());
+        let mut out = Vec::new();
+        self.dump(26 /* RTM_GETROUTE */, &body, |t, p| {
+            if t == 24 /* RTM_NEWROUTE */
+                && let Some(r) = parse_route(p)
+                && r.table == u32::from(RT_TABLE_MAIN)
+                && protocol.is_none_or(|proto| r.protocol == proto)
+            {
+                out.push(r);
+            }
+        })?;
+        Ok(out)
+    }
+
     /// Reads datagrams, calling `f(type, seq, payload)` per message until it returns true.
     fn read_until(&mut self, mut f: impl FnMut(u16, u32, &[u8]) -> bool) -> std::io::Result<()> {
         loop {
@@ -176,6 +249,106 @@ fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
 
 fn family(ip: &IpAddr) -> u8 {
     if ip.is_ipv4() { 2 } else { 10 }
+}
+
+/// A neighbour or fdb entry as dumped by the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawNeigh {
+    pub ifindex: u32,
+    pub state: u16,
+    pub dst: Option<IpAddr>,
+    pub lladdr: Option<Mac>,
+    /// Clock ticks (USER_HZ) since the entry last carried a packet.
+    pub used_ticks: Option<u32>,
+}
+
+/// A route as dumped by the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRoute {
+    pub dst: IpNet,
+    pub table: u32,
+    pub protocol: u8,
+    pub gateway: Option<IpAddr>,
+    pub oif: Option<u32>,
+    pub nhid: Option<u32>,
+}
+
+/// Iterates (type, value) over the attributes in `p`.
+fn attrs(p: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        if off + 4 > p.len() {
+            return None;
+        }
+        let len = u16::from_ne_bytes([p[off], p[off + 1]]) as usize;
+        let kind = u16::from_ne_bytes([p[off + 2], p[off + 3]]) & 0x3fff;
+        if len < 4 || off + len > p.len() {
+            return None;
+        }
+        let v = &p[off + 4..off + len];
+        off += (len + 3) & !3;
+        Some((kind, v))
+    })
+}
+
+fn ip_of(v: &[u8]) -> Option<IpAddr> {
+    match v.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(v).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(v).ok()?)),
+        _ => None,
+    }
+}
+
+fn u32_of(v: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(v.try_into().ok()?))
+}
+
+fn parse_neigh(p: &[u8]) -> Option<RawNeigh> {
+    if p.len() < 12 {
+        return None;
+    }
+    let mut n = RawNeigh {
+        ifindex: u32::from_ne_bytes(p[4..8].try_into().ok()?),
+        state: u16::from_ne_bytes([p[8], p[9]]),
+        dst: None,
+        lladdr: None,
+        used_ticks: None,
+    };
+    for (kind, v) in attrs(&p[12..]) {
+        match kind {
+            1 => n.dst = ip_of(v),
+            2 if v.len() == 6 => n.lladdr = Some(Mac([v[0], v[1], v[2], v[3], v[4], v[5]])),
+            3 if v.len() >= 8 => n.used_ticks = u32_of(&v[4..8]),
+            _ => {}
+        }
+    }
+    Some(n)
+}
+
+fn parse_route(p: &[u8]) -> Option<RawRoute> {
+    if p.len() < 12 {
+        return None;
+    }
+    let (family, dst_len) = (p[0], p[1]);
+    let mut r = RawRoute {
+        dst: IpNet::new(if family == 2 { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u8; 16]) }, dst_len).ok()?,
+        table: u32::from(p[4]),
+        protocol: p[5],
+        gateway: None,
+        oif: None,
+        nhid: None,
+    };
+    for (kind, v) in attrs(&p[12..]) {
+        match kind {
+            1 => r.dst = IpNet::new(ip_of(v)?, dst_len).ok()?,
+            4 => r.oif = u32_of(v),
+            5 => r.gateway = ip_of(v),
+            15 => r.table = u32_of(v)?,
+            30 => r.nhid = u32_of(v),
+            _ => {}
+        }
+    }
+    Some(r)
 }
 
 /// A nexthop object as dumped by the kernel.

@@ -4,6 +4,7 @@ use futures::StreamExt;
 use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::route::RouteProtocol;
+use netlink_sys::AsyncSocket;
 use rtnetlink::MulticastGroup;
 use tokio::sync::mpsc;
 
@@ -26,12 +27,14 @@ pub enum KernelEvent {
 /// bounded channel; when it is full the reader keeps only the fact that
 /// something changed, so memory never grows and nothing is silently lost.
 pub fn subscribe(tx: mpsc::Sender<KernelEvent>) -> std::io::Result<()> {
-    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+    let (mut conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Neigh,
         MulticastGroup::Ipv4Route,
         MulticastGroup::Ipv6Route,
     ])?;
+    // A full sync of thousands of peers notifies about each of its own writes.
+    super::force_rcvbuf(conn.socket_mut().socket_ref(), 16 << 20)?;
     tokio::spawn(conn);
     tokio::spawn(async move {
         let mut pending_overrun = false;

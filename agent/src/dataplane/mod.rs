@@ -76,8 +76,31 @@ pub type OpResult = Result<(), KernelError>;
 pub trait Kernel {
     /// Create, adopt or recreate the overlay device so it matches `spec`.
     async fn ensure_device(&mut self, spec: &DeviceSpec) -> Result<DeviceStatus, KernelError>;
-    /// weir's own entries on the device with index `ifindex`, plus foreign routes.
+    /// weir's own entries on the device with index `ifindex`.
     async fn dump(&mut self, ifindex: u32) -> Result<KernelState, KernelError>;
+    /// Prefixes somebody else routes in the main table; only asked for when
+    /// weir is about to add routes, since it costs a full route dump.
+    async fn foreign_routes(&mut self) -> Result<std::collections::BTreeSet<ipnet::IpNet>, KernelError>;
     /// Apply ops in phase order; ops within one phase are pipelined.
     async fn apply(&mut self, ifindex: u32, ops: &[Op]) -> Vec<OpResult>;
+}
+
+/// SO_RCVBUFFORCE (needs CAP_NET_ADMIN): SO_RCVBUF is capped by
+/// net.core.rmem_max, 208 KiB by default, which one large sync's own
+/// notifications overflow. Falls back to SO_RCVBUF when not permitted.
+#[allow(unsafe_code)]
+pub fn force_rcvbuf(socket: &netlink_sys::Socket, bytes: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on a socket we own, with a c_int option value and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { socket.set_rx_buf_sz(bytes) }
 }

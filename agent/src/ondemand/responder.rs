@@ -40,29 +40,10 @@ pub struct Responder {
 
 fn open_socket(rcvbuf: usize) -> std::io::Result<TokioSocket> {
     let mut sock = TokioSocket::new(NETLINK_ROUTE)?;
-    force_rcvbuf(&sock, rcvbuf)?;
+    crate::dataplane::force_rcvbuf(sock.socket_ref(), rcvbuf)?;
     sock.socket_mut().bind_auto()?;
     sock.socket_mut().add_membership(RTNLGRP_NEIGH)?;
     Ok(sock)
-}
-
-/// SO_RCVBUFFORCE (CAP_NET_ADMIN): SO_RCVBUF is capped by net.core.rmem_max,
-/// 208 KiB by default, which a burst of misses overflows.
-#[allow(unsafe_code)]
-fn force_rcvbuf(sock: &TokioSocket, bytes: usize) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: a plain setsockopt on a socket we own, with a c_int option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { sock.socket_ref().set_rx_buf_sz(bytes) }
 }
 
 /// Logs at most one line per interval for a noisy condition, with the count.

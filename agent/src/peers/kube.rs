@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
@@ -61,8 +62,20 @@ pub async fn watch_nodes(
     let mut complete = false;
     let stream = watcher::watcher(api, watcher::Config::default()).default_backoff().ready_chunks(4096);
     futures::pin_mut!(stream);
-    while let Some(batch) = stream.next().await {
-        let mut changed = false;
+    // Validating the whole set costs milliseconds at thousands of nodes, so a
+    // burst of events is folded into one publish at most every MIN_GAP.
+    const MIN_GAP: Duration = Duration::from_millis(20);
+    let mut pending = false;
+    let mut last_publish = Instant::now() - MIN_GAP;
+    loop {
+        let next_allowed = tokio::time::Instant::from_std(last_publish + MIN_GAP);
+        let batch = tokio::select! {
+            b = stream.next() => match b {
+                Some(b) => b,
+                None => return,
+            },
+            _ = tokio::time::sleep_until(next_allowed), if pending => Vec::new(),
+        };
         for ev in batch {
             let ev = match ev {
                 Ok(ev) => ev,
@@ -92,22 +105,24 @@ pub async fn watch_nodes(
                         info!(nodes = nodes.len(), "initial node list complete");
                     }
                     complete = true;
-                    changed = true;
+                    pending = true;
                 }
                 Event::Apply(n) => {
                     let info = trim(&n);
                     if nodes.get(&info.name) != Some(&info) {
                         nodes.insert(info.name.clone(), info);
-                        changed = true;
+                        pending = true;
                     }
                 }
                 Event::Delete(n) => {
-                    changed |= nodes.remove(n.metadata.name.as_deref().unwrap_or_default()).is_some();
+                    pending |= nodes.remove(n.metadata.name.as_deref().unwrap_or_default()).is_some();
                 }
             }
         }
-        if changed {
+        if pending && last_publish.elapsed() >= MIN_GAP {
             on_change(&nodes, complete);
+            pending = false;
+            last_publish = Instant::now();
         }
     }
 }

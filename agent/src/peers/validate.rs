@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{Backend, Mac, Peer};
+use crate::model::{Backend, CidrSet, Mac, Peer};
 
 pub const ANN_PUBLIC_IP: &str = "weir.dev/public-ip";
 pub const ANN_VTEP_MAC: &str = "weir.dev/vtep-mac";
@@ -85,13 +85,18 @@ impl Validator {
         let mut out = Outcome::default();
         let mut macs: BTreeSet<Mac> = BTreeSet::new();
         let mut ips: BTreeSet<IpAddr> = BTreeSet::new();
-        let mut claimed: Vec<IpNet> = self.local_cidrs.clone();
+        let mut claimed = CidrSet::default();
+        for c in &self.local_cidrs {
+            claimed.insert(*c, "this node");
+        }
         for node in ordered {
             match self.check(node, &macs, &ips, &claimed) {
                 Ok(Some(peer)) => {
                     macs.insert(peer.vtep_mac);
                     ips.insert(peer.underlay_ip);
-                    claimed.extend(peer.pod_cidrs.iter().copied());
+                    for c in &peer.pod_cidrs {
+                        claimed.insert(*c, &peer.name);
+                    }
                     out.peers.push(peer);
                 }
                 Ok(None) => {}
@@ -122,7 +127,7 @@ impl Validator {
         n: &NodeInfo,
         macs: &BTreeSet<Mac>,
         ips: &BTreeSet<IpAddr>,
-        claimed: &[IpNet],
+        claimed: &CidrSet,
     ) -> Result<Option<Peer>, Rejection> {
         if self.skip_reason(n).is_some() {
             return Ok(None);
@@ -182,7 +187,8 @@ impl Validator {
             {
                 return Err(reject("spec.podCIDRs", text, "outside --cluster-cidr"));
             }
-            if claimed.iter().chain(&cidrs).any(|c: &IpNet| c.contains(&cidr.network()) || cidr.contains(&c.network()))
+            if claimed.overlap(&cidr).is_some()
+                || cidrs.iter().any(|c: &IpNet| c.contains(&cidr.network()) || cidr.contains(&c.network()))
             {
                 return Err(reject("spec.podCIDRs", text, "overlaps this node's or an older node's pod CIDR"));
             }
