@@ -282,7 +282,11 @@ impl<K: Kernel> Engine<K> {
         };
         let synced_now = report.failures == 0 && self.peers.complete;
         if report.failures == 0 {
-            self.applied = Some(desired.clone());
+            // Cloning thousands of entries on every no-change pass would cost
+            // more than comparing them.
+            if self.applied.as_ref() != Some(desired) {
+                self.applied = Some(desired.clone());
+            }
         }
         self.publish_counts(&after, synced_now);
         Ok(report)
