@@ -56,6 +56,14 @@ def test_state_only_for_contacted_peers(ondemand):
     m = metrics(1)
     assert m.get('weir_l3miss_total{result="resolved"}', 0) >= 1
     assert m.get("weir_miss_resolve_seconds_count", 0) >= 1
+    env = dict(os.environ, **lab.agent_env(1, mode="on-demand"))
+    wait(lambda: subprocess.run(["ip", "netns", "exec", lab.node_ns(1), str(lab.agent_binary()), "status", "--output", "json"],
+                                capture_output=True, env=env).returncode == 0, 10, "status in sync")
+    out = subprocess.run(["ip", "netns", "exec", lab.node_ns(1), str(lab.agent_binary()), "status", "--output", "json"],
+                         capture_output=True, text=True, env=env)
+    rows = {r["node"]: r for r in json.loads(out.stdout)["report"]["peers"]}
+    assert rows["node-2"]["last_miss_seconds"] is not None, "status shows node-2's last miss"
+    assert rows["node-3"]["last_miss_seconds"] is None and rows["node-3"]["fdb"] is True, "absent on demand is not drift"
 
 
 def test_all_pairs_zero_loss_from_the_first_packet(ondemand):

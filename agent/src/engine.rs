@@ -47,6 +47,8 @@ pub struct EngineStatus {
     pub last_error: Option<String>,
     /// Milliseconds since the Unix epoch of the last reconcile pass.
     pub last_reconcile_unix_ms: u128,
+    /// On-demand mode: seconds since each active peer's last miss.
+    pub last_miss_seconds: std::collections::BTreeMap<String, u64>,
 }
 
 /// What one pass did.
@@ -303,6 +305,12 @@ impl<K: Kernel> Engine<K> {
             s.fdb_entries = k.fdb.len();
             s.neigh_entries = k.neigh.len();
             s.routes = k.routes.len();
+            if let Some(od) = &self.cfg.on_demand {
+                s.last_miss_seconds = self
+                    .accepted_peers()
+                    .filter_map(|p| od.active.last_miss(&p.name).map(|d| (p.name.clone(), d.as_secs())))
+                    .collect();
+            }
         });
     }
 

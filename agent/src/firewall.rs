@@ -140,6 +140,12 @@ pub async fn run(
     let mut applied: Option<(String, String)> = None; // (script, canonical listing)
     let mut dropped_before = 0u64; // counts carried over table replacements
     let mut tick = tokio::time::interval(check_every);
+    // Until the whole peer set is known, the table a previous run left keeps
+    // admitting the peers it knew; replacing it with a partial set would drop
+    // their tunnel packets across an agent restart.
+    if peers.wait_for(|p| p.complete).await.is_err() {
+        return;
+    }
     loop {
         let spec =
             FirewallSpec { peers: peers.borrow().peers.values().map(|p| p.underlay_ip).collect(), ..base.clone() };

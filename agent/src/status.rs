@@ -18,6 +18,8 @@ pub struct PeerRow {
     pub fdb: Option<bool>,
     pub neigh: Option<bool>,
     pub route: bool,
+    /// On-demand mode: seconds since the peer's last miss, from the agent.
+    pub last_miss_seconds: Option<u64>,
 }
 
 impl PeerRow {
@@ -68,6 +70,7 @@ pub fn compare(backend: Backend, mode: Mode, peers: &[Peer], kernel: &KernelStat
             fdb,
             neigh,
             route,
+            last_miss_seconds: None,
         });
     }
     for (mac, ip) in &kernel.fdb {
@@ -95,20 +98,21 @@ pub fn table(report: &Report) -> String {
         None => "-",
     };
     let mut out = format!(
-        "{:<20} {:<20} {:<16} {:<18} {:<8} {:<8} {:<8}\n",
-        "NODE", "PODCIDR", "UNDERLAY", "VTEP MAC", "FDB", "NEIGH", "ROUTE"
+        "{:<20} {:<20} {:<16} {:<18} {:<8} {:<8} {:<8} {}\n",
+        "NODE", "PODCIDR", "UNDERLAY", "VTEP MAC", "FDB", "NEIGH", "ROUTE", "LAST MISS"
     );
     for r in &report.peers {
         let cidrs: Vec<String> = r.pod_cidrs.iter().map(|c| c.to_string()).collect();
         out += &format!(
-            "{:<20} {:<20} {:<16} {:<18} {:<8} {:<8} {:<8}\n",
+            "{:<20} {:<20} {:<16} {:<18} {:<8} {:<8} {:<8} {}\n",
             r.node,
             cidrs.join(","),
             r.underlay_ip,
             r.vtep_mac.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
             mark(r.fdb),
             mark(r.neigh),
-            mark(Some(r.route))
+            mark(Some(r.route)),
+            r.last_miss_seconds.map(|s| format!("{s}s ago")).unwrap_or_else(|| "-".into())
         );
     }
     for s in &report.stale {

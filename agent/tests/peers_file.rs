@@ -29,9 +29,24 @@ const PEERS: &str = "\
 ";
 
 fn spawn_agent(ns: &str, node: &str, iface: &str, dir: &std::path::Path) -> Agent {
+    spawn_agent_with(ns, node, iface, dir, &[], &[])
+}
+
+/// `wrapper` runs before the agent (e.g. setpriv); `env` adds variables.
+fn spawn_agent_with(
+    ns: &str,
+    node: &str,
+    iface: &str,
+    dir: &std::path::Path,
+    wrapper: &[&str],
+    env: &[(&str, &str)],
+) -> Agent {
     let log = std::fs::File::create(dir.join(format!("{node}.log"))).unwrap();
     let child = Command::new("ip")
-        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_weir-agent"), "run"])
+        .args(["netns", "exec", ns])
+        .args(wrapper)
+        .args([env!("CARGO_BIN_EXE_weir-agent"), "run"])
+        .envs(env.iter().copied())
         .env("NODE_NAME", node)
         .env("WEIR_PEERS_FILE", dir.join("peers.yaml"))
         .env("WEIR_IFACE", iface)
@@ -43,6 +58,15 @@ fn spawn_agent(ns: &str, node: &str, iface: &str, dir: &std::path::Path) -> Agen
         .spawn()
         .unwrap();
     Agent(child)
+}
+
+/// A node accepts a peer's tunnel packets once its nftables set lists the
+/// peer; before that, packets the peer already sends are dropped.
+fn firewall_admits(ns: &str, ip: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "list", "set", "inet", "weir", "peers4"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(ip))
 }
 
 fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
@@ -78,6 +102,8 @@ fn two_agents_from_a_peers_file_ping_and_follow_edits() {
     wait_until(Duration::from_secs(20), "both agents programmed", || {
         sh(&format!("ip -n {a} route show proto 87")).contains("10.244.2.0/24")
             && sh(&format!("ip -n {b} route show proto 87")).contains("10.244.1.0/24")
+            && firewall_admits(&a, "198.18.0.2")
+            && firewall_admits(&b, "198.18.0.1")
     });
     let out = sh(&format!("ip netns exec {a} ping -c 3 -i 0.2 -W 1 -I 10.244.1.1 10.244.2.1"));
     assert!(out.contains("3 received"), "{out}");
@@ -88,5 +114,41 @@ fn two_agents_from_a_peers_file_ping_and_follow_edits() {
     wait_until(Duration::from_secs(10), "node-b swept from node-a", || {
         !sh(&format!("ip -n {a} route show proto 87")).contains("10.244.2.0/24")
     });
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The DaemonSet grants only CAP_NET_ADMIN: prove the agent needs nothing else,
+/// NET_RAW included, in full and on-demand mode and with its firewall.
+#[test]
+fn net_admin_is_the_only_capability_needed() {
+    if !can_create_netns() || Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIP net_admin_is_the_only_capability_needed: needs root and setpriv");
+        return;
+    }
+    let pid = std::process::id();
+    let (a, b) = (format!("weir-cap-{pid}-a"), format!("weir-cap-{pid}-b"));
+    let (_na, _nb) = (NamedNetns::new(&a), NamedNetns::new(&b));
+    sh(&format!("ip link add ua netns {a} type veth peer name ub netns {b}"));
+    sh(&format!("ip -n {a} addr add 198.18.0.1/24 dev ua && ip -n {a} link set ua up"));
+    sh(&format!("ip -n {b} addr add 198.18.0.2/24 dev ub && ip -n {b} link set ub up"));
+    sh(&format!("ip -n {a} addr add 10.244.1.1/32 dev lo && ip -n {b} addr add 10.244.2.1/32 dev lo"));
+    let dir = std::env::temp_dir().join(format!("weir-cap-{pid}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("peers.yaml"), PEERS).unwrap();
+    // As root, the bounding set caps what the exec'd agent may hold.
+    let only_net_admin = ["setpriv", "--bounding-set=-all,+net_admin", "--inh-caps=-all"];
+    let _agent_a = spawn_agent_with(&a, "node-a", "ua", &dir, &only_net_admin, &[("WEIR_MODE", "on-demand")]);
+    let _agent_b = spawn_agent_with(&b, "node-b", "ub", &dir, &only_net_admin, &[]);
+    wait_until(Duration::from_secs(20), "both agents programmed", || {
+        sh(&format!("ip -n {a} route show proto 87")).contains("10.244.2.0/24")
+            && sh(&format!("ip -n {b} route show proto 87")).contains("10.244.1.0/24")
+            && firewall_admits(&a, "198.18.0.2")
+            && firewall_admits(&b, "198.18.0.1")
+    });
+    let caps = sh(&format!("grep CapEff /proc/{}/status", _agent_a.0.id()));
+    assert!(caps.contains("0000000000001000"), "agent runs with CAP_NET_ADMIN only: {caps}");
+    // On-demand on node-a: the first packet triggers a miss answered without NET_RAW.
+    let out = sh(&format!("ip netns exec {a} ping -c 3 -i 0.2 -W 1 -I 10.244.1.1 10.244.2.1"));
+    assert!(out.contains("3 received"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
