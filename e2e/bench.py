@@ -244,7 +244,8 @@ def first_packet_penalty(trials, reset):
 
 def vxlan_by_hand(ns):
     """Node A as the baselines need it: the miss-raising device, route and fdb entry; the neighbour is left to them."""
-    cmds = ["link add weir.1 type vxlan id 1 dstport 8472 local 198.18.0.1 dev ua nolearning proxy l2miss l3miss",
+    # A's VTEP MAC must be the one B has in its peers file, or B's replies never arrive.
+    cmds = ["link add weir.1 address 0e:00:00:00:0a:0a type vxlan id 1 dstport 8472 local 198.18.0.1 dev ua nolearning proxy l2miss l3miss",
             "link set weir.1 up", "addr add 10.244.1.0/32 dev weir.1",
             "route add 10.244.2.0/24 via 10.244.2.0 dev weir.1 onlink"]
     for c in cmds:

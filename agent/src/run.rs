@@ -155,8 +155,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     events::subscribe(ev_tx.clone()).context("subscribe to kernel notifications")?;
     if args.mode == Mode::OnDemand {
-        let (conn, handle, _) = rtnetlink::new_connection().context("open the miss responder's netlink socket")?;
-        tokio::spawn(conn);
         let responder = Responder {
             table: table_rx,
             active,
@@ -165,7 +163,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             resync: ev_tx,
             rcvbuf: args.miss_rcvbuf,
         };
-        tokio::spawn(responder.run(handle));
+        tokio::spawn(responder.run());
     }
     let reopen = move || {
         let (tx, rx) = mpsc::channel(1024);

@@ -227,6 +227,32 @@ fn set_seq(req: &mut [u8], seq: u32) {
     req[8..12].copy_from_slice(&seq.to_ne_bytes());
 }
 
+/// Sets a request's sequence number, and asks for an ack when `ack`.
+pub fn stamp(req: &mut [u8], seq: u32, ack: bool) {
+    set_seq(req, seq);
+    if ack {
+        let flags = u16::from_ne_bytes([req[6], req[7]]) | NLM_F_ACK;
+        req[6..8].copy_from_slice(&flags.to_ne_bytes());
+    }
+}
+
+/// (seq, errno) of each NLMSG_ERROR in a datagram; errno 0 is an ack.
+pub fn acks(mut buf: &[u8]) -> Vec<(u32, i32)> {
+    let mut out = Vec::new();
+    while buf.len() >= 20 {
+        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if len < 16 || len > buf.len() {
+            break;
+        }
+        if u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR && len >= 20 {
+            let errno = -i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+            out.push((u32::from_ne_bytes([buf[8], buf[9], buf[10], buf[11]]), errno));
+        }
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+    }
+    out
+}
+
 fn pad(v: &mut Vec<u8>) {
     while !v.len().is_multiple_of(4) {
         v.push(0);

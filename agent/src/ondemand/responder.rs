@@ -10,19 +10,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
-use netlink_packet_route::neighbour::{NeighbourFlags, NeighbourState};
+use std::collections::HashMap;
+
 use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket, protocols::NETLINK_ROUTE};
-use rtnetlink::Handle;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::miss::{Miss, Parsed, parse_datagram};
-use super::{ActiveSet, Answer, MissTable};
+use super::{ActiveSet, MissTable};
+use crate::dataplane::batch::{acks, encode_op, stamp};
 use crate::dataplane::events::KernelEvent;
 use crate::engine::EngineStatus;
 use crate::metrics::Metrics;
+use crate::plan::Op;
 
 const RTNLGRP_NEIGH: u32 = 3;
 const ENOBUFS: i32 = 105;
@@ -67,24 +67,24 @@ impl RateLimited {
     }
 }
 
-type Pending =
-    std::pin::Pin<Box<dyn std::future::Future<Output = (&'static str, Instant, Result<(), rtnetlink::Error>)> + Send>>;
-
 impl Responder {
-    pub async fn run(self, handle: Handle) {
+    pub async fn run(self) {
         let mut unknown_log = RateLimited { last: None, suppressed: 0 };
+        let mut seq: u32 = 1;
         loop {
-            let sock = match open_socket(self.rcvbuf) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "cannot open the miss socket; retrying in 1 s");
+            let (sock, writer) = match (open_socket(self.rcvbuf), open_writer()) {
+                (Ok(s), Ok(w)) => (s, w),
+                (Err(e), _) | (_, Err(e)) => {
+                    warn!(error = %e, "cannot open the miss sockets; retrying in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
             info!(rcvbuf = self.rcvbuf, "listening for L2/L3 misses");
             let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
-            let mut inflight: FuturesUnordered<Pending> = FuturesUnordered::new();
+            let mut ack_buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+            // Answer seq (of its last request) -> kind and when its miss arrived.
+            let mut pending: HashMap<u32, (&'static str, Instant)> = HashMap::new();
             loop {
                 tokio::select! {
                     r = async { buf.clear(); sock.recv(&mut buf).await } => match r {
@@ -92,7 +92,9 @@ impl Responder {
                             let received = Instant::now();
                             let ifindex = self.status.borrow().ifindex;
                             for parsed in parse_datagram(&buf, ifindex) {
-                                self.answer(parsed, received, &handle, &mut inflight, &mut unknown_log, ifindex);
+                                if let Some((kind, last_seq)) = self.answer(parsed, &writer, &mut seq, &mut unknown_log, ifindex) {
+                                    pending.insert(last_seq, (kind, received));
+                                }
                             }
                         }
                         Err(e) => {
@@ -105,17 +107,21 @@ impl Responder {
                             break;
                         }
                     },
-                    Some((kind, started, result)) = inflight.next(), if !inflight.is_empty() => {
-                        let counter = if kind == "l3" { &self.metrics.l3miss } else { &self.metrics.l2miss };
-                        match result {
-                            Ok(()) => {
+                    r = async { ack_buf.clear(); writer.recv(&mut ack_buf).await } => {
+                        let Ok(()) = r else { break };
+                        for (ack_seq, errno) in acks(&ack_buf) {
+                            // An error on the fdb write comes with seq - 1 of its answer.
+                            let key = if pending.contains_key(&ack_seq) { ack_seq } else { ack_seq.wrapping_add(1) };
+                            let Some(&(kind, started)) = pending.get(&key) else { continue };
+                            let counter = if kind == "l3" { &self.metrics.l3miss } else { &self.metrics.l2miss };
+                            if errno == 0 {
+                                pending.remove(&key);
                                 self.metrics.miss_resolve_seconds.observe(started.elapsed().as_secs_f64());
                                 counter.with_label_values(&["resolved"]).inc();
-                            }
-                            Err(e) => {
-                                let errno = crate::dataplane::netlink::errno(&e);
+                            } else {
+                                pending.remove(&key);
                                 let hint = if errno == ENOBUFS { " (neighbour table full: gc_thresh3)" } else { "" };
-                                warn!(error = %e, errno, "answering a miss failed{hint}");
+                                warn!(errno, error = %std::io::Error::from_raw_os_error(errno), "answering a miss failed{hint}");
                                 counter.with_label_values(&["error"]).inc();
                             }
                         }
@@ -125,34 +131,61 @@ impl Responder {
         }
     }
 
+    /// Writes the answer for one miss in a single sendmsg; returns its kind
+    /// and the seq whose ack completes it.
     fn answer(
         &self,
         parsed: Parsed,
-        received: Instant,
-        handle: &Handle,
-        inflight: &mut FuturesUnordered<Pending>,
+        writer: &TokioSocket,
+        seq: &mut u32,
         log: &mut RateLimited,
         ifindex: u32,
-    ) {
+    ) -> Option<(&'static str, u32)> {
         let table = self.table.borrow().clone();
-        match parsed {
-            Parsed::Ignored => {}
-            Parsed::Malformed(e) => warn!(error = %e, "malformed neighbour notification"),
+        let (kind, ops) = match parsed {
+            Parsed::Ignored => return None,
+            Parsed::Malformed(e) => {
+                warn!(error = %e, "malformed neighbour notification");
+                return None;
+            }
             Parsed::Miss(Miss::L3 { ip }) => match table.gateway(&ip) {
                 Some(ans) => {
                     self.active.mark(&ans.peer);
-                    inflight.push(Box::pin(l3_answer(handle.clone(), ifindex, ip, ans.clone(), received)));
+                    ("l3", vec![Op::PutFdb { mac: ans.mac, dst: ans.underlay }, Op::PutNeigh { ip, mac: ans.mac }])
                 }
-                None => self.unknown("l3", &ip.to_string(), log),
+                None => {
+                    self.unknown("l3", &ip.to_string(), log);
+                    return None;
+                }
             },
             Parsed::Miss(Miss::L2 { mac }) => match table.mac(&mac) {
                 Some(ans) => {
                     self.active.mark(&ans.peer);
-                    inflight.push(Box::pin(l2_answer(handle.clone(), ifindex, ans.clone(), received)));
+                    ("l2", vec![Op::PutFdb { mac: ans.mac, dst: ans.underlay }])
                 }
-                None => self.unknown("l2", &mac.to_string(), log),
+                None => {
+                    self.unknown("l2", &mac.to_string(), log);
+                    return None;
+                }
             },
+        };
+        // fdb first, then the neighbour, in one datagram: the kernel handles
+        // them in order, and the neighbour replaces the INCOMPLETE entry.
+        let mut datagram = Vec::with_capacity(256);
+        let n = ops.len();
+        for (i, op) in ops.iter().enumerate() {
+            let mut req = encode_op(ifindex, op);
+            *seq = seq.wrapping_add(1);
+            stamp(&mut req, *seq, i + 1 == n);
+            datagram.extend_from_slice(&req);
         }
+        if let Err(e) = writer.socket_ref().send(&datagram, 0) {
+            warn!(error = %e, "sending a miss answer failed");
+            let counter = if kind == "l3" { &self.metrics.l3miss } else { &self.metrics.l2miss };
+            counter.with_label_values(&["error"]).inc();
+            return None;
+        }
+        Some((kind, *seq))
     }
 
     fn unknown(&self, kind: &str, what: &str, log: &mut RateLimited) {
@@ -164,46 +197,10 @@ impl Responder {
     }
 }
 
-fn fdb_put(
-    handle: &Handle,
-    ifindex: u32,
-    ans: &Answer,
-) -> impl std::future::Future<Output = Result<(), rtnetlink::Error>> + use<> {
-    handle
-        .neighbours()
-        .add_bridge(ifindex, &ans.mac.0)
-        .destination(ans.underlay)
-        .flags(NeighbourFlags::Own)
-        .state(NeighbourState::Permanent)
-        .replace()
-        .execute()
-}
-
-async fn l3_answer(
-    handle: Handle,
-    ifindex: u32,
-    ip: std::net::IpAddr,
-    ans: Answer,
-    received: Instant,
-) -> (&'static str, Instant, Result<(), rtnetlink::Error>) {
-    let fdb = fdb_put(&handle, ifindex, &ans);
-    let neigh = handle
-        .neighbours()
-        .add(ifindex, ip)
-        .link_layer_address(&ans.mac.0)
-        .state(NeighbourState::Permanent)
-        .replace()
-        .execute();
-    // join! polls fdb first, so its request is queued on the socket first.
-    let (a, b) = futures::join!(fdb, neigh);
-    ("l3", received, a.and(b))
-}
-
-async fn l2_answer(
-    handle: Handle,
-    ifindex: u32,
-    ans: Answer,
-    received: Instant,
-) -> (&'static str, Instant, Result<(), rtnetlink::Error>) {
-    ("l2", received, fdb_put(&handle, ifindex, &ans).await)
+/// The socket answers are written on; its acks are read asynchronously.
+fn open_writer() -> std::io::Result<TokioSocket> {
+    let mut sock = TokioSocket::new(NETLINK_ROUTE)?;
+    sock.socket_mut().bind_auto()?;
+    crate::dataplane::force_rcvbuf(sock.socket_ref(), 1 << 20)?;
+    Ok(sock)
 }
