@@ -152,3 +152,55 @@ fn net_admin_is_the_only_capability_needed() {
     assert!(out.contains("3 received"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// On-demand with more active peers than gc_thresh3 (1024 non-permanent
+/// neighbours machine-wide): answers are permanent, so all 1,100 go in and no
+/// write fails with ENOBUFS. The peers are fake (198.19.0.0/16, no traffic
+/// reaches them); what is proven is the kernel state, not reachability.
+#[test]
+fn on_demand_past_gc_thresh3() {
+    if !can_create_netns() {
+        eprintln!("SKIP on_demand_past_gc_thresh3: needs root");
+        return;
+    }
+    const PEERS_N: u32 = 1100;
+    let ns = NamedNetns::new(&format!("weir-od-{}", std::process::id()));
+    sh(&format!(
+        "ip -n {0} link add ua type veth peer name ub && ip -n {0} addr add 198.18.0.1/24 dev ua && ip -n {0} link set ua up && ip -n {0} link set ub up",
+        ns.0
+    ));
+    let dir = std::env::temp_dir().join(format!("weir-od-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut peers = String::from(
+        "- {name: node-a, publicIP: 198.18.0.1, vtepMAC: \"0e:00:00:00:0a:0a\", podCIDRs: [10.244.1.0/24]}\n",
+    );
+    for i in 0..PEERS_N {
+        let (hi, lo) = (i >> 8, i & 0xff);
+        peers += &format!(
+            "- {{name: fake-{i}, publicIP: 198.19.{hi}.{lo}, vtepMAC: \"0e:00:00:00:{hi:02x}:{lo:02x}\", podCIDRs: [10.{}.{lo}.0/24]}}\n",
+            100 + hi
+        );
+    }
+    std::fs::write(dir.join("peers.yaml"), peers).unwrap();
+    let _agent =
+        spawn_agent_with(&ns.0, "node-a", "ua", &dir, &[], &[("WEIR_MODE", "on-demand"), ("WEIR_FIREWALL", "false")]);
+    wait_until(Duration::from_secs(30), "routes to every peer", || {
+        sh(&format!("ip -n {} route show proto 87 | wc -l", ns.0)).trim() == PEERS_N.to_string()
+    });
+    // One datagram into each peer's pod CIDR: one L3 miss per gateway, sent in
+    // steps so the INCOMPLETE entries never pass the kernel's limit at once.
+    let sender = format!(
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         for i in range({PEERS_N}):\n  s.sendto(b'x',('10.%d.%d.1'%(100+(i>>8),i&255),9))\n  \
+         (i%100==99) and time.sleep(0.3)\n"
+    );
+    sh(&format!("ip netns exec {} python3 -c \"{}\"", ns.0, sender.replace('"', "\\\"")));
+    wait_until(Duration::from_secs(30), "a permanent neighbour per active peer", || {
+        sh(&format!("ip -n {} neigh show dev weir.1 nud permanent | wc -l", ns.0)).trim() == PEERS_N.to_string()
+    });
+    let log = std::fs::read_to_string(dir.join("node-a.log")).unwrap();
+    // The ENOBUFS that matters here is a neighbour write refused by gc_thresh3.
+    assert!(!log.contains("answering a miss failed"), "a miss answer failed:\n{log}");
+    assert!(!log.contains("neighbour table full"), "{log}");
+    std::fs::remove_dir_all(&dir).ok();
+}
