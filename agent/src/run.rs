@@ -85,7 +85,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let client = match &args.peers_file {
         Some(_) => None,
-        None => Some(kube_client(&args).await?),
+        None => Some(weir_common::kube_client(args.kubeconfig.as_deref()).await?),
     };
     let nodes_api: Option<Api<Node>> = client.clone().map(Api::all);
     let own = match (&nodes_api, &args.peers_file) {
@@ -276,18 +276,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), engine_task).await;
     Ok(())
-}
-
-async fn kube_client(args: &RunArgs) -> anyhow::Result<kube::Client> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("read kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-        }
-        None => kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?,
-    };
-    Ok(kube::Client::try_from(config)?)
 }
 
 async fn serve_http(

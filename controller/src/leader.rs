@@ -30,7 +30,7 @@ const QUARANTINE: Duration = Duration::from_secs(120);
 const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let client = client(&args).await?;
+    let client = weir_common::kube_client(args.kubeconfig.as_deref()).await?;
     let metrics = Arc::new(Metrics::new());
     let pools = pools(&args)?;
     for p in &pools {
@@ -315,18 +315,6 @@ fn pools(args: &Args) -> anyhow::Result<Vec<Pool>> {
         pools.push(Pool::new(**c, args.node_cidr_mask_size_ipv6).with_context(|| format!("--cluster-cidr {c}"))?);
     }
     Ok(pools)
-}
-
-async fn client(args: &Args) -> anyhow::Result<Client> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("read kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-        }
-        None => kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?,
-    };
-    Ok(Client::try_from(config)?)
 }
 
 async fn serve_http(args: &Args, metrics: Arc<Metrics>) -> anyhow::Result<()> {
