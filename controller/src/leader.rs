@@ -13,7 +13,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
-use kube::{Client, Resource};
+use kube::Resource;
 use kube_lease_manager::LeaseManagerBuilder;
 use serde_json::json;
 use tracing::{info, warn};
