@@ -67,9 +67,13 @@ pub struct Engine<K> {
     peers: PeerSet,
     desired: DesiredState,
     conflicts: Vec<Conflict>,
-    /// The desired state of the last pass that applied without error; when a
-    /// pass finds work to do for the very same desired state, that is drift.
-    applied: Option<DesiredState>,
+    /// Bumped whenever the peer set changes.
+    generation: u64,
+    /// What the last pass that applied without error aimed at: a generation
+    /// in full mode, the desired state itself in on-demand mode (where it
+    /// also moves with traffic). Work found for the same target is drift.
+    applied_generation: Option<u64>,
+    applied_on_demand: Option<DesiredState>,
     ifindex: u32,
     consecutive_failures: u32,
     status: watch::Sender<EngineStatus>,
@@ -85,7 +89,9 @@ impl<K: Kernel> Engine<K> {
             peers: PeerSet::default(),
             desired: DesiredState::default(),
             conflicts: Vec::new(),
-            applied: None,
+            generation: 0,
+            applied_generation: None,
+            applied_on_demand: None,
             ifindex: 0,
             consecutive_failures: 0,
             status,
@@ -135,6 +141,7 @@ impl<K: Kernel> Engine<K> {
             merged
         };
         self.desired = desired;
+        self.generation += 1;
         self.conflicts = conflicts;
         if let Some(od) = &self.cfg.on_demand {
             let accepted: Vec<&Peer> = self.accepted_peers().collect();
@@ -259,7 +266,10 @@ impl<K: Kernel> Engine<K> {
         let after = if ops.is_empty() {
             kernel
         } else {
-            let is_drift = self.applied.as_ref() == Some(desired);
+            let is_drift = match &on_demand {
+                Some(d) => self.applied_on_demand.as_ref() == Some(d),
+                None => self.applied_generation == Some(self.generation),
+            };
             let t = Instant::now();
             let results = self.kernel.apply(self.ifindex, &ops).await;
             self.metrics.phase_seconds.with_label_values(&["apply"]).observe(t.elapsed().as_secs_f64());
@@ -284,10 +294,10 @@ impl<K: Kernel> Engine<K> {
         };
         let synced_now = report.failures == 0 && self.peers.complete;
         if report.failures == 0 {
-            // Cloning thousands of entries on every no-change pass would cost
-            // more than comparing them.
-            if self.applied.as_ref() != Some(desired) {
-                self.applied = Some(desired.clone());
+            match &on_demand {
+                Some(d) if self.applied_on_demand.as_ref() != Some(d) => self.applied_on_demand = Some(d.clone()),
+                Some(_) => {}
+                None => self.applied_generation = Some(self.generation),
             }
         }
         self.publish_counts(&after, synced_now);
