@@ -6,13 +6,17 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     weir_common::init_logging(cli.run.log_format == LogFormat::Json);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match runtime.block_on(weir_agent::commands::dispatch(cli)) {
+    let code = match runtime.block_on(weir_agent::commands::dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // Exit now: the dataplane stays as it is, and nothing left running (a
+    // watch, a blocking netlink read) should hold up a SIGTERM.
+    runtime.shutdown_background();
+    code
 }
 
 /// glibc gives each thread that allocates its own arena and keeps freed pages
