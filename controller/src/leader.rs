@@ -61,14 +61,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         info!(%identity, "became leader; rebuilding the allocation map from a full list");
         metrics.leader.set(1);
-        let recorder = Recorder::new(client.clone(), reporter.clone());
-        let mut work =
-            tokio::spawn(lead(Api::all(client.clone()), Allocator { pools: pools.clone() }, metrics.clone(), recorder));
+        let start = || {
+            let recorder = Recorder::new(client.clone(), reporter.clone());
+            tokio::spawn(lead(Api::all(client.clone()), Allocator { pools: pools.clone() }, metrics.clone(), recorder))
+        };
+        let mut work = start();
         loop {
             tokio::select! {
                 r = &mut work => {
                     warn!(result = ?r, "allocation loop ended; restarting it");
-                    work = tokio::spawn(lead(Api::all(client.clone()), Allocator { pools: pools.clone() }, metrics.clone(), Recorder::new(client.clone(), reporter.clone())));
+                    work = start();
                 }
                 changed = leading.changed() => {
                     if changed.is_err() || !*leading.borrow_and_update() {
