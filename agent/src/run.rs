@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::cli::RunArgs;
 use crate::cni;
 use crate::dataplane::netlink::NetlinkKernel;
-use crate::dataplane::{DeviceKind, DeviceSpec, Kernel, KernelError, events};
+use crate::dataplane::{DeviceKind, DeviceSpec, FilterRule, Kernel, KernelError, RTM_GETNEIGH, events};
 use crate::engine::OnDemand;
 use crate::engine::{Engine, EngineConfig, EngineStatus};
 use crate::firewall::{self, FirewallSpec};
@@ -153,21 +153,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (engine, status) = Engine::new(probe, cfg, metrics.clone());
     let (peers_tx, peers_rx) = watch::channel(PeerSet::default());
     let (ev_tx, ev_rx) = mpsc::channel(1024);
-    events::subscribe(ev_tx.clone()).context("subscribe to kernel notifications")?;
+    // Misses change nothing the engine tracks; in a miss storm they would
+    // wake it tens of thousands of times.
+    let mut event_filter = vec![FilterRule::DropType(RTM_GETNEIGH)];
     if args.mode == Mode::OnDemand {
         let responder = Responder {
             table: table_rx,
             active,
             status: status.clone(),
             metrics: metrics.clone(),
-            resync: ev_tx,
+            resync: ev_tx.clone(),
             rcvbuf: args.miss_rcvbuf,
         };
-        tokio::spawn(responder.run());
+        let port = responder.spawn().context("start the miss responder thread")?;
+        // The responder's own neighbour writes are not drift; waking the
+        // engine for them would compete with the first packet for the CPU.
+        // (vxlan reports fdb writes without a sender, so those still come.)
+        event_filter.push(FilterRule::DropSender(port));
     }
+    events::subscribe(ev_tx, &event_filter).context("subscribe to kernel notifications")?;
     let reopen = move || {
         let (tx, rx) = mpsc::channel(1024);
-        events::subscribe(tx).ok().map(|_| rx)
+        events::subscribe(tx, &event_filter).ok().map(|_| rx)
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let firewall_peers = peers_rx.clone();

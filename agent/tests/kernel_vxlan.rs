@@ -128,7 +128,7 @@ fn hand_deleted_entries_and_device_are_repaired_within_a_second() {
             let (e, status, metrics) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"), "10.244.1.0/24");
             let (peers_tx, peers_rx) = tokio::sync::watch::channel(PeerSet::complete((0..50).map(fake_peer)));
             let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(1024);
-            weir_agent::dataplane::events::subscribe(ev_tx).unwrap();
+            weir_agent::dataplane::events::subscribe(ev_tx, &[]).unwrap();
             let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             tokio::spawn(e.run(peers_rx, ev_rx, || None, stop_rx));
             wait_for(Duration::from_secs(5), || status.borrow().synced).await.expect("initial sync");

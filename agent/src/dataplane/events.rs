@@ -23,10 +23,10 @@ pub enum KernelEvent {
 }
 
 /// Subscribes to link, neighbour and route notifications in the calling
-/// thread's namespace. Events are reduced to `KernelEvent` and sent on a
+/// thread's namespace, minus what `filter` drops in the kernel. Events are reduced to `KernelEvent` and sent on a
 /// bounded channel; when it is full the reader keeps only the fact that
 /// something changed, so memory never grows and nothing is silently lost.
-pub fn subscribe(tx: mpsc::Sender<KernelEvent>) -> std::io::Result<()> {
+pub fn subscribe(tx: mpsc::Sender<KernelEvent>, filter: &[super::FilterRule]) -> std::io::Result<()> {
     let (mut conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Neigh,
@@ -35,6 +35,7 @@ pub fn subscribe(tx: mpsc::Sender<KernelEvent>) -> std::io::Result<()> {
     ])?;
     // A full sync of thousands of peers notifies about each of its own writes.
     super::force_rcvbuf(conn.socket_mut().socket_ref(), 16 << 20)?;
+    super::filter::filter_notifications(conn.socket_mut().socket_ref(), filter)?;
     tokio::spawn(conn);
     tokio::spawn(async move {
         let mut pending_overrun = false;

@@ -1,12 +1,22 @@
 //! Parsing RTM_GETNEIGH miss notifications. Pure.
+//!
+//! Only the header fields and the one attribute a miss needs are read, with
+//! netlink-packet-route's zero-copy buffers: this runs while the first packet
+//! to a peer waits in the kernel, and whole-message deserialization (every
+//! attribute into a Vec) cost ~20 µs per miss on a cold cache.
 
 use std::net::IpAddr;
 
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_packet_core::{NetlinkBuffer, NlasIterator, ParseableParametrized};
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourHeader};
 
 use crate::model::Mac;
+
+const RTM_GETNEIGH: u16 = 30;
+const NEIGHBOUR_HEADER_LEN: usize = 12;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Miss {
@@ -25,55 +35,61 @@ pub enum Parsed {
     Malformed(String),
 }
 
-/// Splits a datagram into messages and classifies each. Misses on devices
-/// other than `ifindex` are ignored.
-pub fn parse_datagram(mut buf: &[u8], ifindex: u32) -> Vec<Parsed> {
-    let mut out = Vec::new();
-    while buf.len() >= 16 {
-        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if len < 16 || len > buf.len() {
-            out.push(Parsed::Malformed(format!("netlink length {len} with {} bytes left", buf.len())));
-            break;
+/// Splits a datagram into messages and classifies each, without allocating.
+/// Misses on devices other than `ifindex` are ignored.
+pub fn parse_datagram(mut buf: &[u8], ifindex: u32) -> impl Iterator<Item = Parsed> + '_ {
+    std::iter::from_fn(move || {
+        if buf.len() < 16 {
+            return None;
         }
-        out.push(match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..len]) {
-            Ok(msg) => classify(msg, ifindex),
-            Err(e) => Parsed::Malformed(e.to_string()),
-        });
+        let msg = match NetlinkBuffer::new_checked(buf) {
+            Ok(m) => m,
+            Err(e) => {
+                buf = &[];
+                return Some(Parsed::Malformed(format!("netlink header: {e}")));
+            }
+        };
+        let parsed =
+            if msg.message_type() == RTM_GETNEIGH { classify(msg.payload(), ifindex) } else { Parsed::Ignored };
         // Messages are 4-byte aligned within a datagram.
-        let step = (len + 3) & !3;
+        let step = (msg.length() as usize + 3) & !3;
         buf = &buf[step.min(buf.len())..];
-    }
-    out
+        Some(parsed)
+    })
 }
 
-fn classify(msg: NetlinkMessage<RouteNetlinkMessage>, ifindex: u32) -> Parsed {
-    match msg.payload {
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetNeighbour(n)) if n.header.ifindex == ifindex => {
-            miss_of(&n)
+fn classify(payload: &[u8], ifindex: u32) -> Parsed {
+    let header = match NeighbourHeader::parse(payload) {
+        Ok(h) => h,
+        Err(e) => return Parsed::Malformed(format!("neighbour header: {e}")),
+    };
+    if header.ifindex != ifindex {
+        return Parsed::Ignored;
+    }
+    let wanted = if header.family == AddressFamily::Bridge { NDA_LLADDR } else { NDA_DST };
+    let attribute = NlasIterator::new(&payload[NEIGHBOUR_HEADER_LEN..])
+        .filter_map(Result::ok)
+        .find(|nla| nla.kind() == wanted)
+        .map(|nla| NeighbourAttribute::parse_with_param(&nla, header.family));
+    match attribute {
+        Some(Ok(NeighbourAttribute::LinkLayerAddress(b))) if b.len() == 6 => {
+            Parsed::Miss(Miss::L2 { mac: Mac([b[0], b[1], b[2], b[3], b[4], b[5]]) })
         }
-        _ => Parsed::Ignored,
+        Some(Ok(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)))) => {
+            Parsed::Miss(Miss::L3 { ip: ip.into() })
+        }
+        Some(Ok(NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)))) => {
+            Parsed::Miss(Miss::L3 { ip: ip.into() })
+        }
+        _ if wanted == NDA_LLADDR => Parsed::Malformed("L2 miss without a MAC".into()),
+        _ => Parsed::Malformed("L3 miss without an address".into()),
     }
-}
-
-fn miss_of(n: &NeighbourMessage) -> Parsed {
-    if n.header.family == AddressFamily::Bridge {
-        let mac = n.attributes.iter().find_map(|a| match a {
-            NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => Some(Mac([b[0], b[1], b[2], b[3], b[4], b[5]])),
-            _ => None,
-        });
-        return mac.map_or(Parsed::Malformed("L2 miss without a MAC".into()), |mac| Parsed::Miss(Miss::L2 { mac }));
-    }
-    let ip = n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
-        NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
-        _ => None,
-    });
-    ip.map_or(Parsed::Malformed("L3 miss without an address".into()), |ip| Parsed::Miss(Miss::L3 { ip }))
 }
 
 #[cfg(test)]
 mod tests {
-    use netlink_packet_core::{NetlinkHeader, NetlinkMessage};
+    use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_route::RouteNetlinkMessage;
     use netlink_packet_route::neighbour::{NeighbourMessage, NeighbourState};
 
     use super::*;
@@ -111,7 +127,7 @@ mod tests {
             8,
             NeighbourAttribute::Destination(NeighbourAddress::Inet("10.244.3.0".parse().unwrap())),
         ));
-        let parsed = parse_datagram(&dgram, 7);
+        let parsed: Vec<_> = parse_datagram(&dgram, 7).collect();
         assert_eq!(
             parsed,
             vec![
@@ -129,8 +145,9 @@ mod tests {
             7,
             NeighbourAttribute::Destination(NeighbourAddress::Inet6("fd00::1".parse().unwrap())),
         );
-        assert_eq!(parse_datagram(&d, 7), vec![Parsed::Miss(Miss::L3 { ip: "fd00::1".parse().unwrap() })]);
-        assert!(matches!(parse_datagram(&[0xff; 20], 7)[0], Parsed::Malformed(_)));
-        assert!(parse_datagram(&[], 7).is_empty());
+        let parsed: Vec<_> = parse_datagram(&d, 7).collect();
+        assert_eq!(parsed, vec![Parsed::Miss(Miss::L3 { ip: "fd00::1".parse().unwrap() })]);
+        assert!(matches!(parse_datagram(&[0xff; 20], 7).next(), Some(Parsed::Malformed(_))));
+        assert_eq!(parse_datagram(&[], 7).count(), 0);
     }
 }

@@ -6,6 +6,7 @@
 //! lifetime: the engine keeps them while the peer exists, sweeps them when it
 //! goes, and an optional idle timeout removes the unused ones.
 
+pub mod answer;
 pub mod miss;
 pub mod responder;
 
@@ -27,7 +28,13 @@ pub struct ActiveSet {
 
 impl ActiveSet {
     pub fn mark(&self, peer: &str) {
-        self.inner.lock().expect("active set lock").insert(peer.to_string(), Instant::now());
+        let mut active = self.inner.lock().expect("active set lock");
+        match active.get_mut(peer) {
+            Some(seen) => *seen = Instant::now(),
+            None => {
+                active.insert(peer.to_string(), Instant::now());
+            }
+        }
     }
 
     pub fn contains(&self, peer: &str) -> bool {

@@ -1,28 +1,35 @@
 //! The miss responder: one dedicated NETLINK_ROUTE socket subscribed to
 //! RTNLGRP_NEIGH, answering each miss with permanent entries.
 //!
-//! For an L3 miss it writes the fdb entry, then the neighbour entry, on one
-//! socket without waiting in between (the kernel handles a socket's messages in
-//! order), so the neighbour replaces the INCOMPLETE entry and the kernel sends
-//! the packets it queued: one miss, no packet lost. The fdb entry goes first
-//! because an L2 miss drops its packet instead of queuing it.
+//! It runs on its own OS thread with blocking sockets. The first packet to a
+//! peer waits in the kernel's queue for this answer, so the path from the miss
+//! to the write is the benchmark: waking a parked tokio worker and handing the
+//! task over cost ~0.1 ms here, a thread blocked in recv() costs a context
+//! switch. rtnetlink handles a request inside sendmsg(), so the ack is already
+//! queued when send() returns and is read without blocking or a second wake-up.
+//!
+//! For an L3 miss it writes the fdb entry, then the neighbour entry, in one
+//! datagram (the kernel handles a socket's messages in order), so the neighbour
+//! replaces the INCOMPLETE entry and the kernel sends the packets it queued:
+//! one miss, no packet lost. The fdb entry goes first because an L2 miss drops
+//! its packet instead of queuing it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::collections::HashMap;
-
-use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket, protocols::NETLINK_ROUTE};
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use super::answer::encode_answer;
 use super::miss::{Miss, Parsed, parse_datagram};
 use super::{ActiveSet, MissTable};
-use crate::dataplane::batch::{acks, encode_op, stamp};
+use crate::dataplane::batch::acks;
 use crate::dataplane::events::KernelEvent;
+use crate::dataplane::{FilterRule, RTM_GETNEIGH};
 use crate::engine::EngineStatus;
 use crate::metrics::Metrics;
-use crate::plan::Op;
 
 const RTNLGRP_NEIGH: u32 = 3;
 const ENOBUFS: i32 = 105;
@@ -38,12 +45,25 @@ pub struct Responder {
     pub rcvbuf: usize,
 }
 
-fn open_socket(rcvbuf: usize) -> std::io::Result<TokioSocket> {
-    let mut sock = TokioSocket::new(NETLINK_ROUTE)?;
-    crate::dataplane::force_rcvbuf(sock.socket_ref(), rcvbuf)?;
-    sock.socket_mut().bind_auto()?;
-    sock.socket_mut().add_membership(RTNLGRP_NEIGH)?;
+fn open_listener(rcvbuf: usize) -> std::io::Result<Socket> {
+    let mut sock = Socket::new(NETLINK_ROUTE)?;
+    crate::dataplane::force_rcvbuf(&sock, rcvbuf)?;
+    // Only misses: every other neighbour notification on the node (pods'
+    // ARP churn, our own answers) would wake this thread and fill the buffer
+    // that misses need; that overflow is how flannel's responder lost them.
+    crate::dataplane::filter_notifications(&sock, &[FilterRule::OnlyType(RTM_GETNEIGH)])?;
+    sock.bind_auto()?;
+    sock.add_membership(RTNLGRP_NEIGH)?;
     Ok(sock)
+}
+
+/// The socket answers are written on, and its port; acks are read right
+/// after each send.
+fn open_writer() -> std::io::Result<(Socket, u32)> {
+    let mut sock = Socket::new(NETLINK_ROUTE)?;
+    let addr = sock.bind_auto()?;
+    crate::dataplane::force_rcvbuf(&sock, 1 << 20)?;
+    Ok((sock, addr.port_number()))
 }
 
 /// Logs at most one line per interval for a noisy condition, with the count.
@@ -67,140 +87,162 @@ impl RateLimited {
     }
 }
 
+/// The writer socket and the state tied to it; rebuilt when the sockets are
+/// reopened. Buffers are reused so the hot path does not allocate.
+struct Session {
+    writer: Socket,
+    ifindex: u32,
+    table: Arc<MissTable>,
+    seq: u32,
+    datagram: Vec<u8>,
+    ack_buf: Vec<u8>,
+    /// Answers sent and not yet acked: seq of the answer's last request ->
+    /// kind and when its miss arrived.
+    pending: HashMap<u32, (&'static str, Instant)>,
+}
+
 impl Responder {
-    pub async fn run(self) {
+    /// Opens the answer socket and starts the responder on its own thread.
+    /// Returns the answer socket's netlink port, so the engine can ignore the
+    /// notifications our answers cause. The thread never returns: the
+    /// process exiting ends it, and the entries it wrote stay.
+    pub fn spawn(mut self) -> std::io::Result<u32> {
+        let (writer, port) = open_writer()?;
+        let session = Session {
+            writer,
+            ifindex: self.status.borrow_and_update().ifindex,
+            table: self.table.borrow_and_update().clone(),
+            seq: 0,
+            datagram: Vec::with_capacity(256),
+            ack_buf: Vec::with_capacity(16 * 1024),
+            pending: HashMap::new(),
+        };
+        std::thread::Builder::new().name("weir-miss".into()).spawn(move || self.run(session))?;
+        Ok(port)
+    }
+
+    fn run(mut self, mut session: Session) {
         let mut unknown_log = RateLimited { last: None, suppressed: 0 };
-        let mut seq: u32 = 1;
+        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
         loop {
-            let (sock, writer) = match (open_socket(self.rcvbuf), open_writer()) {
-                (Ok(s), Ok(w)) => (s, w),
-                (Err(e), _) | (_, Err(e)) => {
-                    warn!(error = %e, "cannot open the miss sockets; retrying in 1 s");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+            // Only the listener is ever reopened: the writer cannot overrun
+            // (its acks are drained after every send) and its port must stay
+            // the one the engine filters on.
+            let listener = match open_listener(self.rcvbuf) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot open the miss socket; retrying in 1 s");
+                    std::thread::sleep(Duration::from_secs(1));
                     continue;
                 }
             };
             info!(rcvbuf = self.rcvbuf, "listening for L2/L3 misses");
-            let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
-            let mut ack_buf: Vec<u8> = Vec::with_capacity(16 * 1024);
-            // Answer seq (of its last request) -> kind and when its miss arrived.
-            let mut pending: HashMap<u32, (&'static str, Instant)> = HashMap::new();
             loop {
-                tokio::select! {
-                    r = async { buf.clear(); sock.recv(&mut buf).await } => match r {
-                        Ok(()) => {
-                            let received = Instant::now();
-                            let ifindex = self.status.borrow().ifindex;
-                            for parsed in parse_datagram(&buf, ifindex) {
-                                if let Some((kind, last_seq)) = self.answer(parsed, &writer, &mut seq, &mut unknown_log, ifindex) {
-                                    pending.insert(last_seq, (kind, received));
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            if e.raw_os_error() == Some(ENOBUFS) {
-                                warn!("miss socket overflowed (ENOBUFS): misses were lost; reopening it and resyncing");
-                            } else {
-                                warn!(error = %e, "miss socket failed; reopening it and resyncing");
-                            }
-                            let _ = self.resync.try_send(KernelEvent::Overrun);
-                            break;
-                        }
-                    },
-                    r = async { ack_buf.clear(); writer.recv(&mut ack_buf).await } => {
-                        let Ok(()) = r else { break };
-                        for (ack_seq, errno) in acks(&ack_buf) {
-                            // An error on the fdb write comes with seq - 1 of its answer.
-                            let key = if pending.contains_key(&ack_seq) { ack_seq } else { ack_seq.wrapping_add(1) };
-                            let Some(&(kind, started)) = pending.get(&key) else { continue };
-                            let counter = if kind == "l3" { &self.metrics.l3miss } else { &self.metrics.l2miss };
-                            if errno == 0 {
-                                pending.remove(&key);
-                                self.metrics.miss_resolve_seconds.observe(started.elapsed().as_secs_f64());
-                                counter.with_label_values(&["resolved"]).inc();
-                            } else {
-                                pending.remove(&key);
-                                let hint = if errno == ENOBUFS { " (neighbour table full: gc_thresh3)" } else { "" };
-                                warn!(errno, error = %std::io::Error::from_raw_os_error(errno), "answering a miss failed{hint}");
-                                counter.with_label_values(&["error"]).inc();
-                            }
-                        }
+                buf.clear();
+                if let Err(e) = listener.recv(&mut buf, 0) {
+                    if e.raw_os_error() == Some(ENOBUFS) {
+                        warn!("miss socket overflowed (ENOBUFS): misses were lost; reopening it and resyncing");
+                    } else {
+                        warn!(error = %e, "miss socket failed; reopening it and resyncing");
                     }
+                    let _ = self.resync.try_send(KernelEvent::Overrun);
+                    break;
+                }
+                let received = Instant::now();
+                // The engine swaps these rarely; checking the version is one
+                // atomic load, taking the lock every miss is two more.
+                if self.status.has_changed().unwrap_or(false) {
+                    session.ifindex = self.status.borrow_and_update().ifindex;
+                }
+                if self.table.has_changed().unwrap_or(false) {
+                    session.table = self.table.borrow_and_update().clone();
+                }
+                let mut answered = false;
+                for parsed in parse_datagram(&buf, session.ifindex) {
+                    answered |= self.answer(&mut session, parsed, received, &mut unknown_log);
+                }
+                if answered {
+                    self.read_acks(&mut session);
                 }
             }
         }
     }
 
-    /// Writes the answer for one miss in a single sendmsg; returns its kind
-    /// and the seq whose ack completes it.
-    fn answer(
-        &self,
-        parsed: Parsed,
-        writer: &TokioSocket,
-        seq: &mut u32,
-        log: &mut RateLimited,
-        ifindex: u32,
-    ) -> Option<(&'static str, u32)> {
-        let table = self.table.borrow().clone();
-        let (kind, ops) = match parsed {
-            Parsed::Ignored => return None,
+    /// Writes the answer for one miss in a single sendmsg. Returns whether
+    /// one was sent.
+    fn answer(&self, s: &mut Session, parsed: Parsed, received: Instant, log: &mut RateLimited) -> bool {
+        let table = &s.table;
+        let (kind, answer, gateway) = match parsed {
+            Parsed::Ignored => return false,
             Parsed::Malformed(e) => {
                 warn!(error = %e, "malformed neighbour notification");
-                return None;
+                return false;
             }
             Parsed::Miss(Miss::L3 { ip }) => match table.gateway(&ip) {
-                Some(ans) => {
-                    self.active.mark(&ans.peer);
-                    ("l3", vec![Op::PutFdb { mac: ans.mac, dst: ans.underlay }, Op::PutNeigh { ip, mac: ans.mac }])
-                }
+                Some(answer) => ("l3", answer, Some(ip)),
                 None => {
                     self.unknown("l3", &ip.to_string(), log);
-                    return None;
+                    return false;
                 }
             },
             Parsed::Miss(Miss::L2 { mac }) => match table.mac(&mac) {
-                Some(ans) => {
-                    self.active.mark(&ans.peer);
-                    ("l2", vec![Op::PutFdb { mac: ans.mac, dst: ans.underlay }])
-                }
+                Some(answer) => ("l2", answer, None),
                 None => {
                     self.unknown("l2", &mac.to_string(), log);
-                    return None;
+                    return false;
                 }
             },
         };
-        // fdb first, then the neighbour, in one datagram: the kernel handles
-        // them in order, and the neighbour replaces the INCOMPLETE entry.
-        let mut datagram = Vec::with_capacity(256);
-        let n = ops.len();
-        for (i, op) in ops.iter().enumerate() {
-            let mut req = encode_op(ifindex, op);
-            *seq = seq.wrapping_add(1);
-            stamp(&mut req, *seq, i + 1 == n);
-            datagram.extend_from_slice(&req);
-        }
-        if let Err(e) = writer.socket_ref().send(&datagram, 0) {
+        self.active.mark(&answer.peer);
+        s.datagram.clear();
+        s.seq = encode_answer(&mut s.datagram, s.ifindex, answer.mac, answer.underlay, gateway, s.seq);
+        if let Err(e) = s.writer.send(&s.datagram, 0) {
             warn!(error = %e, "sending a miss answer failed");
-            let counter = if kind == "l3" { &self.metrics.l3miss } else { &self.metrics.l2miss };
-            counter.with_label_values(&["error"]).inc();
-            return None;
+            self.counter(kind).with_label_values(&["error"]).inc();
+            return false;
         }
-        Some((kind, *seq))
+        s.pending.insert(s.seq, (kind, received));
+        true
+    }
+
+    /// Reads the acks of the answers just sent. rtnetlink handles a request
+    /// inside sendmsg(), so they are already queued: a missing one was lost
+    /// (writer overrun), not late.
+    fn read_acks(&self, s: &mut Session) {
+        loop {
+            s.ack_buf.clear();
+            if s.writer.recv(&mut s.ack_buf, libc::MSG_DONTWAIT).is_err() {
+                break;
+            }
+            for (ack_seq, errno) in acks(&s.ack_buf) {
+                // An error on the fdb write comes with seq - 1 of its answer.
+                let key = if s.pending.contains_key(&ack_seq) { ack_seq } else { ack_seq.wrapping_add(1) };
+                let Some((kind, started)) = s.pending.remove(&key) else { continue };
+                let counter = self.counter(kind);
+                if errno == 0 {
+                    self.metrics.miss_resolve_seconds.observe(started.elapsed().as_secs_f64());
+                    counter.with_label_values(&["resolved"]).inc();
+                } else {
+                    let hint = if errno == ENOBUFS { " (neighbour table full: gc_thresh3)" } else { "" };
+                    warn!(errno, error = %std::io::Error::from_raw_os_error(errno), "answering a miss failed{hint}");
+                    counter.with_label_values(&["error"]).inc();
+                }
+            }
+        }
+        for (_, (kind, _)) in s.pending.drain() {
+            warn!(kind, "no ack for a miss answer; the engine's resync will check the entry");
+            self.counter(kind).with_label_values(&["error"]).inc();
+        }
     }
 
     fn unknown(&self, kind: &str, what: &str, log: &mut RateLimited) {
-        let counter = if kind == "l3" { &self.metrics.l3miss } else { &self.metrics.l2miss };
-        counter.with_label_values(&["unknown"]).inc();
+        self.counter(kind).with_label_values(&["unknown"]).inc();
         if let Some(suppressed) = log.hit(Duration::from_secs(10)) {
             info!(kind, address = %what, suppressed, "miss for an address no peer owns; ignored");
         }
     }
-}
 
-/// The socket answers are written on; its acks are read asynchronously.
-fn open_writer() -> std::io::Result<TokioSocket> {
-    let mut sock = TokioSocket::new(NETLINK_ROUTE)?;
-    sock.socket_mut().bind_auto()?;
-    crate::dataplane::force_rcvbuf(sock.socket_ref(), 1 << 20)?;
-    Ok(sock)
+    fn counter(&self, kind: &str) -> &prometheus::IntCounterVec {
+        if kind == "l3" { &self.metrics.l3miss } else { &self.metrics.l2miss }
+    }
 }

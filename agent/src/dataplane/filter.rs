@@ -1,0 +1,79 @@
+//! Kernel-side filters for notification sockets. A notification the filter
+//! drops never wakes the reader and never takes room in its receive buffer,
+//! which is what overflows (ENOBUFS) when a busy node's neighbour churn lands
+//! on a socket that only cares about a few messages.
+
+/// The netlink message type of L2/L3 miss notifications.
+pub const RTM_GETNEIGH: u16 = 30;
+
+/// One test in a notification filter; see `filter_notifications`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterRule {
+    /// Drop messages of this netlink type.
+    DropType(u16),
+    /// Drop messages of every type but this one.
+    OnlyType(u16),
+    /// Drop notifications caused by requests from this netlink port (the
+    /// kernel puts the requester's port id in nlmsg_pid).
+    DropSender(u32),
+}
+
+/// Attaches a classic BPF filter built from `rules`, applied in order; a
+/// message that no rule drops is accepted. The kernel runs it before queueing,
+/// so dropped messages neither wake the reader nor use its receive buffer.
+/// Multicast notifications are one message per datagram, so the first header
+/// decides.
+#[allow(unsafe_code)]
+pub fn filter_notifications(socket: &netlink_sys::Socket, rules: &[FilterRule]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut program = filter_program(rules);
+    let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_mut_ptr() };
+    // SAFETY: setsockopt on a socket we own; the kernel copies the program
+    // during the call, while `program` is alive.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+fn filter_program(rules: &[FilterRule]) -> Vec<libc::sock_filter> {
+    const LD_W_ABS: u16 = 0x20;
+    const LD_H_ABS: u16 = 0x28;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const TYPE_OFFSET: u32 = 4;
+    const PID_OFFSET: u32 = 12;
+    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    // BPF loads in network byte order; netlink headers are in host order.
+    let half = |t: u16| u32::from(u16::from_be_bytes(t.to_ne_bytes()));
+    // Two instructions per rule, then "accept", then "drop".
+    let drop_at = 2 * rules.len() + 1;
+    let mut program = Vec::with_capacity(drop_at + 1);
+    for rule in rules {
+        // A jump offset counts from the instruction after the jump.
+        let to_drop = (drop_at - program.len() - 2) as u8;
+        match *rule {
+            FilterRule::DropType(t) => {
+                program.push(insn(LD_H_ABS, 0, 0, TYPE_OFFSET));
+                program.push(insn(JEQ_K, to_drop, 0, half(t)));
+            }
+            FilterRule::OnlyType(t) => {
+                program.push(insn(LD_H_ABS, 0, 0, TYPE_OFFSET));
+                program.push(insn(JEQ_K, 0, to_drop, half(t)));
+            }
+            FilterRule::DropSender(port) => {
+                program.push(insn(LD_W_ABS, 0, 0, PID_OFFSET));
+                program.push(insn(JEQ_K, to_drop, 0, u32::from_be_bytes(port.to_ne_bytes())));
+            }
+        }
+    }
+    program.push(insn(RET_K, 0, 0, u32::MAX));
+    program.push(insn(RET_K, 0, 0, 0));
+    program
+}
