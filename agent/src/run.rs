@@ -166,10 +166,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             rcvbuf: args.miss_rcvbuf,
         };
         let port = responder.spawn().context("start the miss responder thread")?;
-        // The responder's own neighbour writes are not drift; waking the
-        // engine for them would compete with the first packet for the CPU.
-        // (vxlan reports fdb writes without a sender, so those still come.)
-        event_filter.push(FilterRule::DropSender(port));
+        // The responder's own answers are not drift, and waking the engine
+        // for them while the first packet is in flight cost ~17 µs of its
+        // latency (B5, 120 interleaved trials: 0.105 -> 0.088 ms). vxlan
+        // reports fdb writes without a sender, so new fdb entries are not
+        // events at all in this mode: someone else adding or replacing one
+        // on our device is repaired by the periodic resync instead of at
+        // once. Deletions still arrive.
+        event_filter.extend([FilterRule::DropSender(port), FilterRule::DropNewFdb]);
     }
     events::subscribe(ev_tx, &event_filter).context("subscribe to kernel notifications")?;
     let reopen = move || {

@@ -1,6 +1,6 @@
 //! The kernel-side notification filters: the miss socket hears only misses,
 //! and the engine hears neither misses nor the responder's own answers, while
-//! everything else still reaches it.
+//! everything else still reaches it (in on-demand mode, bar new fdb entries).
 
 mod common;
 
@@ -13,6 +13,8 @@ use weir_agent::ondemand::answer::encode_answer;
 
 const RTNLGRP_NEIGH: u32 = 3;
 const AF_BRIDGE: u8 = 7;
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_DELNEIGH: u16 = 29;
 
 fn subscriber(rules: &[FilterRule]) -> Socket {
     let mut sock = Socket::new(NETLINK_ROUTE).unwrap();
@@ -49,6 +51,8 @@ fn misses_reach_only_the_responder_and_its_answers_skip_the_engine() {
         let port = writer.bind_auto().unwrap().port_number();
         let misses = subscriber(&[FilterRule::OnlyType(RTM_GETNEIGH)]);
         let engine = subscriber(&[FilterRule::DropType(RTM_GETNEIGH), FilterRule::DropSender(port)]);
+        let on_demand_engine =
+            subscriber(&[FilterRule::DropType(RTM_GETNEIGH), FilterRule::DropSender(port), FilterRule::DropNewFdb]);
         let everything = subscriber(&[]);
 
         // An answer from the "responder" (fdb + neighbour), a neighbour from
@@ -60,6 +64,7 @@ fn misses_reach_only_the_responder_and_its_answers_skip_the_engine() {
         sh("ip neigh replace 10.244.7.0 dev weir.1 lladdr 0e:00:00:00:07:07 nud permanent");
         let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         let _ = udp.send_to(b"x", "10.244.9.0:9");
+        sh("bridge fdb del 0e:00:00:00:08:08 dev weir.1 dst 198.18.0.8 self");
         std::thread::sleep(Duration::from_millis(200));
 
         let all = drain(&everything);
@@ -76,6 +81,16 @@ fn misses_reach_only_the_responder_and_its_answers_skip_the_engine() {
         assert!(!heard.iter().any(from_writer), "engine heard none of the responder's neighbour writes: {heard:?}");
         assert!(heard.iter().any(|m| m.2 != 0 && m.2 != port), "engine still hears other writers: {heard:?}");
         // vxlan reports fdb writes without a sender, so those still arrive.
-        assert!(heard.iter().any(|m| m.1 == AF_BRIDGE), "engine still hears fdb changes: {heard:?}");
+        assert!(
+            heard.iter().any(|m| m.0 == RTM_NEWNEIGH && m.1 == AF_BRIDGE),
+            "engine hears new fdb entries: {heard:?}"
+        );
+
+        // On-demand: no new fdb entries either, but deletions still arrive.
+        let heard = drain(&on_demand_engine);
+        assert!(!heard.iter().any(miss) && !heard.iter().any(from_writer), "{heard:?}");
+        assert!(!heard.iter().any(|m| m.0 == RTM_NEWNEIGH && m.1 == AF_BRIDGE), "no new fdb entries: {heard:?}");
+        assert!(heard.iter().any(|m| m.0 == RTM_DELNEIGH && m.1 == AF_BRIDGE), "fdb deletions arrive: {heard:?}");
+        assert!(heard.iter().any(|m| m.2 != 0 && m.2 != port), "other writers' neighbours arrive: {heard:?}");
     });
 }

@@ -16,6 +16,10 @@ pub enum FilterRule {
     /// Drop notifications caused by requests from this netlink port (the
     /// kernel puts the requester's port id in nlmsg_pid).
     DropSender(u32),
+    /// Drop new or replaced fdb entries (RTM_NEWNEIGH, AF_BRIDGE). vxlan
+    /// reports them with nlmsg_pid 0, so `DropSender` cannot tell whose they
+    /// are.
+    DropNewFdb,
 }
 
 /// Attaches a classic BPF filter built from `rules`, applied in order; a
@@ -45,19 +49,25 @@ pub fn filter_notifications(socket: &netlink_sys::Socket, rules: &[FilterRule]) 
 fn filter_program(rules: &[FilterRule]) -> Vec<libc::sock_filter> {
     const LD_W_ABS: u16 = 0x20;
     const LD_H_ABS: u16 = 0x28;
+    const LD_B_ABS: u16 = 0x30;
     const JEQ_K: u16 = 0x15;
     const RET_K: u16 = 0x06;
     const TYPE_OFFSET: u32 = 4;
     const PID_OFFSET: u32 = 12;
+    const FAMILY_OFFSET: u32 = 16;
+    const RTM_NEWNEIGH: u16 = 28;
+    const AF_BRIDGE: u32 = 7;
     let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
     // BPF loads in network byte order; netlink headers are in host order.
     let half = |t: u16| u32::from(u16::from_be_bytes(t.to_ne_bytes()));
-    // Two instructions per rule, then "accept", then "drop".
-    let drop_at = 2 * rules.len() + 1;
+    let len = |rule: &FilterRule| if *rule == FilterRule::DropNewFdb { 4 } else { 2 };
+    // The rules, then "accept", then "drop".
+    let drop_at = rules.iter().map(len).sum::<usize>() + 1;
     let mut program = Vec::with_capacity(drop_at + 1);
     for rule in rules {
-        // A jump offset counts from the instruction after the jump.
-        let to_drop = (drop_at - program.len() - 2) as u8;
+        // Jump offsets count from the next instruction; every rule ends in
+        // the jump that may drop.
+        let to_drop = (drop_at - (program.len() + len(rule))) as u8;
         match *rule {
             FilterRule::DropType(t) => {
                 program.push(insn(LD_H_ABS, 0, 0, TYPE_OFFSET));
@@ -70,6 +80,12 @@ fn filter_program(rules: &[FilterRule]) -> Vec<libc::sock_filter> {
             FilterRule::DropSender(port) => {
                 program.push(insn(LD_W_ABS, 0, 0, PID_OFFSET));
                 program.push(insn(JEQ_K, to_drop, 0, u32::from_be_bytes(port.to_ne_bytes())));
+            }
+            FilterRule::DropNewFdb => {
+                program.push(insn(LD_H_ABS, 0, 0, TYPE_OFFSET));
+                program.push(insn(JEQ_K, 0, 2, half(RTM_NEWNEIGH)));
+                program.push(insn(LD_B_ABS, 0, 0, FAMILY_OFFSET));
+                program.push(insn(JEQ_K, to_drop, 0, AF_BRIDGE));
             }
         }
     }

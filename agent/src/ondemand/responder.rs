@@ -39,7 +39,8 @@ pub struct Responder {
     pub active: Arc<ActiveSet>,
     pub status: watch::Receiver<EngineStatus>,
     pub metrics: Arc<Metrics>,
-    /// Tells the engine to resync after notifications were lost.
+    /// Tells the engine to resync: after notifications were lost, and after
+    /// each answer.
     pub resync: mpsc::Sender<KernelEvent>,
     /// SO_RCVBUF for the miss socket; large, so a burst does not overflow it.
     pub rcvbuf: usize,
@@ -163,6 +164,11 @@ impl Responder {
                 }
                 if answered {
                     self.read_acks(&mut session);
+                    // The engine ignores our writes' notifications (they would
+                    // wake it while the first packet is in flight). Now that
+                    // the packet is out, let it check the entries and report
+                    // the miss in its status.
+                    let _ = self.resync.try_send(KernelEvent::Changed { ifindex: session.ifindex, ours: true });
                 }
             }
         }
