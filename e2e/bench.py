@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import threading
@@ -421,7 +422,44 @@ def bench_throughput(rounds=3):
     n, h2 = statistics.median(nofw), statistics.median(hand2)
     report("B6", f"pod-to-pod TCP over VXLAN, iperf3 5 s x {rounds} interleaved: weir {w:.2f} Gbit/s, hand-built "
                  f"{h:.2f} Gbit/s, ratio {w / h:.3f}x (target >= 0.97x); with weir's nftables table off: "
-                 f"weir {n:.2f} vs hand-built {h2:.2f} Gbit/s, ratio {n / h2:.3f}x")
+                 f"weir {n:.2f} vs hand-built {h2:.2f} Gbit/s, ratio {n / h2:.3f}x; {profile_throughput(dst)}")
+
+
+NETFILTER = re.compile(r"^(nf_|nft_|__nf_|nf_conntrack|nf_nat|ipv4_conntrack|hash_conntrack|__nft|fib_|nft)")
+
+
+def profile_throughput(dst):
+    """CPU samples (perf record -a) during one more iperf3 each way, and the share in netfilter
+    (nf_*/nft_*/conntrack) symbols: where the firewall's cost goes, measured rather than guessed."""
+    if not shutil.which("perf"):
+        return "profile SKIPPED: needs `perf` (Debian: linux-perf)"
+    shares = {}
+    for i in (1, 2):  # the agents were just restarted with the firewall on
+        deadline = time.time() + 30
+        while time.time() < deadline and lab.sh(["nft", "list", "table", "inet", "weir"], ns=lab.node_ns(i), check=False) == "":
+            time.sleep(0.5)
+    names = hand_built()
+    try:
+        for label, src, dst_ns, ip in (("weir", "weir-pod-1-1", "weir-pod-2-1", dst),
+                                       ("hand-built", "weir-hand-pa", "weir-hand-pb", "10.244.2.2")):
+            data = lab.STATE / f"b6-{label}.data"
+            perf = subprocess.Popen(["perf", "record", "-q", "-a", "-F", "997", "-o", str(data)], stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            gbit = iperf(src, dst_ns, ip, seconds=3)
+            perf.send_signal(2)
+            perf.wait()
+            text = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "sym"],
+                                  capture_output=True, text=True).stdout
+            total = nf = 0.0
+            for m in re.finditer(r"^\s+([\d.]+)%\s+\[k\]\s+(\S+)", text, re.M):
+                total += float(m.group(1))
+                nf += float(m.group(1)) if NETFILTER.match(m.group(2)) else 0.0
+            shares[label] = (gbit, nf)
+    finally:
+        for ns in names:
+            lab.sh(["ip", "netns", "del", ns], check=False)
+    return "profile (perf, one more 3 s run each): " + ", ".join(
+        f"{k} {g:.2f} Gbit/s with {nf:.1f} % of CPU samples in netfilter/conntrack" for k, (g, nf) in shares.items())
 
 
 # ------------------------------------------------------------ controller
@@ -456,6 +494,15 @@ def bench_controller(n=1000):
 
 def main(only=None):
     want = set(only or ["B1", "B2", "B3", "B4", "B5", "B6", "controller"])
+    if "B5-trace" in want:
+        # Needs no cluster: two namespaces and a release agent.
+        import bench_trace
+        lab.PROFILE = "release"
+        lab.ensure_weir_built()
+        bench_trace.bench_ondemand_trace()
+        want.discard("B5-trace")
+        if not want:
+            return
     if want & {"B1", "B2"}:
         bench_dataplane()
     lab.down()
