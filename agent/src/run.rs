@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::cli::RunArgs;
 use crate::cni;
 use crate::dataplane::netlink::NetlinkKernel;
-use crate::dataplane::{DeviceKind, DeviceSpec, FilterRule, Kernel, KernelError, RTM_GETNEIGH, events};
+use crate::dataplane::{DeviceKind, DeviceSpec, FilterRule, Kernel, KernelError, events};
 use crate::engine::OnDemand;
 use crate::engine::{Engine, EngineConfig, EngineStatus};
 use crate::firewall::{self, FirewallSpec};
@@ -155,7 +155,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     // Misses change nothing the engine tracks; in a miss storm they would
     // wake it tens of thousands of times.
-    let mut event_filter = vec![FilterRule::DropType(RTM_GETNEIGH)];
+    let mut event_filter = vec![FilterRule::DropType(libc::RTM_GETNEIGH)];
     if args.mode == Mode::OnDemand {
         let responder = Responder {
             table: table_rx,

@@ -7,20 +7,18 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use libc::{RTM_DELNEIGH, RTM_GETNEIGH, RTM_NEWNEIGH};
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
-use weir_agent::dataplane::{FilterRule, RTM_GETNEIGH, filter_notifications};
+use weir_agent::dataplane::{FilterRule, filter_notifications};
 use weir_agent::ondemand::answer::encode_answer;
 
-const RTNLGRP_NEIGH: u32 = 3;
-const AF_BRIDGE: u8 = 7;
-const RTM_NEWNEIGH: u16 = 28;
-const RTM_DELNEIGH: u16 = 29;
+const AF_BRIDGE: u8 = libc::AF_BRIDGE as u8;
 
 fn subscriber(rules: &[FilterRule]) -> Socket {
     let mut sock = Socket::new(NETLINK_ROUTE).unwrap();
     filter_notifications(&sock, rules).unwrap();
     sock.bind_auto().unwrap();
-    sock.add_membership(RTNLGRP_NEIGH).unwrap();
+    sock.add_membership(libc::RTNLGRP_NEIGH).unwrap();
     sock
 }
 

@@ -151,19 +151,18 @@ impl Batcher {
     /// Neighbours (or, with AF_BRIDGE, fdb entries) of one device, filtered by
     /// the kernel, parsed by hand: only the few fields weir compares.
     pub fn dump_neighbours(&mut self, family: u8, ifindex: u32) -> std::io::Result<Vec<RawNeigh>> {
-        const AF_BRIDGE: u8 = 7;
-        const NDA_IFINDEX: u16 = 8;
+        const AF_BRIDGE: u8 = libc::AF_BRIDGE as u8;
         let mut body = vec![family, 0, 0, 0];
         // The fdb dump takes the device in the header; the neighbour dump in NDA_IFINDEX.
         let header_ifindex = if family == AF_BRIDGE { ifindex } else { 0 };
         body.extend_from_slice(&header_ifindex.to_ne_bytes());
         body.extend_from_slice(&[0u8; 4]);
         if family != AF_BRIDGE {
-            attr(&mut body, NDA_IFINDEX, &ifindex.to_ne_bytes());
+            attr(&mut body, libc::NDA_IFINDEX, &ifindex.to_ne_bytes());
         }
         let mut out = Vec::new();
-        self.dump(30 /* RTM_GETNEIGH */, &body, |t, p| {
-            if t == 28 /* RTM_NEWNEIGH */
+        self.dump(libc::RTM_GETNEIGH, &body, |t, p| {
+            if t == libc::RTM_NEWNEIGH
                 && let Some(n) = parse_neigh(p)
                 && n.ifindex == ifindex
             {
@@ -176,12 +175,11 @@ impl Batcher {
     /// Main-table routes of one family, optionally only those of `protocol`
     /// (filtered by the kernel, which needs strict checking on).
     pub fn dump_routes(&mut self, family: u8, protocol: Option<u8>) -> std::io::Result<Vec<RawRoute>> {
-        const RTA_TABLE: u16 = 15;
         let mut body = vec![family, 0, 0, 0, RT_TABLE_MAIN, protocol.unwrap_or(0), 0, 0, 0, 0, 0, 0];
-        attr(&mut body, RTA_TABLE, &u32::from(RT_TABLE_MAIN).to_ne_bytes());
+        attr(&mut body, libc::RTA_TABLE, &u32::from(RT_TABLE_MAIN).to_ne_bytes());
         let mut out = Vec::new();
-        self.dump(26 /* RTM_GETROUTE */, &body, |t, p| {
-            if t == 24 /* RTM_NEWROUTE */
+        self.dump(libc::RTM_GETROUTE, &body, |t, p| {
+            if t == libc::RTM_NEWROUTE
                 && let Some(r) = parse_route(p)
                 && r.table == u32::from(RT_TABLE_MAIN)
                 && protocol.is_none_or(|proto| r.protocol == proto)

@@ -3,9 +3,6 @@
 //! which is what overflows (ENOBUFS) when a busy node's neighbour churn lands
 //! on a socket that only cares about a few messages.
 
-/// The netlink message type of L2/L3 miss notifications.
-pub const RTM_GETNEIGH: u16 = 30;
-
 /// One test in a notification filter; see `filter_notifications`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilterRule {
@@ -55,8 +52,6 @@ fn filter_program(rules: &[FilterRule]) -> Vec<libc::sock_filter> {
     const TYPE_OFFSET: u32 = 4;
     const PID_OFFSET: u32 = 12;
     const FAMILY_OFFSET: u32 = 16;
-    const RTM_NEWNEIGH: u16 = 28;
-    const AF_BRIDGE: u32 = 7;
     let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
     // BPF loads in network byte order; netlink headers are in host order.
     let half = |t: u16| u32::from(u16::from_be_bytes(t.to_ne_bytes()));
@@ -83,9 +78,9 @@ fn filter_program(rules: &[FilterRule]) -> Vec<libc::sock_filter> {
             }
             FilterRule::DropNewFdb => {
                 program.push(insn(LD_H_ABS, 0, 0, TYPE_OFFSET));
-                program.push(insn(JEQ_K, 0, 2, half(RTM_NEWNEIGH)));
+                program.push(insn(JEQ_K, 0, 2, half(libc::RTM_NEWNEIGH)));
                 program.push(insn(LD_B_ABS, 0, 0, FAMILY_OFFSET));
-                program.push(insn(JEQ_K, to_drop, 0, AF_BRIDGE));
+                program.push(insn(JEQ_K, to_drop, 0, libc::AF_BRIDGE as u32));
             }
         }
     }

@@ -13,7 +13,7 @@ use crate::model::Mac;
 use crate::plan::{KernelState, Op};
 
 pub use device::{DeviceKind, DeviceSpec};
-pub use filter::{FilterRule, RTM_GETNEIGH, filter_notifications};
+pub use filter::{FilterRule, filter_notifications};
 
 /// A netlink failure, kept as the errno so callers can tell "gone already"
 /// from "kernel out of neighbour slots" from "unsupported".

@@ -238,9 +238,9 @@ impl Kernel for NetlinkKernel {
         // parsed by hand, on two sockets in parallel: neighbour and route
         // dumps do not serialize against each other in the kernel. This is
         // what keeps a no-change resync at 5,000 peers to a few milliseconds.
-        const AF_INET: u8 = 2;
-        const AF_INET6: u8 = 10;
-        const AF_BRIDGE: u8 = 7;
+        const AF_INET: u8 = libc::AF_INET as u8;
+        const AF_INET6: u8 = libc::AF_INET6 as u8;
+        const AF_BRIDGE: u8 = libc::AF_BRIDGE as u8;
         let mut second = match self.second.take() {
             Some(b) => b,
             None => Batcher::new().map_err(|e| KernelError::Other(format!("open netlink socket: {e}")))?,
@@ -266,10 +266,9 @@ impl Kernel for NetlinkKernel {
         let (fdb, neigh) = neighbours?;
         let (routes, nexthops) = routes.map_err(|e| KernelError::Other(format!("netlink dump: {e}")))?;
 
-        const NUD_PERMANENT: u16 = 0x80;
         let mut state = KernelState::default();
         for n in fdb {
-            if let (true, Some(ip), Some(mac)) = (n.state & NUD_PERMANENT != 0, n.dst, n.lladdr) {
+            if let (true, Some(ip), Some(mac)) = (n.state & libc::NUD_PERMANENT != 0, n.dst, n.lladdr) {
                 state.fdb.insert((mac, ip));
                 if let Some(t) = n.used_ticks {
                     state.fdb_idle.insert(mac, std::time::Duration::from_millis(u64::from(t) * 10));
@@ -277,7 +276,7 @@ impl Kernel for NetlinkKernel {
             }
         }
         for n in neigh {
-            if let (true, Some(ip), Some(mac)) = (n.state & NUD_PERMANENT != 0, n.dst, n.lladdr) {
+            if let (true, Some(ip), Some(mac)) = (n.state & libc::NUD_PERMANENT != 0, n.dst, n.lladdr) {
                 state.neigh.insert(ip, mac);
             }
         }
@@ -302,7 +301,7 @@ impl Kernel for NetlinkKernel {
     async fn foreign_routes(&mut self) -> Result<BTreeSet<IpNet>, KernelError> {
         self.with_batcher(|b| {
             let mut out = BTreeSet::new();
-            for family in [2u8, 10] {
+            for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
                 out.extend(
                     b.dump_routes(family, None)?.into_iter().filter(|r| r.protocol != ROUTE_PROTOCOL).map(|r| r.dst),
                 );

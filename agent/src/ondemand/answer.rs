@@ -7,21 +7,14 @@
 
 use std::net::IpAddr;
 
+use libc::{NDA_DST, NDA_LLADDR, NTF_SELF, NUD_PERMANENT, RTM_NEWNEIGH, RTN_UNICAST};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST};
+
 use crate::model::Mac;
 
-const RTM_NEWNEIGH: u16 = 28;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_REPLACE: u16 = 0x100;
-const NLM_F_CREATE: u16 = 0x400;
-const AF_INET: u8 = 2;
-const AF_BRIDGE: u8 = 7;
-const AF_INET6: u8 = 10;
-const NUD_PERMANENT: u16 = 0x80;
-const NTF_SELF: u8 = 0x2;
-const RTN_UNICAST: u8 = 1;
-const NDA_DST: u16 = 1;
-const NDA_LLADDR: u16 = 2;
+const AF_INET: u8 = libc::AF_INET as u8;
+const AF_INET6: u8 = libc::AF_INET6 as u8;
+const AF_BRIDGE: u8 = libc::AF_BRIDGE as u8;
 
 /// Appends the fdb entry (VTEP MAC -> underlay) and, for an L3 miss, the
 /// neighbour entry (gateway -> VTEP MAC) to `out`, in that order, numbered from

@@ -13,10 +13,9 @@ use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, Neig
 
 use crate::model::Mac;
 
-const RTM_GETNEIGH: u16 = 30;
+use libc::{NDA_DST, NDA_LLADDR, RTM_GETNEIGH};
+
 const NEIGHBOUR_HEADER_LEN: usize = 12;
-const NDA_DST: u16 = 1;
-const NDA_LLADDR: u16 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Miss {

@@ -1,5 +1,5 @@
 //! The miss responder: one dedicated NETLINK_ROUTE socket subscribed to
-//! RTNLGRP_NEIGH, answering each miss with permanent entries.
+//! libc::RTNLGRP_NEIGH, answering each miss with permanent entries.
 //!
 //! It runs on its own OS thread with blocking sockets. The first packet to a
 //! peer waits in the kernel's queue for this answer, so the path from the miss
@@ -25,14 +25,11 @@ use tracing::{info, warn};
 use super::answer::encode_answer;
 use super::miss::{Miss, Parsed, parse_datagram};
 use super::{ActiveSet, MissTable};
+use crate::dataplane::FilterRule;
 use crate::dataplane::batch::acks;
 use crate::dataplane::events::KernelEvent;
-use crate::dataplane::{FilterRule, RTM_GETNEIGH};
 use crate::engine::EngineStatus;
 use crate::metrics::Metrics;
-
-const RTNLGRP_NEIGH: u32 = 3;
-const ENOBUFS: i32 = 105;
 
 pub struct Responder {
     pub table: watch::Receiver<Arc<MissTable>>,
@@ -52,9 +49,9 @@ fn open_listener(rcvbuf: usize) -> std::io::Result<Socket> {
     // Only misses: every other neighbour notification on the node (pods'
     // ARP churn, our own answers) would wake this thread and fill the buffer
     // that misses need; that overflow is how flannel's responder lost them.
-    crate::dataplane::filter_notifications(&sock, &[FilterRule::OnlyType(RTM_GETNEIGH)])?;
+    crate::dataplane::filter_notifications(&sock, &[FilterRule::OnlyType(libc::RTM_GETNEIGH)])?;
     sock.bind_auto()?;
-    sock.add_membership(RTNLGRP_NEIGH)?;
+    sock.add_membership(libc::RTNLGRP_NEIGH)?;
     Ok(sock)
 }
 
@@ -141,7 +138,7 @@ impl Responder {
             loop {
                 buf.clear();
                 if let Err(e) = listener.recv(&mut buf, 0) {
-                    if e.raw_os_error() == Some(ENOBUFS) {
+                    if e.raw_os_error() == Some(libc::ENOBUFS) {
                         warn!("miss socket overflowed (ENOBUFS): misses were lost; reopening it and resyncing");
                     } else {
                         warn!(error = %e, "miss socket failed; reopening it and resyncing");
@@ -229,7 +226,7 @@ impl Responder {
                     self.metrics.miss_resolve_seconds.observe(started.elapsed().as_secs_f64());
                     counter.with_label_values(&["resolved"]).inc();
                 } else {
-                    let hint = if errno == ENOBUFS { " (neighbour table full: gc_thresh3)" } else { "" };
+                    let hint = if errno == libc::ENOBUFS { " (neighbour table full: gc_thresh3)" } else { "" };
                     warn!(errno, error = %std::io::Error::from_raw_os_error(errno), "answering a miss failed{hint}");
                     counter.with_label_values(&["error"]).inc();
                 }
