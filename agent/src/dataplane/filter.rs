@@ -24,23 +24,11 @@ pub enum FilterRule {
 /// so dropped messages neither wake the reader nor use its receive buffer.
 /// Multicast notifications are one message per datagram, so the first header
 /// decides.
-#[allow(unsafe_code)]
 pub fn filter_notifications(socket: &netlink_sys::Socket, rules: &[FilterRule]) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     let mut program = filter_program(rules);
+    // The kernel copies the program during the call, while `program` lives.
     let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_mut_ptr() };
-    // SAFETY: setsockopt on a socket we own; the kernel copies the program
-    // during the call, while `program` is alive.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    super::set_socket_option(socket, libc::SO_ATTACH_FILTER, &fprog)
 }
 
 fn filter_program(rules: &[FilterRule]) -> Vec<libc::sock_filter> {

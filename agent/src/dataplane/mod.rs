@@ -90,19 +90,25 @@ pub trait Kernel {
 /// SO_RCVBUFFORCE (needs CAP_NET_ADMIN): SO_RCVBUF is capped by
 /// net.core.rmem_max, 208 KiB by default, which one large sync's own
 /// notifications overflow. Falls back to SO_RCVBUF when not permitted.
-#[allow(unsafe_code)]
 pub fn force_rcvbuf(socket: &netlink_sys::Socket, bytes: usize) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt on a socket we own, with a c_int option value and its size.
+    set_socket_option(socket, libc::SO_RCVBUFFORCE, &value).or_else(|_| socket.set_rx_buf_sz(bytes))
+}
+
+/// setsockopt(2) at SOL_SOCKET level with a plain value.
+#[allow(unsafe_code)]
+fn set_socket_option<T>(socket: &netlink_sys::Socket, name: libc::c_int, value: &T) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a socket we own; `value` is a live T for the whole call, passed
+    // with its size, and the kernel copies what it needs before returning.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { socket.set_rx_buf_sz(bytes) }
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
