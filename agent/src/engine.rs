@@ -249,9 +249,8 @@ impl<K: Kernel> Engine<K> {
         });
 
         let t = Instant::now();
-        let kernel = self.kernel.dump(self.ifindex).await?;
+        let mut kernel = self.kernel.dump(self.ifindex).await?;
         self.metrics.phase_seconds.with_label_values(&["dump"]).observe(t.elapsed().as_secs_f64());
-        let mut kernel = kernel;
         let on_demand = self.on_demand_desired(&kernel);
         let desired = on_demand.as_ref().unwrap_or(&self.desired);
         let mut ops = plan::diff(desired, &kernel, self.ifindex, self.peers.complete);

@@ -23,9 +23,10 @@ pub enum KernelEvent {
 }
 
 /// Subscribes to link, neighbour and route notifications in the calling
-/// thread's namespace, minus what `filter` drops in the kernel. Events are reduced to `KernelEvent` and sent on a
-/// bounded channel; when it is full the reader keeps only the fact that
-/// something changed, so memory never grows and nothing is silently lost.
+/// thread's namespace, minus what `filter` drops in the kernel. Events are
+/// reduced to `KernelEvent` and sent on a bounded channel; when it is full
+/// the reader keeps only the fact that something changed, so memory never
+/// grows and nothing is silently lost.
 pub fn subscribe(tx: mpsc::Sender<KernelEvent>, filter: &[super::FilterRule]) -> std::io::Result<()> {
     let (mut conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,

@@ -30,10 +30,6 @@ pub struct NetlinkKernel {
     second: Option<Batcher>,
 }
 
-fn b_routes(b: &mut Batcher, family: u8) -> std::io::Result<Vec<super::batch::RawRoute>> {
-    b.dump_routes(family, Some(ROUTE_PROTOCOL))
-}
-
 impl NetlinkKernel {
     /// Opens a socket in the calling thread's network namespace.
     pub fn connect() -> std::io::Result<Self> {
@@ -247,8 +243,8 @@ impl Kernel for NetlinkKernel {
         };
         let routes = tokio::task::spawn_blocking(move || {
             let r = (|| {
-                let mut routes = b_routes(&mut second, AF_INET)?;
-                routes.extend(b_routes(&mut second, AF_INET6)?);
+                let mut routes = second.dump_routes(AF_INET, Some(ROUTE_PROTOCOL))?;
+                routes.extend(second.dump_routes(AF_INET6, Some(ROUTE_PROTOCOL))?);
                 Ok::<_, std::io::Error>((routes, second.dump_nexthops()?))
             })();
             (second, r)

@@ -85,8 +85,9 @@ impl RateLimited {
     }
 }
 
-/// The writer socket and the state tied to it; rebuilt when the sockets are
-/// reopened. Buffers are reused so the hot path does not allocate.
+/// The writer socket and the state tied to it, kept for the thread's life
+/// (only the listener is reopened). Buffers are reused so the hot path does
+/// not allocate.
 struct Session {
     writer: Socket,
     ifindex: u32,
