@@ -71,8 +71,7 @@ fn agent_stops_at_startup_naming_the_missing_module() {
         "ip -n {0} link add u0 type veth peer name u1 && ip -n {0} addr add 198.18.0.1/24 dev u0 && ip -n {0} link set u0 up",
         ns.0
     ));
-    let dir = std::env::temp_dir().join(format!("weir-ipip-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("weir-ipip");
     std::fs::write(dir.join("peers.yaml"), "- {name: a, publicIP: 198.18.0.1, podCIDRs: [10.244.1.0/24]}\n").unwrap();
     let out = Command::new("ip")
         .args([

@@ -175,15 +175,8 @@ fn two_nodes_ping_through_the_entries_weir_wrote() {
         eprintln!("SKIP two_nodes_ping_through_the_entries_weir_wrote: needs root");
         return;
     }
-    let pid = std::process::id();
-    let (a, b) = (format!("weir-kt-{pid}-a"), format!("weir-kt-{pid}-b"));
-    let (_na, _nb) = (NamedNetns::new(&a), NamedNetns::new(&b));
-    sh(&format!("ip link add ua netns {a} type veth peer name ub netns {b}"));
-    sh(&format!("ip -n {a} addr add 198.18.0.1/24 dev ua && ip -n {a} link set ua up"));
-    sh(&format!("ip -n {b} addr add 198.18.0.2/24 dev ub && ip -n {b} link set ub up"));
-    // A "pod" address behind each node.
-    sh(&format!("ip -n {a} addr add 10.244.1.1/32 dev lo"));
-    sh(&format!("ip -n {b} addr add 10.244.2.1/32 dev lo"));
+    let (na, nb) = node_pair("weir-kt");
+    let (a, b) = (na.0.clone(), nb.0.clone());
 
     let node =
         |ns: String, local: &'static str, cidr: &'static str, peer: weir_agent::model::Peer, mac: &'static str| {

@@ -86,15 +86,9 @@ fn two_agents_from_a_peers_file_ping_and_follow_edits() {
         eprintln!("SKIP two_agents_from_a_peers_file_ping_and_follow_edits: needs root");
         return;
     }
-    let pid = std::process::id();
-    let (a, b) = (format!("weir-pf-{pid}-a"), format!("weir-pf-{pid}-b"));
-    let (_na, _nb) = (NamedNetns::new(&a), NamedNetns::new(&b));
-    sh(&format!("ip link add ua netns {a} type veth peer name ub netns {b}"));
-    sh(&format!("ip -n {a} addr add 198.18.0.1/24 dev ua && ip -n {a} link set ua up"));
-    sh(&format!("ip -n {b} addr add 198.18.0.2/24 dev ub && ip -n {b} link set ub up"));
-    sh(&format!("ip -n {a} addr add 10.244.1.1/32 dev lo && ip -n {b} addr add 10.244.2.1/32 dev lo"));
-    let dir = std::env::temp_dir().join(format!("weir-pf-{pid}"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (na, nb) = node_pair("weir-pf");
+    let (a, b) = (na.0.clone(), nb.0.clone());
+    let dir = temp_dir("weir-pf");
     std::fs::write(dir.join("peers.yaml"), PEERS).unwrap();
 
     let _agent_a = spawn_agent(&a, "node-a", "ua", &dir);
@@ -125,15 +119,9 @@ fn net_admin_is_the_only_capability_needed() {
         eprintln!("SKIP net_admin_is_the_only_capability_needed: needs root and setpriv");
         return;
     }
-    let pid = std::process::id();
-    let (a, b) = (format!("weir-cap-{pid}-a"), format!("weir-cap-{pid}-b"));
-    let (_na, _nb) = (NamedNetns::new(&a), NamedNetns::new(&b));
-    sh(&format!("ip link add ua netns {a} type veth peer name ub netns {b}"));
-    sh(&format!("ip -n {a} addr add 198.18.0.1/24 dev ua && ip -n {a} link set ua up"));
-    sh(&format!("ip -n {b} addr add 198.18.0.2/24 dev ub && ip -n {b} link set ub up"));
-    sh(&format!("ip -n {a} addr add 10.244.1.1/32 dev lo && ip -n {b} addr add 10.244.2.1/32 dev lo"));
-    let dir = std::env::temp_dir().join(format!("weir-cap-{pid}"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (na, nb) = node_pair("weir-cap");
+    let (a, b) = (na.0.clone(), nb.0.clone());
+    let dir = temp_dir("weir-cap");
     std::fs::write(dir.join("peers.yaml"), PEERS).unwrap();
     // As root, the bounding set caps what the exec'd agent may hold.
     let only_net_admin = ["setpriv", "--bounding-set=-all,+net_admin", "--inh-caps=-all"];
@@ -169,8 +157,7 @@ fn on_demand_past_gc_thresh3() {
         "ip -n {0} link add ua type veth peer name ub && ip -n {0} addr add 198.18.0.1/24 dev ua && ip -n {0} link set ua up && ip -n {0} link set ub up",
         ns.0
     ));
-    let dir = std::env::temp_dir().join(format!("weir-od-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("weir-od");
     let mut peers = String::from(
         "- {name: node-a, publicIP: 198.18.0.1, vtepMAC: \"0e:00:00:00:0a:0a\", podCIDRs: [10.244.1.0/24]}\n",
     );

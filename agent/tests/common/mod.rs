@@ -59,6 +59,27 @@ impl Drop for NamedNetns {
     }
 }
 
+/// Two named namespaces `{prefix}-{pid}-a` and `-b` joined by a veth
+/// underlay (`ua` 198.18.0.1/24, `ub` 198.18.0.2/24), with a "pod" address
+/// behind each node on lo (10.244.1.1, 10.244.2.1).
+pub fn node_pair(prefix: &str) -> (NamedNetns, NamedNetns) {
+    let pid = std::process::id();
+    let (na, nb) = (NamedNetns::new(&format!("{prefix}-{pid}-a")), NamedNetns::new(&format!("{prefix}-{pid}-b")));
+    let (a, b) = (&na.0, &nb.0);
+    sh(&format!("ip link add ua netns {a} type veth peer name ub netns {b}"));
+    sh(&format!("ip -n {a} addr add 198.18.0.1/24 dev ua && ip -n {a} link set ua up"));
+    sh(&format!("ip -n {b} addr add 198.18.0.2/24 dev ub && ip -n {b} link set ub up"));
+    sh(&format!("ip -n {a} addr add 10.244.1.1/32 dev lo && ip -n {b} addr add 10.244.2.1/32 dev lo"));
+    (na, nb)
+}
+
+/// A fresh per-process directory under the system temp dir.
+pub fn temp_dir(prefix: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// Runs a shell command in the calling thread's namespace and returns stdout.
 pub fn sh(cmd: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
