@@ -3,6 +3,7 @@ to its baseline measured in the same run. Fake Node objects stand in for the
 thousands: no namespace behind them, underlay IPs from 198.19.0.0/16, and no
 traffic is ever sent to them."""
 
+import contextlib
 import datetime
 import json
 import os
@@ -256,6 +257,20 @@ def vxlan_by_hand(ns):
     lab.sh(["bridge", "-n", ns, "fdb", "add", "0e:00:00:00:0b:0b", "dev", "weir.1", "dst", "198.18.0.2", "self", "permanent"])
 
 
+def ondemand_agent(d):
+    """Node A in on-demand mode, its entries removed by idle GC between trials."""
+    a = pair_agent(PAIR_A, "a", "on-demand", d, {"WEIR_IDLE_TIMEOUT": "300ms", "WEIR_RESYNC_INTERVAL": "200ms"})
+    time.sleep(1.5)
+    return a
+
+
+def wait_gc():
+    """Until weir's idle GC has removed the neighbour, so the next ping starts with a miss."""
+    deadline = time.time() + 5
+    while time.time() < deadline and "10.244.2.0" in lab.sh(["ip", "-n", PAIR_A, "neigh", "show", "dev", "weir.1"]):
+        time.sleep(0.05)
+
+
 def del_neigh():
     lab.sh(["ip", "-n", PAIR_A, "neigh", "del", "10.244.2.0", "dev", "weir.1"], check=False)
 
@@ -282,13 +297,7 @@ def bench_ondemand(trials=100):
         resp.kill()
         lab.sh(["ip", "-n", PAIR_A, "link", "del", "weir.1"])
         # weir on-demand: fdb and neighbour both installed on the miss; entries removed by idle GC between trials.
-        a = pair_agent(PAIR_A, "a", "on-demand", d, {"WEIR_IDLE_TIMEOUT": "300ms", "WEIR_RESYNC_INTERVAL": "200ms"})
-        time.sleep(1.5)
-
-        def wait_gc():
-            deadline = time.time() + 5
-            while time.time() < deadline and "10.244.2.0" in lab.sh(["ip", "-n", PAIR_A, "neigh", "show", "dev", "weir.1"]):
-                time.sleep(0.05)
+        a = ondemand_agent(d)
         out["weir"] = first_packet_penalty(trials, wait_gc)
         # Miss storm: 10,000 unknown addresses on the overlay while a real peer is resolved.
         lab.sh(["ip", "-n", PAIR_A, "route", "add", "10.99.0.0/16", "dev", "weir.1"])
@@ -387,21 +396,35 @@ def hand_built():
     return names
 
 
-def bench_throughput(rounds=3):
+@contextlib.contextmanager
+def hand_built_pair():
     names = hand_built()
-    weir, hand = [], []
-    dst = lab.pods()["weir-pod-2-1"]
     try:
-        for _ in range(rounds):
-            weir.append(iperf("weir-pod-1-1", "weir-pod-2-1", dst))
-            hand.append(iperf("weir-hand-pa", "weir-hand-pb", "10.244.2.2"))
+        yield
     finally:
         for ns in names:
             lab.sh(["ip", "netns", "del", ns], check=False)
+
+
+# (source pod namespace, destination pod namespace) of each side
+WEIR_PODS, HAND_PODS, HAND_DST = ("weir-pod-1-1", "weir-pod-2-1"), ("weir-hand-pa", "weir-hand-pb"), "10.244.2.2"
+
+
+def interleaved(rounds, dst):
+    """Median Gbit/s of weir's pods and of the hand-built pair, runs alternating."""
+    weir, hand = [], []
+    with hand_built_pair():
+        for _ in range(rounds):
+            weir.append(iperf(*WEIR_PODS, dst))
+            hand.append(iperf(*HAND_PODS, HAND_DST))
+    return statistics.median(weir), statistics.median(hand)
+
+
+def bench_throughput(rounds=3):
+    dst = lab.pods()["weir-pod-2-1"]
+    w, h = interleaved(rounds, dst)
     # Attribution: the same with weir's nftables table off (no masquerade, so
     # no conntrack on these nodes), interleaved with the hand-built one again.
-    nofw, hand2 = [], []
-    names = hand_built()
     try:
         for i in (1, 2):
             lab.stop(f"node-{i}")
@@ -409,57 +432,45 @@ def bench_throughput(rounds=3):
             lab.sh(["nft", "delete", "table", "inet", "weir"], ns=lab.node_ns(i), check=False)
             lab.sh(["sh", "-c", "conntrack -F 2>/dev/null; true"], ns=lab.node_ns(i))
         time.sleep(1)
-        for _ in range(rounds):
-            nofw.append(iperf("weir-pod-1-1", "weir-pod-2-1", dst))
-            hand2.append(iperf("weir-hand-pa", "weir-hand-pb", "10.244.2.2"))
+        n, h2 = interleaved(rounds, dst)
     finally:
-        for ns in names:
-            lab.sh(["ip", "netns", "del", ns], check=False)
         for i in (1, 2):
             lab.stop(f"node-{i}")
             lab.start_agent(i)
-    w, h = statistics.median(weir), statistics.median(hand)
-    n, h2 = statistics.median(nofw), statistics.median(hand2)
     report("B6", f"pod-to-pod TCP over VXLAN, iperf3 5 s x {rounds} interleaved: weir {w:.2f} Gbit/s, hand-built "
                  f"{h:.2f} Gbit/s, ratio {w / h:.3f}x (target >= 0.97x); with weir's nftables table off: "
                  f"weir {n:.2f} vs hand-built {h2:.2f} Gbit/s, ratio {n / h2:.3f}x; {profile_throughput(dst)}")
 
 
-NETFILTER = re.compile(r"^(nf_|nft_|__nf_|nf_conntrack|nf_nat|ipv4_conntrack|hash_conntrack|__nft|fib_|nft)")
+# Netfilter, conntrack, and fib lookups (which nft's `fib` expression makes; plain routing also counts).
+NETFILTER = re.compile(r"^(__nf_|__nft|nft|nf_|ipv4_conntrack|hash_conntrack|fib_)")
 
 
 def profile_throughput(dst):
-    """CPU samples (perf record -a) during one more iperf3 each way, and the share in netfilter
-    (nf_*/nft_*/conntrack) symbols: where the firewall's cost goes, measured rather than guessed."""
+    """CPU samples (perf record -a) during one more iperf3 each way, and the share in NETFILTER
+    symbols: where the firewall's cost goes, measured rather than guessed."""
     if not shutil.which("perf"):
         return "profile SKIPPED: needs `perf` (Debian: linux-perf)"
-    shares = {}
     for i in (1, 2):  # the agents were just restarted with the firewall on
         deadline = time.time() + 30
         while time.time() < deadline and lab.sh(["nft", "list", "table", "inet", "weir"], ns=lab.node_ns(i), check=False) == "":
             time.sleep(0.5)
-    names = hand_built()
-    try:
-        for label, src, dst_ns, ip in (("weir", "weir-pod-1-1", "weir-pod-2-1", dst),
-                                       ("hand-built", "weir-hand-pa", "weir-hand-pb", "10.244.2.2")):
+    shares = {}
+    with hand_built_pair():
+        for label, pods, ip in (("weir", WEIR_PODS, dst), ("hand-built", HAND_PODS, HAND_DST)):
             data = lab.STATE / f"b6-{label}.data"
             perf = subprocess.Popen(["perf", "record", "-q", "-a", "-F", "997", "-o", str(data)], stderr=subprocess.DEVNULL)
             time.sleep(0.5)
-            gbit = iperf(src, dst_ns, ip, seconds=3)
+            gbit = iperf(*pods, ip, seconds=3)
             perf.send_signal(2)
             perf.wait()
             text = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "sym"],
                                   capture_output=True, text=True).stdout
-            total = nf = 0.0
-            for m in re.finditer(r"^\s+([\d.]+)%\s+\[k\]\s+(\S+)", text, re.M):
-                total += float(m.group(1))
-                nf += float(m.group(1)) if NETFILTER.match(m.group(2)) else 0.0
+            nf = sum(float(m.group(1)) for m in re.finditer(r"^\s+([\d.]+)%\s+\[k\]\s+(\S+)", text, re.M)
+                     if NETFILTER.match(m.group(2)))
             shares[label] = (gbit, nf)
-    finally:
-        for ns in names:
-            lab.sh(["ip", "netns", "del", ns], check=False)
     return "profile (perf, one more 3 s run each): " + ", ".join(
-        f"{k} {g:.2f} Gbit/s with {nf:.1f} % of CPU samples in netfilter/conntrack" for k, (g, nf) in shares.items())
+        f"{k} {g:.2f} Gbit/s with {nf:.1f} % of CPU samples in netfilter/conntrack/fib" for k, (g, nf) in shares.items())
 
 
 # ------------------------------------------------------------ controller

@@ -68,16 +68,10 @@ def bench_ondemand_trace(trials=60):
     b = bench.pair_agent(bench.PAIR_B, "b", "full", d)
     data = lab.STATE / "bench" / "b5-trace.data"
     try:
-        a = bench.pair_agent(bench.PAIR_A, "a", "on-demand", d, {"WEIR_IDLE_TIMEOUT": "300ms", "WEIR_RESYNC_INTERVAL": "200ms"})
-        time.sleep(1.5)
-
-        def wait_gc():
-            deadline = time.time() + 5
-            while time.time() < deadline and "10.244.2.0" in lab.sh(["ip", "-n", bench.PAIR_A, "neigh", "show", "dev", "weir.1"]):
-                time.sleep(0.05)
+        a = bench.ondemand_agent(d)
         perf = subprocess.Popen(["perf", "record", "-q", "-a", "-e", EVENTS, "-o", str(data)], stderr=subprocess.DEVNULL)
         time.sleep(1)
-        pen, lost = bench.first_packet_penalty(trials, wait_gc)
+        pen, lost = bench.first_packet_penalty(trials, bench.wait_gc)
         perf.send_signal(2)
         perf.wait()
         a.terminate()
