@@ -145,7 +145,7 @@ impl<K: Kernel> Engine<K> {
         self.conflicts = conflicts;
         if let Some(od) = &self.cfg.on_demand {
             let accepted: Vec<&Peer> = self.accepted_peers().collect();
-            od.table.send_replace(Arc::new(MissTable::new(accepted.iter().copied())));
+            od.table.send_replace(Arc::new(MissTable::new(accepted.iter().copied(), &od.active)));
             let names: std::collections::BTreeSet<&str> = accepted.iter().map(|p| p.name.as_str()).collect();
             od.active.retain_known(|p| names.contains(p));
         }

@@ -7,9 +7,9 @@
 
 use std::net::IpAddr;
 
-use netlink_packet_core::{NetlinkBuffer, NlasIterator, ParseableParametrized};
+use netlink_packet_core::{NetlinkBuffer, NlasIterator};
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourHeader};
+use netlink_packet_route::neighbour::NeighbourHeader;
 
 use crate::model::Mac;
 
@@ -66,21 +66,20 @@ fn classify(payload: &[u8], ifindex: u32) -> Parsed {
         return Parsed::Ignored;
     }
     let wanted = if header.family == AddressFamily::Bridge { NDA_LLADDR } else { NDA_DST };
-    let attribute = NlasIterator::new(&payload[NEIGHBOUR_HEADER_LEN..])
-        .filter_map(Result::ok)
-        .find(|nla| nla.kind() == wanted)
-        .map(|nla| NeighbourAttribute::parse_with_param(&nla, header.family));
-    match attribute {
-        Some(Ok(NeighbourAttribute::LinkLayerAddress(b))) if b.len() == 6 => {
-            Parsed::Miss(Miss::L2 { mac: Mac([b[0], b[1], b[2], b[3], b[4], b[5]]) })
+    // The value is decoded here rather than through NeighbourAttribute: its
+    // parser covers every attribute kind, a large cold function to page in
+    // while the first packet waits, for the two shapes a miss can have.
+    let nla =
+        NlasIterator::new(&payload[NEIGHBOUR_HEADER_LEN..]).filter_map(Result::ok).find(|nla| nla.kind() == wanted);
+    match (wanted, nla.as_ref().map(|nla| nla.value())) {
+        (NDA_LLADDR, Some(&[a, b, c, d, e, f])) => Parsed::Miss(Miss::L2 { mac: Mac([a, b, c, d, e, f]) }),
+        (NDA_LLADDR, _) => Parsed::Malformed("L2 miss without a MAC".into()),
+        (_, Some(v)) if header.family == AddressFamily::Inet && v.len() == 4 => {
+            Parsed::Miss(Miss::L3 { ip: IpAddr::from(<[u8; 4]>::try_from(v).expect("length checked")) })
         }
-        Some(Ok(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)))) => {
-            Parsed::Miss(Miss::L3 { ip: ip.into() })
+        (_, Some(v)) if header.family == AddressFamily::Inet6 && v.len() == 16 => {
+            Parsed::Miss(Miss::L3 { ip: IpAddr::from(<[u8; 16]>::try_from(v).expect("length checked")) })
         }
-        Some(Ok(NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)))) => {
-            Parsed::Miss(Miss::L3 { ip: ip.into() })
-        }
-        _ if wanted == NDA_LLADDR => Parsed::Malformed("L2 miss without a MAC".into()),
         _ => Parsed::Malformed("L3 miss without an address".into()),
     }
 }
@@ -89,7 +88,7 @@ fn classify(payload: &[u8], ifindex: u32) -> Parsed {
 mod tests {
     use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
     use netlink_packet_route::RouteNetlinkMessage;
-    use netlink_packet_route::neighbour::{NeighbourMessage, NeighbourState};
+    use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
 
     use super::*;
 
@@ -148,5 +147,19 @@ mod tests {
         assert_eq!(parsed, vec![Parsed::Miss(Miss::L3 { ip: "fd00::1".parse().unwrap() })]);
         assert!(matches!(parse_datagram(&[0xff; 20], 7).next(), Some(Parsed::Malformed(_))));
         assert_eq!(parse_datagram(&[], 7).count(), 0);
+    }
+
+    #[test]
+    fn wrong_length_values_are_malformed() {
+        let short_mac =
+            getneigh(AddressFamily::Bridge, 7, NeighbourAttribute::LinkLayerAddress(vec![0x0e, 0, 0, 0, 2]));
+        assert!(matches!(parse_datagram(&short_mac, 7).next(), Some(Parsed::Malformed(_))));
+        // An IPv6-sized address in an AF_INET miss.
+        let mixed = getneigh(
+            AddressFamily::Inet,
+            7,
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6("fd00::1".parse().unwrap())),
+        );
+        assert!(matches!(parse_datagram(&mixed, 7).next(), Some(Parsed::Malformed(_))));
     }
 }

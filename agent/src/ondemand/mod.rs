@@ -11,42 +11,84 @@ pub mod miss;
 pub mod responder;
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::model::{Mac, Peer};
+
+/// When a peer last had a miss, as nanoseconds since the ActiveSet's epoch
+/// plus one; zero means its entries are not installed. One atomic store is
+/// all the responder does to mark a peer, so the first packet's path takes no
+/// lock and touches no map beyond the lookup it already made.
+#[derive(Debug, Default)]
+pub struct PeerMark(AtomicU64);
+
+impl PeerMark {
+    pub fn mark(&self, stamp: u64) {
+        self.0.store(stamp, Ordering::SeqCst);
+    }
+
+    fn stamp(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::SeqCst)).filter(|s| *s != 0)
+    }
+}
 
 /// The peers whose fdb and neighbour entries are installed, with the time of
 /// their last miss. The responder marks a peer here *before* writing to the
 /// kernel, and the engine reads it *after* dumping the kernel, so every entry
 /// the engine sees has its peer marked and is never swept as stale.
-#[derive(Default)]
+///
+/// Every known peer has a mark, shared with the MissTable entries that
+/// answer for it; a peer is active while its mark is set.
 pub struct ActiveSet {
-    inner: Mutex<HashMap<String, Instant>>,
+    epoch: Instant,
+    marks: Mutex<HashMap<String, Arc<PeerMark>>>,
+}
+
+impl Default for ActiveSet {
+    fn default() -> Self {
+        ActiveSet { epoch: Instant::now(), marks: Mutex::default() }
+    }
 }
 
 impl ActiveSet {
-    pub fn mark(&self, peer: &str) {
-        let mut active = self.inner.lock().expect("active set lock");
-        match active.get_mut(peer) {
-            Some(seen) => *seen = Instant::now(),
-            None => {
-                active.insert(peer.to_string(), Instant::now());
-            }
+    /// The value a mark made at `at` holds.
+    pub fn stamp(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64 + 1
+    }
+
+    /// The peer's mark, created unset if the peer is new.
+    fn mark_of(&self, peer: &str) -> Arc<PeerMark> {
+        let mut marks = self.marks.lock().expect("active set lock");
+        match marks.get(peer) {
+            Some(m) => m.clone(),
+            None => marks.entry(peer.to_string()).or_default().clone(),
         }
     }
 
+    pub fn mark(&self, peer: &str) {
+        self.mark_of(peer).mark(self.stamp(Instant::now()));
+    }
+
+    fn with_stamp<T>(&self, peer: &str, f: impl FnOnce(u64) -> T) -> Option<T> {
+        self.marks.lock().expect("active set lock").get(peer).and_then(|m| m.stamp()).map(f)
+    }
+
     pub fn contains(&self, peer: &str) -> bool {
-        self.inner.lock().expect("active set lock").contains_key(peer)
+        self.with_stamp(peer, |_| ()).is_some()
     }
 
     pub fn remove(&self, peer: &str) {
-        self.inner.lock().expect("active set lock").remove(peer);
+        if let Some(m) = self.marks.lock().expect("active set lock").get(peer) {
+            m.0.store(0, Ordering::SeqCst);
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().expect("active set lock").len()
+        self.marks.lock().expect("active set lock").values().filter(|m| m.stamp().is_some()).count()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -55,35 +97,87 @@ impl ActiveSet {
 
     /// Forgets peers that are gone from the peer set.
     pub fn retain_known(&self, known: impl Fn(&str) -> bool) {
-        self.inner.lock().expect("active set lock").retain(|p, _| known(p));
+        self.marks.lock().expect("active set lock").retain(|p, _| known(p));
     }
 
     pub fn last_miss(&self, peer: &str) -> Option<Duration> {
-        self.inner.lock().expect("active set lock").get(peer).map(|t| t.elapsed())
+        let now = self.stamp(Instant::now());
+        self.with_stamp(peer, |s| Duration::from_nanos(now.saturating_sub(s)))
     }
 }
 
 /// What a miss resolves to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Answer {
-    pub peer: String,
     pub mac: Mac,
     pub underlay: IpAddr,
+    pub mark: Arc<PeerMark>,
 }
+
+/// Hashes the tables' keys (gateway IPs, VTEP MACs). They come from validated
+/// peers, never from the misses, so SipHash's resistance to chosen keys buys
+/// nothing here; its code and state are cold cache lines on the first packet's
+/// path. A multiply-rotate per word, mixed once at the end so keys that differ
+/// only in their high bits (10.244.N.0) still spread over the buckets.
+#[derive(Default, Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl KeyHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        // splitmix64's finaliser
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_ne_bytes(word));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.add(n.into());
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.add(n as u64);
+        self.add((n >> 64) as u64);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+}
+
+type KeyMap<K> = HashMap<K, Answer, BuildHasherDefault<KeyHasher>>;
 
 /// Lookup tables from the current peer set, rebuilt when it changes and
 /// swapped in whole, so the responder's hot path takes no lock beyond one read.
 #[derive(Debug, Default, Clone)]
 pub struct MissTable {
-    by_gateway: HashMap<IpAddr, Answer>,
-    by_mac: HashMap<Mac, Answer>,
+    by_gateway: KeyMap<IpAddr>,
+    by_mac: KeyMap<Mac>,
 }
 
 impl MissTable {
-    pub fn new<'a>(peers: impl IntoIterator<Item = &'a Peer>) -> Self {
+    pub fn new<'a>(peers: impl IntoIterator<Item = &'a Peer>, active: &ActiveSet) -> Self {
         let mut t = MissTable::default();
         for p in peers {
-            let answer = Answer { peer: p.name.clone(), mac: p.vtep_mac, underlay: p.underlay_ip };
+            let answer = Answer { mac: p.vtep_mac, underlay: p.underlay_ip, mark: active.mark_of(&p.name) };
             for cidr in &p.pod_cidrs {
                 t.by_gateway.insert(crate::model::gateway_of(cidr), answer.clone());
             }
@@ -103,20 +197,56 @@ impl MissTable {
 
 #[cfg(test)]
 mod tests {
+    use std::hash::BuildHasher;
+
     use super::*;
 
-    #[test]
-    fn table_answers_gateways_and_macs() {
-        let p = Peer {
+    fn node2() -> Peer {
+        Peer {
             name: "node-2".into(),
             underlay_ip: "198.18.0.12".parse().unwrap(),
             vtep_mac: "0e:00:00:00:00:02".parse().unwrap(),
             pod_cidrs: vec!["10.244.2.0/24".parse().unwrap(), "fd00:10:244:2::/64".parse().unwrap()],
-        };
-        let t = MissTable::new([&p]);
-        assert_eq!(t.gateway(&"10.244.2.0".parse().unwrap()).unwrap().peer, "node-2");
+        }
+    }
+
+    #[test]
+    fn table_answers_gateways_and_macs() {
+        let p = node2();
+        let t = MissTable::new([&p], &ActiveSet::default());
+        assert_eq!(t.gateway(&"10.244.2.0".parse().unwrap()).unwrap().mac, p.vtep_mac);
         assert_eq!(t.gateway(&"fd00:10:244:2::".parse().unwrap()).unwrap().underlay, p.underlay_ip);
         assert!(t.gateway(&"10.244.2.1".parse().unwrap()).is_none());
-        assert_eq!(t.mac(&p.vtep_mac).unwrap().peer, "node-2");
+        assert_eq!(t.mac(&p.vtep_mac).unwrap().underlay, p.underlay_ip);
+    }
+
+    #[test]
+    fn marking_through_the_table_activates_the_peer_across_rebuilds() {
+        let active = ActiveSet::default();
+        let p = node2();
+        let old = MissTable::new([&p], &active);
+        let new = MissTable::new([&p], &active);
+        assert!(!active.contains("node-2"));
+        // The responder may still hold the old table when it answers.
+        old.gateway(&"10.244.2.0".parse().unwrap()).unwrap().mark.mark(active.stamp(Instant::now()));
+        assert!(active.contains("node-2"));
+        assert!(Arc::ptr_eq(&old.mac(&p.vtep_mac).unwrap().mark, &new.mac(&p.vtep_mac).unwrap().mark));
+        assert!(active.last_miss("node-2").unwrap() < Duration::from_secs(5));
+        assert_eq!(active.len(), 1);
+        active.remove("node-2");
+        assert!(!active.contains("node-2") && active.last_miss("node-2").is_none() && active.is_empty());
+        active.mark("node-2");
+        active.retain_known(|_| false);
+        assert!(!active.contains("node-2"));
+    }
+
+    #[test]
+    fn gateways_that_differ_in_one_octet_spread_over_the_buckets() {
+        // hashbrown picks the bucket from the low bits; without the final mix
+        // these keys' hashes share them (each key's low byte is zero).
+        let build = BuildHasherDefault::<KeyHasher>::default();
+        let low_bytes: std::collections::BTreeSet<u64> =
+            (0..=255u8).map(|n| build.hash_one(IpAddr::from([10, 244, n, 0])) & 0xff).collect();
+        assert!(low_bytes.len() > 128, "only {} distinct low bytes over 256 gateways", low_bytes.len());
     }
 }

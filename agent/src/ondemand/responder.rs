@@ -197,7 +197,7 @@ impl Responder {
                 }
             },
         };
-        self.active.mark(&answer.peer);
+        answer.mark.mark(self.active.stamp(received));
         s.datagram.clear();
         s.seq = encode_answer(&mut s.datagram, s.ifindex, answer.mac, answer.underlay, gateway, s.seq);
         if let Err(e) = s.writer.send(&s.datagram, 0) {
