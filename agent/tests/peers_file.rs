@@ -142,49 +142,64 @@ fn net_admin_is_the_only_capability_needed() {
 }
 
 /// On-demand with more active peers than gc_thresh3 (1024 non-permanent
-/// neighbours machine-wide): answers are permanent, so all 1,100 go in and no
-/// write fails with ENOBUFS. The peers are fake (198.19.0.0/16, no traffic
-/// reaches them); what is proven is the kernel state, not reachability.
+/// neighbours machine-wide): answers are permanent, so all 1,100 go in, no
+/// write fails with ENOBUFS, and every peer answers the first packet sent to
+/// it.
+///
+/// The 1,100 peers are one namespace B standing in for all of them: it owns
+/// every peer's underlay and pod address (local routes over 198.19.0.0/16 and
+/// 10.96.0.0/11), and one VXLAN device decapsulates for every peer's VTEP MAC
+/// (an nftables ingress rule marks frames to any MAC as for this host, which
+/// the IP layer otherwise drops as addressed to another).
 #[test]
-fn on_demand_past_gc_thresh3() {
+fn on_demand_reaches_more_peers_than_gc_thresh3() {
     if !can_create_netns() {
-        eprintln!("SKIP on_demand_past_gc_thresh3: needs root");
+        eprintln!("SKIP on_demand_reaches_more_peers_than_gc_thresh3: needs root");
         return;
     }
     const PEERS_N: u32 = 1100;
-    let ns = NamedNetns::new(&format!("weir-od-{}", std::process::id()));
+    let (na, nb) = node_pair("weir-od");
+    let (a, b) = (&na.0, &nb.0);
+    sh(&format!("ip -n {a} route add 198.19.0.0/16 via 198.18.0.2 dev ua"));
     sh(&format!(
-        "ip -n {0} link add ua type veth peer name ub && ip -n {0} addr add 198.18.0.1/24 dev ua && ip -n {0} link set ua up && ip -n {0} link set ub up",
-        ns.0
+        "ip -n {b} route add local 198.19.0.0/16 dev lo && ip -n {b} route add local 10.96.0.0/11 dev lo && \
+         ip -n {b} link add vx type vxlan id 1 dstport 8472 dev ub nolearning && ip -n {b} link set vx up && \
+         bridge -n {b} fdb add 0e:00:00:00:0a:0a dev vx dst 198.18.0.1 self permanent && \
+         ip -n {b} neigh add 10.244.1.0 lladdr 0e:00:00:00:0a:0a dev vx nud permanent && \
+         ip -n {b} route add 10.244.1.0/24 via 10.244.1.0 dev vx onlink"
     ));
+    let rule = "add table netdev peers; add chain netdev peers in { type filter hook ingress device vx priority 0; }; \
+                add rule netdev peers in meta pkttype set host";
+    sh(&format!("ip netns exec {b} nft '{rule}'"));
     let dir = temp_dir("weir-od");
     let mut peers = String::from(
         "- {name: node-a, publicIP: 198.18.0.1, vtepMAC: \"0e:00:00:00:0a:0a\", podCIDRs: [10.244.1.0/24]}\n",
     );
+    let mut pod_ips = String::new();
     for i in 0..PEERS_N {
         let (hi, lo) = (i >> 8, i & 0xff);
         peers += &format!(
             "- {{name: fake-{i}, publicIP: 198.19.{hi}.{lo}, vtepMAC: \"0e:00:00:00:{hi:02x}:{lo:02x}\", podCIDRs: [10.{}.{lo}.0/24]}}\n",
             100 + hi
         );
+        pod_ips += &format!("10.{}.{lo}.1\n", 100 + hi);
     }
     std::fs::write(dir.join("peers.yaml"), peers).unwrap();
+    std::fs::write(dir.join("pod-ips"), pod_ips).unwrap();
     let _agent =
-        spawn_agent_with(&ns.0, "node-a", "ua", &dir, &[], &[("WEIR_MODE", "on-demand"), ("WEIR_FIREWALL", "false")]);
+        spawn_agent_with(a, "node-a", "ua", &dir, &[], &[("WEIR_MODE", "on-demand"), ("WEIR_FIREWALL", "false")]);
     wait_until(Duration::from_secs(30), "routes to every peer", || {
-        sh(&format!("ip -n {} route show proto 87 | wc -l", ns.0)).trim() == PEERS_N.to_string()
+        sh(&format!("ip -n {a} route show proto 87 | wc -l")).trim() == PEERS_N.to_string()
     });
-    // One datagram into each peer's pod CIDR: one L3 miss per gateway, sent in
-    // steps so the INCOMPLETE entries never pass the kernel's limit at once.
-    let sender = format!(
-        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
-         for i in range({PEERS_N}):\n  s.sendto(b'x',('10.%d.%d.1'%(100+(i>>8),i&255),9))\n  \
-         (i%100==99) and time.sleep(0.3)\n"
-    );
-    sh(&format!("ip netns exec {} python3 -c \"{}\"", ns.0, sender.replace('"', "\\\"")));
-    wait_until(Duration::from_secs(30), "a permanent neighbour per active peer", || {
-        sh(&format!("ip -n {} neigh show dev weir.1 nud permanent | wc -l", ns.0)).trim() == PEERS_N.to_string()
-    });
+    // One echo to each peer's pod address, 100 at a time, so the INCOMPLETE
+    // entries the misses start from never pass the kernel's limit at once.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/echo_each.py");
+    let pods = dir.join("pod-ips");
+    let report = sh(&format!("ip netns exec {a} python3 {script} 10.244.1.1 100 < {}", pods.display()));
+    eprintln!("on-demand, {PEERS_N} peers: {}", report.trim());
+    assert!(report.starts_with(&format!("{PEERS_N} of {PEERS_N} answered")), "{report}");
+    let permanent = sh(&format!("ip -n {a} neigh show dev weir.1 nud permanent | wc -l"));
+    assert_eq!(permanent.trim(), PEERS_N.to_string(), "a permanent neighbour per active peer");
     let log = std::fs::read_to_string(dir.join("node-a.log")).unwrap();
     // The ENOBUFS that matters here is a neighbour write refused by gc_thresh3.
     assert!(!log.contains("answering a miss failed"), "a miss answer failed:\n{log}");
