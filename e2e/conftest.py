@@ -15,3 +15,18 @@ def cluster():
     lab.up(n_nodes=3, pods_per_node=2)
     yield lab
     lab.down()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a failure, the tail of every lab process's log goes into the report:
+    teardown deletes the lab's state directory, and with it the only record of
+    why an agent or controller did not do its part."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    logs = lab.STATE / "logs"
+    for path in sorted(logs.glob("*.log")) if logs.exists() else []:
+        lines = path.read_text(errors="replace").splitlines()[-40:]
+        report.sections.append((f"lab log {path.name} (last {len(lines)} lines)", "\n".join(lines)))

@@ -128,7 +128,10 @@ def test_apiserver_down_60s_loses_nothing_and_new_node_follows(cluster):
     sent, recv = loss_of(proc)
     assert sent == recv, f"{sent - recv} of {sent} packets lost while the API server was down"
     lab.add_node(5)
-    lab.add_pod(5, 1)
-    new_ip = lab.pods()["weir-pod-5-1"]
-    wait(lambda: lab.ping("weir-pod-1-1", new_ip)[1] == 1, 60, "node-5 programmed after the API server returned")
-    lab.remove_node(5)
+    try:
+        lab.add_pod(5, 1)
+        new_ip = lab.pods()["weir-pod-5-1"]
+        wait(lambda: lab.ping("weir-pod-1-1", new_ip)[1] == 1, 60, "node-5 programmed after the API server returned")
+    finally:
+        # Later tests count the cluster's nodes.
+        lab.remove_node(5)

@@ -1,7 +1,8 @@
-//! Code both binaries need: the health/metrics HTTP endpoint, log set-up and
-//! the API client.
+//! Code both binaries need: the health/metrics HTTP endpoint, log set-up, the
+//! API client and the Node watch's retry policy.
 
 pub mod http;
+pub mod watch;
 
 /// Text or JSON logs to stderr, filtered by RUST_LOG (default info).
 pub fn init_logging(json: bool) {

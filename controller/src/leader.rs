@@ -11,7 +11,6 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube_lease_manager::LeaseManagerBuilder;
@@ -107,7 +106,8 @@ async fn lead(api: Api<Node>, alloc: Allocator, metrics: Arc<Metrics>, recorder:
         synced: false,
     };
     let mut relist: Option<BTreeMap<String, NodeView>> = None;
-    let stream = watcher::watcher(api.clone(), watcher::Config::default()).default_backoff().ready_chunks(1024);
+    let stream =
+        weir_common::watch::with_backoff(watcher::watcher(api.clone(), watcher::Config::default())).ready_chunks(1024);
     futures::pin_mut!(stream);
     while let Some(batch) = stream.next().await {
         let mut need: Vec<String> = Vec::new();
@@ -153,7 +153,7 @@ async fn lead(api: Api<Node>, alloc: Allocator, metrics: Arc<Metrics>, recorder:
                         need.extend(st.exhausted.iter().cloned());
                     }
                 }
-                Err(e) => warn!(error = %e, "node watch failed; retrying with backoff"),
+                Err(e) => warn!(error = %e, "node watch failed; retrying"),
             }
         }
         if st.synced && !need.is_empty() {

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use serde_json::json;
 use tracing::{info, warn};
@@ -60,7 +59,7 @@ pub async fn watch_nodes(
     let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
     let mut relist: Option<BTreeMap<String, NodeInfo>> = None;
     let mut complete = false;
-    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff().ready_chunks(4096);
+    let stream = weir_common::watch::with_backoff(watcher::watcher(api, watcher::Config::default())).ready_chunks(4096);
     futures::pin_mut!(stream);
     // Validating the whole set costs milliseconds at thousands of nodes, so a
     // burst of events is folded into one publish at most every MIN_GAP.
@@ -80,7 +79,7 @@ pub async fn watch_nodes(
             let ev = match ev {
                 Ok(ev) => ev,
                 Err(e) => {
-                    warn!(error = %e, "node watch failed; retrying with backoff, dataplane unchanged");
+                    warn!(error = %e, "node watch failed; retrying, dataplane unchanged");
                     metrics.kube_watch_events.with_label_values(&["error"]).inc();
                     continue;
                 }
