@@ -65,22 +65,24 @@ fn classify(payload: &[u8], ifindex: u32) -> Parsed {
     if header.ifindex != ifindex {
         return Parsed::Ignored;
     }
-    let wanted = if header.family == AddressFamily::Bridge { NDA_LLADDR } else { NDA_DST };
+    let bridge = header.family == AddressFamily::Bridge;
+    let wanted = if bridge { NDA_LLADDR } else { NDA_DST };
     // The value is decoded here rather than through NeighbourAttribute: its
     // parser covers every attribute kind, a large cold function to page in
     // while the first packet waits, for the two shapes a miss can have.
     let nla =
         NlasIterator::new(&payload[NEIGHBOUR_HEADER_LEN..]).filter_map(Result::ok).find(|nla| nla.kind() == wanted);
-    match (wanted, nla.as_ref().map(|nla| nla.value())) {
-        (NDA_LLADDR, Some(&[a, b, c, d, e, f])) => Parsed::Miss(Miss::L2 { mac: Mac([a, b, c, d, e, f]) }),
-        (NDA_LLADDR, _) => Parsed::Malformed("L2 miss without a MAC".into()),
-        (_, Some(v)) if header.family == AddressFamily::Inet && v.len() == 4 => {
-            Parsed::Miss(Miss::L3 { ip: IpAddr::from(<[u8; 4]>::try_from(v).expect("length checked")) })
-        }
-        (_, Some(v)) if header.family == AddressFamily::Inet6 && v.len() == 16 => {
-            Parsed::Miss(Miss::L3 { ip: IpAddr::from(<[u8; 16]>::try_from(v).expect("length checked")) })
-        }
-        _ => Parsed::Malformed("L3 miss without an address".into()),
+    let value = nla.as_ref().map_or(&[][..], |nla| nla.value());
+    let miss = match header.family {
+        AddressFamily::Bridge => value.try_into().ok().map(|mac| Miss::L2 { mac: Mac(mac) }),
+        AddressFamily::Inet => <[u8; 4]>::try_from(value).ok().map(|ip| Miss::L3 { ip: ip.into() }),
+        AddressFamily::Inet6 => <[u8; 16]>::try_from(value).ok().map(|ip| Miss::L3 { ip: ip.into() }),
+        _ => None,
+    };
+    match miss {
+        Some(miss) => Parsed::Miss(miss),
+        None if bridge => Parsed::Malformed("L2 miss without a MAC".into()),
+        None => Parsed::Malformed("L3 miss without an address".into()),
     }
 }
 

@@ -31,6 +31,10 @@ impl PeerMark {
         self.0.store(stamp, Ordering::SeqCst);
     }
 
+    fn clear(&self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+
     fn stamp(&self) -> Option<u64> {
         Some(self.0.load(Ordering::SeqCst)).filter(|s| *s != 0)
     }
@@ -73,26 +77,18 @@ impl ActiveSet {
         self.mark_of(peer).mark(self.stamp(Instant::now()));
     }
 
-    fn with_stamp<T>(&self, peer: &str, f: impl FnOnce(u64) -> T) -> Option<T> {
-        self.marks.lock().expect("active set lock").get(peer).and_then(|m| m.stamp()).map(f)
+    fn stamp_of(&self, peer: &str) -> Option<u64> {
+        self.marks.lock().expect("active set lock").get(peer).and_then(|m| m.stamp())
     }
 
     pub fn contains(&self, peer: &str) -> bool {
-        self.with_stamp(peer, |_| ()).is_some()
+        self.stamp_of(peer).is_some()
     }
 
     pub fn remove(&self, peer: &str) {
         if let Some(m) = self.marks.lock().expect("active set lock").get(peer) {
-            m.0.store(0, Ordering::SeqCst);
+            m.clear();
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.marks.lock().expect("active set lock").values().filter(|m| m.stamp().is_some()).count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Forgets peers that are gone from the peer set.
@@ -102,7 +98,7 @@ impl ActiveSet {
 
     pub fn last_miss(&self, peer: &str) -> Option<Duration> {
         let now = self.stamp(Instant::now());
-        self.with_stamp(peer, |s| Duration::from_nanos(now.saturating_sub(s)))
+        self.stamp_of(peer).map(|s| Duration::from_nanos(now.saturating_sub(s)))
     }
 }
 
@@ -232,9 +228,8 @@ mod tests {
         assert!(active.contains("node-2"));
         assert!(Arc::ptr_eq(&old.mac(&p.vtep_mac).unwrap().mark, &new.mac(&p.vtep_mac).unwrap().mark));
         assert!(active.last_miss("node-2").unwrap() < Duration::from_secs(5));
-        assert_eq!(active.len(), 1);
         active.remove("node-2");
-        assert!(!active.contains("node-2") && active.last_miss("node-2").is_none() && active.is_empty());
+        assert!(!active.contains("node-2") && active.last_miss("node-2").is_none());
         active.mark("node-2");
         active.retain_known(|_| false);
         assert!(!active.contains("node-2"));
