@@ -9,10 +9,8 @@ use std::time::Duration;
 use common::*;
 use libc::{RTM_DELNEIGH, RTM_GETNEIGH, RTM_NEWNEIGH};
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
-use weir_agent::dataplane::{FilterRule, filter_notifications};
+use weir_agent::dataplane::{AF_BRIDGE, FilterRule, filter_notifications};
 use weir_agent::ondemand::answer::encode_answer;
-
-const AF_BRIDGE: u8 = libc::AF_BRIDGE as u8;
 
 fn subscriber(rules: &[FilterRule]) -> Socket {
     let mut sock = Socket::new(NETLINK_ROUTE).unwrap();

@@ -151,13 +151,12 @@ impl Batcher {
     /// Neighbours (or, with AF_BRIDGE, fdb entries) of one device, filtered by
     /// the kernel, parsed by hand: only the few fields weir compares.
     pub fn dump_neighbours(&mut self, family: u8, ifindex: u32) -> std::io::Result<Vec<RawNeigh>> {
-        const AF_BRIDGE: u8 = libc::AF_BRIDGE as u8;
         let mut body = vec![family, 0, 0, 0];
         // The fdb dump takes the device in the header; the neighbour dump in NDA_IFINDEX.
-        let header_ifindex = if family == AF_BRIDGE { ifindex } else { 0 };
+        let header_ifindex = if family == super::AF_BRIDGE { ifindex } else { 0 };
         body.extend_from_slice(&header_ifindex.to_ne_bytes());
         body.extend_from_slice(&[0u8; 4]);
-        if family != AF_BRIDGE {
+        if family != super::AF_BRIDGE {
             attr(&mut body, libc::NDA_IFINDEX, &ifindex.to_ne_bytes());
         }
         let mut out = Vec::new();

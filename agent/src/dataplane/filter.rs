@@ -68,7 +68,7 @@ fn filter_program(rules: &[FilterRule]) -> Vec<libc::sock_filter> {
                 program.push(insn(LD_H_ABS, 0, 0, TYPE_OFFSET));
                 program.push(insn(JEQ_K, 0, 2, half(libc::RTM_NEWNEIGH)));
                 program.push(insn(LD_B_ABS, 0, 0, FAMILY_OFFSET));
-                program.push(insn(JEQ_K, to_drop, 0, libc::AF_BRIDGE as u32));
+                program.push(insn(JEQ_K, to_drop, 0, u32::from(super::AF_BRIDGE)));
             }
         }
     }

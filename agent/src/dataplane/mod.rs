@@ -15,6 +15,12 @@ use crate::plan::{KernelState, Op};
 pub use device::{DeviceKind, DeviceSpec};
 pub use filter::{FilterRule, filter_notifications};
 
+/// Address families as the one-byte field of netlink headers (libc has them
+/// as c_int).
+pub const AF_INET: u8 = libc::AF_INET as u8;
+pub const AF_INET6: u8 = libc::AF_INET6 as u8;
+pub const AF_BRIDGE: u8 = libc::AF_BRIDGE as u8;
+
 /// A netlink failure, kept as the errno so callers can tell "gone already"
 /// from "kernel out of neighbour slots" from "unsupported".
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -13,6 +13,7 @@ use tracing::info;
 
 use super::batch::{Batcher, encode_op};
 use super::device::{FoundDevice, FoundKind};
+use super::{AF_BRIDGE, AF_INET, AF_INET6};
 use super::{DeviceAction, DeviceKind, DeviceSpec, DeviceStatus, Kernel, KernelError, OpResult};
 use crate::model::Mac;
 use crate::plan::{KernelState, Op, ROUTE_PROTOCOL};
@@ -234,9 +235,6 @@ impl Kernel for NetlinkKernel {
         // parsed by hand, on two sockets in parallel: neighbour and route
         // dumps do not serialize against each other in the kernel. This is
         // what keeps a no-change resync at 5,000 peers to a few milliseconds.
-        const AF_INET: u8 = libc::AF_INET as u8;
-        const AF_INET6: u8 = libc::AF_INET6 as u8;
-        const AF_BRIDGE: u8 = libc::AF_BRIDGE as u8;
         let mut second = match self.second.take() {
             Some(b) => b,
             None => Batcher::new().map_err(|e| KernelError::Other(format!("open netlink socket: {e}")))?,
@@ -297,7 +295,7 @@ impl Kernel for NetlinkKernel {
     async fn foreign_routes(&mut self) -> Result<BTreeSet<IpNet>, KernelError> {
         self.with_batcher(|b| {
             let mut out = BTreeSet::new();
-            for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            for family in [AF_INET, AF_INET6] {
                 out.extend(
                     b.dump_routes(family, None)?.into_iter().filter(|r| r.protocol != ROUTE_PROTOCOL).map(|r| r.dst),
                 );

@@ -10,11 +10,8 @@ use std::net::IpAddr;
 use libc::{NDA_DST, NDA_LLADDR, NTF_SELF, NUD_PERMANENT, RTM_NEWNEIGH, RTN_UNICAST};
 use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST};
 
+use crate::dataplane::{AF_BRIDGE, AF_INET, AF_INET6};
 use crate::model::Mac;
-
-const AF_INET: u8 = libc::AF_INET as u8;
-const AF_INET6: u8 = libc::AF_INET6 as u8;
-const AF_BRIDGE: u8 = libc::AF_BRIDGE as u8;
 
 /// Appends the fdb entry (VTEP MAC -> underlay) and, for an L3 miss, the
 /// neighbour entry (gateway -> VTEP MAC) to `out`, in that order, numbered from
