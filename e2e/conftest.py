@@ -26,7 +26,6 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.when != "call" or not report.failed:
         return
-    logs = lab.STATE / "logs"
-    for path in sorted(logs.glob("*.log")) if logs.exists() else []:
+    for path in sorted((lab.STATE / "logs").glob("*.log")):
         lines = path.read_text(errors="replace").splitlines()[-40:]
         report.sections.append((f"lab log {path.name} (last {len(lines)} lines)", "\n".join(lines)))
