@@ -16,12 +16,14 @@ use crate::model::Mac;
 use libc::{NDA_DST, NDA_LLADDR, RTM_GETNEIGH};
 
 const NEIGHBOUR_HEADER_LEN: usize = 12;
+const NLA_HEADER_LEN: usize = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Miss {
-    /// "Who has this IP?" (AF_INET/AF_INET6 with NDA_DST)
+    /// "Who has this IP?": the message carries NDA_DST.
     L3 { ip: IpAddr },
-    /// "Where is this MAC?" (AF_BRIDGE with NDA_LLADDR)
+    /// "Where is this MAC?": NDA_LLADDR and no NDA_DST. vxlan sends it with
+    /// family AF_INET (not AF_BRIDGE), so the family cannot tell the two apart.
     L2 { mac: Mac },
 }
 
@@ -65,24 +67,37 @@ fn classify(payload: &[u8], ifindex: u32) -> Parsed {
     if header.ifindex != ifindex {
         return Parsed::Ignored;
     }
-    let bridge = header.family == AddressFamily::Bridge;
-    let wanted = if bridge { NDA_LLADDR } else { NDA_DST };
-    // The value is decoded here rather than through NeighbourAttribute: its
+    // The values are decoded here rather than through NeighbourAttribute: its
     // parser covers every attribute kind, a large cold function to page in
     // while the first packet waits, for the two shapes a miss can have.
-    let nla =
-        NlasIterator::new(&payload[NEIGHBOUR_HEADER_LEN..]).filter_map(Result::ok).find(|nla| nla.kind() == wanted);
-    let value = nla.as_ref().map_or(&[][..], |nla| nla.value());
-    let miss = match header.family {
-        AddressFamily::Bridge => value.try_into().ok().map(|mac| Miss::L2 { mac: Mac(mac) }),
-        AddressFamily::Inet => <[u8; 4]>::try_from(value).ok().map(|ip| Miss::L3 { ip: ip.into() }),
-        AddressFamily::Inet6 => <[u8; 16]>::try_from(value).ok().map(|ip| Miss::L3 { ip: ip.into() }),
-        _ => None,
-    };
-    match miss {
-        Some(miss) => Parsed::Miss(miss),
-        None if bridge => Parsed::Malformed("L2 miss without a MAC".into()),
-        None => Parsed::Malformed("L3 miss without an address".into()),
+    let (mut dst, mut lladdr) = (None, None);
+    for nla in NlasIterator::new(&payload[NEIGHBOUR_HEADER_LEN..]).filter_map(Result::ok) {
+        let (kind, end) = (nla.kind(), usize::from(nla.length()));
+        // The value, borrowed from the datagram rather than from `nla`.
+        let value = nla.into_inner().get(NLA_HEADER_LEN..end).unwrap_or_default();
+        match kind {
+            NDA_DST => dst = Some(value),
+            NDA_LLADDR => lladdr = Some(value),
+            _ => {}
+        }
+    }
+    match (dst, lladdr) {
+        (Some(value), _) => {
+            let ip = match header.family {
+                AddressFamily::Inet => <[u8; 4]>::try_from(value).ok().map(IpAddr::from),
+                AddressFamily::Inet6 => <[u8; 16]>::try_from(value).ok().map(IpAddr::from),
+                _ => None,
+            };
+            ip.map_or_else(
+                || Parsed::Malformed("L3 miss without a valid address".into()),
+                |ip| Parsed::Miss(Miss::L3 { ip }),
+            )
+        }
+        (None, Some(value)) => <[u8; 6]>::try_from(value).map_or_else(
+            |_| Parsed::Malformed("L2 miss with a MAC that is not 6 bytes".into()),
+            |mac| Parsed::Miss(Miss::L2 { mac: Mac(mac) }),
+        ),
+        (None, None) => Parsed::Malformed("miss with neither an address nor a MAC".into()),
     }
 }
 
@@ -117,11 +132,8 @@ mod tests {
             7,
             NeighbourAttribute::Destination(NeighbourAddress::Inet("10.244.2.0".parse().unwrap())),
         );
-        dgram.extend(getneigh(
-            AddressFamily::Bridge,
-            7,
-            NeighbourAttribute::LinkLayerAddress(vec![0x0e, 0, 0, 0, 0, 2]),
-        ));
+        // The shape vxlan really sends for an L2 miss (captured on 6.18).
+        dgram.extend(getneigh(AddressFamily::Inet, 7, NeighbourAttribute::LinkLayerAddress(vec![0x0e, 0, 0, 0, 0, 2])));
         dgram.extend(getneigh(
             AddressFamily::Inet,
             8,
@@ -153,8 +165,7 @@ mod tests {
 
     #[test]
     fn wrong_length_values_are_malformed() {
-        let short_mac =
-            getneigh(AddressFamily::Bridge, 7, NeighbourAttribute::LinkLayerAddress(vec![0x0e, 0, 0, 0, 2]));
+        let short_mac = getneigh(AddressFamily::Inet, 7, NeighbourAttribute::LinkLayerAddress(vec![0x0e, 0, 0, 0, 2]));
         assert!(matches!(parse_datagram(&short_mac, 7).next(), Some(Parsed::Malformed(_))));
         // An IPv6-sized address in an AF_INET miss.
         let mixed = getneigh(
@@ -163,5 +174,35 @@ mod tests {
             NeighbourAttribute::Destination(NeighbourAddress::Inet6("fd00::1".parse().unwrap())),
         );
         assert!(matches!(parse_datagram(&mixed, 7).next(), Some(Parsed::Malformed(_))));
+    }
+
+    #[test]
+    fn an_l2_miss_is_told_by_its_attributes_not_its_family() {
+        let mac = vec![0x0e, 0, 0, 0, 0, 9];
+        for family in [AddressFamily::Inet, AddressFamily::Inet6, AddressFamily::Bridge] {
+            let d = getneigh(family, 7, NeighbourAttribute::LinkLayerAddress(mac.clone()));
+            assert_eq!(
+                parse_datagram(&d, 7).collect::<Vec<_>>(),
+                vec![Parsed::Miss(Miss::L2 { mac: "0e:00:00:00:00:09".parse().unwrap() })],
+                "{family:?}"
+            );
+        }
+        let mut both = NeighbourMessage::default();
+        both.header.family = AddressFamily::Inet;
+        both.header.ifindex = 7;
+        both.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet("10.244.2.0".parse().unwrap())));
+        both.attributes.push(NeighbourAttribute::LinkLayerAddress(mac));
+        let mut msg = NetlinkMessage::new(
+            NetlinkHeader::default(),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetNeighbour(both)),
+        );
+        msg.finalize();
+        let mut buf = vec![0; msg.buffer_len()];
+        msg.serialize(&mut buf);
+        assert_eq!(
+            parse_datagram(&buf, 7).collect::<Vec<_>>(),
+            vec![Parsed::Miss(Miss::L3 { ip: "10.244.2.0".parse().unwrap() })],
+            "an address makes it an L3 miss, whatever else it carries"
+        );
     }
 }
