@@ -104,6 +104,11 @@ pub struct RunArgs {
     /// Read peers from this YAML file instead of the Kubernetes API.
     #[arg(long, env = "WEIR_PEERS_FILE", global = true)]
     pub peers_file: Option<PathBuf>,
+    /// Where to write the node's `net.*` sysctls (accept_ra on weir's device).
+    /// A container's /proc/sys is read-only and runc mounts nothing inside
+    /// /proc, so the DaemonSet mounts the host's /proc/sys/net elsewhere.
+    #[arg(long, default_value = "/proc/sys/net", env = "WEIR_SYSCTL_NET_DIR", global = true)]
+    pub sysctl_net_dir: PathBuf,
 }
 
 /// Accepts `90`, `90s`, `500ms`, `2m`.

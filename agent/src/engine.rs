@@ -10,10 +10,15 @@ use tracing::{info, warn};
 
 use crate::dataplane::events::KernelEvent;
 use crate::dataplane::{DeviceAction, DeviceSpec, Kernel, KernelError};
+use crate::health::Heartbeat;
 use crate::metrics::Metrics;
 use crate::model::{Backend, Mac, Peer, PeerSet};
 use crate::ondemand::{ActiveSet, MissTable};
 use crate::plan::{self, Conflict, DesiredState, KernelState};
+
+/// The engine's loop turns at least this often, with or without work, so
+/// that a stuck loop shows on `/healthz` (see `health`).
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
 pub struct EngineConfig {
     pub backend: Backend,
@@ -77,6 +82,7 @@ pub struct Engine<K> {
     ifindex: u32,
     consecutive_failures: u32,
     status: watch::Sender<EngineStatus>,
+    heartbeat: Heartbeat,
 }
 
 impl<K: Kernel> Engine<K> {
@@ -95,8 +101,15 @@ impl<K: Kernel> Engine<K> {
             ifindex: 0,
             consecutive_failures: 0,
             status,
+            heartbeat: Heartbeat::default(),
         };
         (engine, status_rx)
+    }
+
+    /// Beats on every turn of `run`'s loop.
+    pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> Self {
+        self.heartbeat = heartbeat;
+        self
     }
 
     pub fn kernel_mut(&mut self) -> &mut K {
@@ -349,12 +362,15 @@ impl<K: Kernel> Engine<K> {
     ) {
         let mut resync = tokio::time::interval(self.cfg.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
         let mut peers_open = true;
         self.set_peers(peers.borrow_and_update().clone());
         loop {
+            self.heartbeat.beat();
             if let Err(e) = self.reconcile().await {
                 warn!(error = %e, "reconcile failed; will retry");
             }
+            self.heartbeat.beat();
             let retry = self.retry_delay();
             let retry_sleep = tokio::time::sleep(retry.unwrap_or(Duration::from_secs(3600)));
             tokio::pin!(retry_sleep);
@@ -368,6 +384,7 @@ impl<K: Kernel> Engine<K> {
                         peers_open = false;
                     }
                     _ = resync.tick() => break,
+                    _ = heartbeat.tick() => self.heartbeat.beat(),
                     _ = &mut retry_sleep, if retry.is_some() => break,
                     event = events.recv() => match event {
                         Some(e) if self.concerns_us(&e) => {

@@ -6,6 +6,7 @@ pub mod commands;
 pub mod dataplane;
 pub mod engine;
 pub mod firewall;
+pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod ondemand;

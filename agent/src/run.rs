@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,10 +16,11 @@ use tracing::{info, warn};
 use crate::cli::RunArgs;
 use crate::cni;
 use crate::dataplane::netlink::NetlinkKernel;
-use crate::dataplane::{DeviceKind, DeviceSpec, FilterRule, Kernel, KernelError, events};
+use crate::dataplane::{DeviceKind, DeviceSpec, FilterRule, Kernel, events};
 use crate::engine::OnDemand;
 use crate::engine::{Engine, EngineConfig, EngineStatus};
 use crate::firewall::{self, FirewallSpec};
+use crate::health::{self, Probes};
 use crate::metrics::Metrics;
 use crate::model::{Backend, Mac, Mode, PeerSet};
 use crate::ondemand::responder::Responder;
@@ -27,7 +28,6 @@ use crate::ondemand::{ActiveSet, MissTable};
 use crate::peers::validate::{NodeInfo, Validator};
 use crate::peers::{file, kube as kube_peers};
 use crate::underlay;
-use weir_common::http::{self, Response};
 
 /// What the agent knows about its own node before it can program anything.
 struct Own {
@@ -36,10 +36,14 @@ struct Own {
     node_ips: Vec<std::net::IpAddr>,
 }
 
-async fn own_from_api(api: &Api<Node>, name: &str) -> anyhow::Result<Own> {
+async fn own_from_api(api: &Api<Node>, name: &str, probes: &Probes) -> anyhow::Result<Own> {
     let mut logged = false;
+    probes.waiting("reading the own Node from the API server");
     loop {
-        match api.get(name).await {
+        probes.heartbeat.beat();
+        // Bounded, so that this loop keeps beating while the API server is away.
+        let got = tokio::time::timeout(Duration::from_secs(5), api.get(name)).await;
+        match got.unwrap_or_else(|_| Err(kube::Error::Service("no answer within 5 s".into()))) {
             Ok(node) => {
                 let info = kube_peers::trim(&node);
                 if !info.pod_cidrs.is_empty() {
@@ -51,6 +55,7 @@ async fn own_from_api(api: &Api<Node>, name: &str) -> anyhow::Result<Own> {
                     let mac = info.vtep_mac.as_deref().and_then(|m| m.parse().ok());
                     return Ok(Own { pod_cidrs, mac, node_ips: kube_peers::internal_ips(&node) });
                 }
+                probes.waiting("the own Node's spec.podCIDRs (set by weir-controller or kube-controller-manager)");
                 if !logged {
                     info!(node = %name, "waiting for spec.podCIDRs to be set (by weir-controller or kube-controller-manager); not ready");
                     logged = true;
@@ -83,20 +88,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_label_values(&[env!("CARGO_PKG_VERSION"), args.backend.as_str(), mode_str(args.mode)])
         .set(1);
 
+    // Served from here on, so that probes never meet a refused connection.
+    let probes = Arc::new(Probes::default());
+    probes.heartbeat.beat();
+    health::serve(args.metrics_addr, metrics.clone(), probes.clone())
+        .await
+        .with_context(|| format!("bind {} (--metrics-addr)", args.metrics_addr))?;
+
     let client = match &args.peers_file {
         Some(_) => None,
         None => Some(weir_common::kube_client(args.kubeconfig.as_deref()).await?),
     };
     let nodes_api: Option<Api<Node>> = client.clone().map(Api::all);
     let own = match (&nodes_api, &args.peers_file) {
-        (Some(api), _) => own_from_api(api, &node_name).await?,
+        (Some(api), _) => own_from_api(api, &node_name, &probes).await?,
         (None, Some(path)) => {
             own_from_file(&file::read(path, args.backend.as_str()).map_err(anyhow::Error::msg)?, &node_name)?
         }
         (None, None) => unreachable!("either the API or a peers file"),
     };
 
-    let probe = NetlinkKernel::connect().context("open netlink socket")?;
+    let probe = NetlinkKernel::connect().context("open netlink socket")?.with_sysctl_net_dir(&args.sysctl_net_dir);
     let under = underlay::select(&probe.handle(), args.public_ip, args.iface.as_deref(), &own.node_ips).await?;
     let overhead = if args.backend == Backend::Vxlan { if under.ip.is_ipv4() { 50 } else { 70 } } else { 20 };
     let mtu = args.mtu.unwrap_or(under.mtu - overhead);
@@ -132,7 +144,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // the name of what is missing instead of looping on a raw errno.
     let mut probe = probe;
     match probe.ensure_device(&device).await {
-        Err(e @ KernelError::MissingDeviceType { .. }) => return Err(anyhow::anyhow!(e)),
+        Err(e) if e.is_fatal() => return Err(anyhow::anyhow!(e)),
         Err(e) => warn!(error = %e, "first device set-up failed; the engine will retry"),
         Ok(_) => {}
     }
@@ -151,6 +163,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         on_demand,
     };
     let (engine, status) = Engine::new(probe, cfg, metrics.clone());
+    let engine = engine.with_heartbeat(probes.heartbeat.clone());
+    let _ = probes.engine.set(status.clone());
     let (peers_tx, peers_rx) = watch::channel(PeerSet::default());
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     // Misses change nothing the engine tracks; in a miss storm they would
@@ -183,9 +197,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let firewall_peers = peers_rx.clone();
     let engine_task = tokio::spawn(engine.run(peers_rx, ev_rx, reopen, shutdown_rx));
-
-    let cni_ready = Arc::new(AtomicBool::new(false));
-    serve_http(&args, metrics.clone(), status.clone(), cni_ready.clone()).await?;
 
     // Publish our VTEP once the device exists, so peers can reach us.
     let mut st = status.clone();
@@ -227,7 +238,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             info!(path = %path.display(), "wrote CNI config");
         }
     }
-    cni_ready.store(true, Ordering::Relaxed);
+    probes.cni_written.store(true, Ordering::Relaxed);
 
     if args.firewall {
         let spec = FirewallSpec {
@@ -286,51 +297,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!("signal received; leaving the dataplane exactly as it is");
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), engine_task).await;
-    Ok(())
-}
-
-async fn serve_http(
-    args: &RunArgs,
-    metrics: Arc<Metrics>,
-    status: watch::Receiver<EngineStatus>,
-    cni_ready: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("bind {}", args.metrics_addr))?;
-    let stale_after = (args.resync_interval * 3 + Duration::from_secs(30)).as_millis();
-    let router: http::Router = Arc::new(move |path| {
-        let s = status.borrow().clone();
-        match path {
-            "/metrics" => Response { code: 200, content_type: "text/plain; version=0.0.4", body: metrics.render() },
-            "/healthz" => {
-                // Alive means the engine loop keeps turning; the API server plays no part.
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis())
-                    .unwrap_or(0);
-                if s.last_reconcile_unix_ms == 0 || now.saturating_sub(s.last_reconcile_unix_ms) < stale_after {
-                    Response::text(200, "ok\n")
-                } else {
-                    Response::text(503, "reconcile loop stalled\n")
-                }
-            }
-            "/readyz" => {
-                let cni = cni_ready.load(Ordering::Relaxed);
-                if s.device_ready && s.synced && cni {
-                    Response::text(200, "ok\n")
-                } else {
-                    Response::text(
-                        503,
-                        format!("device_ready={} synced={} cni_written={cni}\n", s.device_ready, s.synced),
-                    )
-                }
-            }
-            "/status" => Response::json(serde_json::to_string(&s).unwrap_or_default()),
-            _ => Response::text(404, "not found\n"),
-        }
-    });
-    tokio::spawn(http::serve(listener, router));
     Ok(())
 }
 

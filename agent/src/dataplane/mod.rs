@@ -34,9 +34,17 @@ pub enum KernelError {
          load the module with `modprobe {module}` or use a kernel built with it"
     )]
     MissingDeviceType { kind: &'static str, module: &'static str },
+    /// A setting weir depends on did not take effect. Retrying cannot help.
+    #[error("cannot set {setting}: {error}; {fix}")]
+    Setting { setting: String, error: String, fix: &'static str },
 }
 
 impl KernelError {
+    /// Errors that no retry can fix: the agent stops and says what to change.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, KernelError::MissingDeviceType { .. } | KernelError::Setting { .. })
+    }
+
     pub fn errno(&self) -> Option<i32> {
         match self {
             KernelError::Errno { errno, .. } => Some(*errno),

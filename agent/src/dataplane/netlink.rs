@@ -3,11 +3,15 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use ipnet::IpNet;
+use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::neighbour_table::{NeighbourTableAttribute, NeighbourTableMessage, NeighbourTableParameter};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkIpIp, LinkUnspec, LinkVxlan};
 use tracing::info;
 
@@ -29,14 +33,97 @@ pub struct NetlinkKernel {
     batcher: Option<Batcher>,
     /// A second socket so route and neighbour dumps run in parallel.
     second: Option<Batcher>,
+    /// Where `net.*` sysctls are written. Inside a container /proc/sys is
+    /// read-only and runc refuses mounts inside /proc, so the DaemonSet mounts
+    /// the host's /proc/sys/net elsewhere; net sysctls follow the network
+    /// namespace of whoever opens the file, so that path is the node's.
+    sysctl_net_dir: PathBuf,
 }
+
+/// `app_solicit`: how many times the neighbour code asks userspace (an
+/// RTM_GETNEIGH miss) before giving up on an address.
+const APP_PROBES: u32 = 3;
 
 impl NetlinkKernel {
     /// Opens a socket in the calling thread's network namespace.
     pub fn connect() -> std::io::Result<Self> {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(conn);
-        Ok(NetlinkKernel { handle, batcher: Some(Batcher::new()?), second: Some(Batcher::new()?) })
+        Ok(NetlinkKernel {
+            handle,
+            batcher: Some(Batcher::new()?),
+            second: Some(Batcher::new()?),
+            sysctl_net_dir: PathBuf::from("/proc/sys/net"),
+        })
+    }
+
+    pub fn with_sysctl_net_dir(mut self, dir: &Path) -> Self {
+        self.sysctl_net_dir = dir.to_path_buf();
+        self
+    }
+
+    /// Per-device settings weir depends on. Each takes effect or the call
+    /// fails naming it: without app_solicit on-demand mode never hears a
+    /// routed miss, and a warning would leave it quietly broken.
+    async fn apply_device_settings(&self, spec: &DeviceSpec, ifindex: u32) -> Result<(), KernelError> {
+        if matches!(spec.kind, DeviceKind::Vxlan { on_demand: true, .. }) {
+            self.set_app_probes("arp_cache", AddressFamily::Inet, ifindex).await?;
+            if spec.addresses.iter().any(|a| a.addr().is_ipv6()) {
+                self.set_app_probes("ndisc_cache", AddressFamily::Inet6, ifindex).await?;
+            }
+        }
+        // accept_ra has no netlink setter. Router advertisements arriving
+        // over the overlay must not add routes or addresses to weir's device.
+        let path = self.sysctl_net_dir.join(format!("ipv6/conf/{}/accept_ra", spec.name));
+        match std::fs::write(&path, "0") {
+            Ok(()) => Ok(()),
+            // No IPv6 on this node: there is nothing to accept RAs on.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(KernelError::Setting {
+                setting: format!("net.ipv6.conf.{}.accept_ra=0", spec.name),
+                error: format!("{}: {e}", path.display()),
+                fix: "mount the host's /proc/sys/net outside /proc (the DaemonSet uses /host/proc/sys/net) and \
+                      point --sysctl-net-dir (WEIR_SYSCTL_NET_DIR) at it",
+            }),
+        }
+    }
+
+    /// `ip ntable change name <table> dev <ifindex> app_probes 3`: the
+    /// per-device `app_solicit` sysctl, set over rtnetlink so that it needs
+    /// no writable /proc.
+    async fn set_app_probes(&self, table: &str, family: AddressFamily, ifindex: u32) -> Result<(), KernelError> {
+        let mut msg = NeighbourTableMessage::default();
+        msg.header.family = family;
+        msg.attributes.push(NeighbourTableAttribute::Name(table.to_string()));
+        msg.attributes.push(NeighbourTableAttribute::Parms(vec![
+            NeighbourTableParameter::Ifindex(ifindex),
+            NeighbourTableParameter::AppProbes(APP_PROBES),
+        ]));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::SetNeighbourTable(msg));
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        let setting = || {
+            format!(
+                "{} app_solicit={APP_PROBES} (ip ntable change name {table} dev {ifindex} app_probes {APP_PROBES})",
+                if family == AddressFamily::Inet { "net.ipv4.neigh.<dev>" } else { "net.ipv6.neigh.<dev>" }
+            )
+        };
+        let mut replies = self.handle.clone().request(req).map_err(|e| KernelError::Setting {
+            setting: setting(),
+            error: e.to_string(),
+            fix: "the agent needs CAP_NET_ADMIN in the node's network namespace",
+        })?;
+        while let Some(reply) = replies.next().await {
+            if let NetlinkPayload::Error(e) = reply.payload
+                && let Some(code) = e.code
+            {
+                return Err(KernelError::Setting {
+                    setting: setting(),
+                    error: std::io::Error::from_raw_os_error(-code.get()).to_string(),
+                    fix: "the agent needs CAP_NET_ADMIN in the node's network namespace",
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Runs `f` on the batcher off the async threads: a batch of thousands of
@@ -215,11 +302,7 @@ impl Kernel for NetlinkKernel {
             .await?
             .ok_or_else(|| KernelError::Other(format!("{} vanished right after it was set up", spec.name)))?;
         let addr_fixes = self.sync_addresses(spec, now.ifindex).await?;
-        set_sysctl(&format!("/proc/sys/net/ipv6/conf/{}/accept_ra", spec.name), "0");
-        if matches!(spec.kind, DeviceKind::Vxlan { on_demand: true, .. }) {
-            // Without app_solicit the neighbour code never reports routed misses.
-            set_sysctl(&format!("/proc/sys/net/ipv4/neigh/{}/app_solicit", spec.name), "3");
-        }
+        self.apply_device_settings(spec, now.ifindex).await?;
         let action = match action {
             DeviceAction::Adopted { mut fixed } => {
                 fixed.extend(addr_fixes);
@@ -336,15 +419,6 @@ pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool, KernelErro
     };
     handle.link().del(index).execute().await.map_err(|e| to_kernel_error(format!("ip link del {name}"), e))?;
     Ok(true)
-}
-
-fn set_sysctl(path: &str, value: &str) {
-    if let Err(e) = std::fs::write(path, value) {
-        // IPv6 may be disabled on the host; that is not an error for weir.
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(%path, error = %e, "cannot set sysctl");
-        }
-    }
 }
 
 fn is_link_local(ip: &IpAddr) -> bool {
