@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 
-import lablib as lab
+import proclab as lab  # noqa: E402  (the bench keeps process agents; see BENCHMARKS.md)
 
 BIG_CLUSTER_CIDR = "10.0.0.0/8"
 results = {}

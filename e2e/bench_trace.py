@@ -21,7 +21,7 @@ import subprocess
 import time
 
 import bench
-import lablib as lab
+import proclab as lab  # noqa: E402  (the bench keeps process agents; see BENCHMARKS.md)
 
 EVENTS = "sched:sched_switch,sched:sched_waking,syscalls:sys_enter_sendto,syscalls:sys_exit_recvfrom"
 STAGES = ["miss notification", "waiting for a CPU", "weir userspace", "writes + packet round trip"]

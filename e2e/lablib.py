@@ -1,8 +1,12 @@
-"""The weir lab: a real kube-apiserver and etcd, nodes and pods in network
-namespaces, and weir-agent on every node. Used by `e2e/lab` and the e2e tests.
+"""The weir lab on real nodes: etcd, kube-apiserver, kube-controller-manager
+and kube-scheduler in `weir-cp`; containerd, runc, kubelet and kube-proxy in
+every `weir-node-<i>`; weir installed with `kubectl apply -k` of a lab overlay
+of `manifests/`; workloads as Pods created through the API. Used by `e2e/lab`
+and the e2e tests.
 
-Everything lives in namespaces named weir-*; the host namespace is never changed.
-Underlay 198.18.0.0/24: the API server is .2, node i is .(10+i).
+Everything lives in namespaces named weir-* and cgroups named weir-node-*;
+the host namespace is never changed. Underlay 198.18.0.0/24: the API server
+is .2, node i is .(10+i).
 """
 
 import json
@@ -14,252 +18,56 @@ import sys
 import time
 from pathlib import Path
 
-E2E = Path(__file__).resolve().parent
-ROOT = E2E.parent
-CACHE = E2E / ".cache"
-BIN = CACHE / "bin"
-STATE = Path(os.environ.get("WEIR_LAB_STATE", E2E / ".state"))
-UNDERLAY_NS = "weir-underlay"
-CP_NS = "weir-cp"
-CP_IP = "198.18.0.2"
-API = f"https://{CP_IP}:6443"
-CLUSTER_CIDR = os.environ.get("WEIR_LAB_CLUSTER_CIDR", "10.244.0.0/16")
-NODE_MASK = int(os.environ.get("WEIR_LAB_NODE_MASK", "24"))
-DEBIAN_PACKAGES = {
-    "/usr/lib/cni/bridge": "containernetworking-plugins",
-    "/usr/bin/ping": "iputils-ping",
-    "/usr/bin/openssl": "openssl",
-    "/usr/sbin/nft": "nftables",
-    "/usr/sbin/iptables": "iptables",
-    "/usr/bin/jq": "jq",
-}
-CNI_BIN = "/usr/lib/cni"
-NS = "weir-system"
+import nodes as rt
+import proclab
+from images import build as images
+from proclab import (API, BIN, CACHE, CLUSTER_CIDR, CP_IP, CP_NS, E2E, NODE_MASK, NS, ROOT, STATE,  # noqa: F401
+                     UNDERLAY_NS, api_request, attach, ensure_control_plane_binaries, ensure_packages, ensure_underlay,
+                     kubeconfig, kubectl, log, netns_list, node_ip, node_ns, openssl, running, sh, spawn, start_etcd,
+                     stop, wait_api)
 
-
-def log(msg):
-    print(f"[lab] {msg}", file=sys.stderr, flush=True)
-
-
-def sh(cmd, check=True, capture=True, ns=None, env=None, input=None, timeout=None):
-    if ns:
-        cmd = ["ip", "netns", "exec", ns] + cmd
-    r = subprocess.run(cmd, text=True, capture_output=capture, env=env, input=input, timeout=timeout)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}): {r.stderr}")
-    return r.stdout if capture else ""
-
-
-def netns_list():
-    out = sh(["ip", "-j", "netns", "list"], check=False) or "[]"
-    return [n["name"] for n in json.loads(out or "[]")]
-
-
-def node_ns(i):
-    return f"weir-node-{i}"
-
-
-def node_ip(i):
-    return f"198.18.0.{10 + i}"
-
-
-def pod_ns(i, j):
-    return f"weir-pod-{i}-{j}"
-
-
-# ---------------------------------------------------------------- set-up
-
-
-def ensure_packages():
-    missing = sorted({pkg for path, pkg in DEBIAN_PACKAGES.items() if not os.path.exists(path)})
-    if not missing:
-        return
-    log(f"installing Debian packages: {' '.join(missing)}")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    sh(["apt-get", "update", "-qq"], env=env)
-    sh(["apt-get", "install", "-y", "-qq", *missing], env=env)
-
-
-def ensure_control_plane_binaries():
-    wanted = [BIN / "kube-apiserver", BIN / "etcd", BIN / "kubectl"]
-    if all(p.exists() for p in wanted):
-        return
-    BIN.mkdir(parents=True, exist_ok=True)
-    log("building kube-apiserver, kubectl and etcd from the Go module proxy (first time: ~10 min on 2 cores)")
-    cmd = ["go", "build", "-v", "-trimpath", "-ldflags", "-s -w", "-o", str(BIN) + "/",
-           "k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kubectl", "./cmd/etcd"]
-    proc = subprocess.Popen(cmd, cwd=E2E / "controlplane", stderr=subprocess.PIPE, text=True)
-    count = 0
-    for _ in proc.stderr:
-        count += 1
-        if count % 200 == 0:
-            log(f"  ... {count} packages compiled")
-    if proc.wait() != 0:
-        raise RuntimeError("control plane build failed; rerun with `cd e2e/controlplane && go build ./...` to see why")
-    log(f"control plane built ({count} packages)")
-
-
-# Benchmarks run the release build; everything else the debug build that
-# `cargo test` has already compiled.
-PROFILE = os.environ.get("WEIR_LAB_PROFILE", "debug")
-
-
-def agent_binary():
-    return ROOT / "target" / PROFILE / "weir-agent"
-
-
-def controller_binary():
-    return ROOT / "target" / PROFILE / "weir-controller"
-
-
-def ensure_weir_built():
-    log("building weir (cargo build)")
-    release = ["--release"] if PROFILE == "release" else []
-    sh(["cargo", "build", "--quiet", *release, "-p", "weir-agent", "-p", "weir-controller"], capture=False, check=True)
+SERVICE_CIDR = "10.96.0.0/16"
+AGENT_SELECTOR = "app.kubernetes.io/name=weir-agent"
+CONTROLLER_SELECTOR = "app.kubernetes.io/name=weir-controller"
+POD_LABEL = "weir-lab=pod"
+HOST_RECORD = STATE / "host-mountpoints.json"
 
 
 # ---------------------------------------------------------------- certificates
 
 
-def openssl(*args):
-    sh(["openssl", *args])
+def issue(pki, name, subject, sans=None, usage="clientAuth"):
+    if (pki / f"{name}.crt").exists():
+        return
+    ext = pki / f"{name}.ext"
+    ext.write_text((f"subjectAltName={sans}\n" if sans else "") + f"extendedKeyUsage={usage}\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", f"{pki}/{name}.key",
+            "-out", f"{pki}/{name}.csr")
+    openssl("x509", "-req", "-in", f"{pki}/{name}.csr", "-CA", f"{pki}/ca.crt", "-CAkey", f"{pki}/ca.key",
+            "-CAcreateserial", "-days", "30", "-out", f"{pki}/{name}.crt", "-extfile", str(ext))
 
 
 def ensure_pki():
-    pki = STATE / "pki"
-    if (pki / "admin.crt").exists():
-        return pki
-    pki.mkdir(parents=True, exist_ok=True)
-    log("creating CA, serving certificate, admin client certificate and service-account key")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=weir-lab-ca",
-            "-keyout", f"{pki}/ca.key", "-out", f"{pki}/ca.crt")
-    ext = pki / "server.ext"
-    ext.write_text(f"subjectAltName=IP:{CP_IP},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default\n"
-                   "extendedKeyUsage=serverAuth\n")
-    for name, subj, extfile in [("server", "/CN=kube-apiserver", ext),
-                                ("admin", "/O=system:masters/CN=weir-lab-admin", None)]:
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subj, "-keyout", f"{pki}/{name}.key", "-out", f"{pki}/{name}.csr")
-        args = ["x509", "-req", "-in", f"{pki}/{name}.csr", "-CA", f"{pki}/ca.crt", "-CAkey", f"{pki}/ca.key",
-                "-CAcreateserial", "-days", "30", "-out", f"{pki}/{name}.crt"]
-        if extfile:
-            args += ["-extfile", str(extfile)]
-        openssl(*args)
-    openssl("genrsa", "-out", f"{pki}/sa.key", "2048")
-    openssl("rsa", "-in", f"{pki}/sa.key", "-pubout", "-out", f"{pki}/sa.pub")
-    kubeconfig(STATE / "admin.kubeconfig", client_cert=(pki / "admin.crt", pki / "admin.key"))
+    pki = proclab.ensure_pki()
+    for name, subject in [("kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client"),
+                          ("controller-manager", "/CN=system:kube-controller-manager"),
+                          ("scheduler", "/CN=system:kube-scheduler"),
+                          ("kube-proxy", "/CN=system:kube-proxy")]:
+        issue(pki, name, subject)
+    for name in ("controller-manager", "scheduler", "kube-proxy"):
+        kubeconfig(STATE / f"{name}.kubeconfig", client_cert=(pki / f"{name}.crt", pki / f"{name}.key"))
     return pki
 
 
-def kubeconfig(path, client_cert=None, token=None):
+def node_pki(i):
     pki = STATE / "pki"
-    user = {"token": token} if token else {"client-certificate": str(client_cert[0]), "client-key": str(client_cert[1])}
-    cfg = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
-        "clusters": [{"name": "lab", "cluster": {"server": API, "certificate-authority": str(pki / "ca.crt")}}],
-        "users": [{"name": "u", "user": user}],
-        "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": "u"}}],
-    }
-    path.write_text(json.dumps(cfg, indent=1))
+    issue(pki, f"node-{i}", f"/O=system:nodes/CN=system:node:node-{i}")
+    issue(pki, f"kubelet-node-{i}", f"/CN=node-{i}", sans=f"IP:{node_ip(i)},DNS:node-{i}", usage="serverAuth")
+    kubeconfig(node_dir(i) / "kubelet.kubeconfig", client_cert=(pki / f"node-{i}.crt", pki / f"node-{i}.key"))
+    return pki
 
 
-# ---------------------------------------------------------------- network
-
-
-def attach(ns, ifname, ip):
-    """Connects namespace `ns` to the underlay bridge with address `ip`/24."""
-    peer = f"p-{ns[-9:]}"
-    if ns not in netns_list():
-        sh(["ip", "netns", "add", ns])
-        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-    if sh(["ip", "-n", ns, "link", "show", ifname], check=False):
-        return
-    sh(["ip", "link", "add", ifname, "netns", ns, "type", "veth", "peer", "name", peer, "netns", UNDERLAY_NS])
-    sh(["ip", "-n", UNDERLAY_NS, "link", "set", peer, "master", "br0", "up"])
-    sh(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname])
-    sh(["ip", "-n", ns, "link", "set", ifname, "up"])
-
-
-def ensure_underlay():
-    if UNDERLAY_NS not in netns_list():
-        sh(["ip", "netns", "add", UNDERLAY_NS])
-    if not sh(["ip", "-n", UNDERLAY_NS, "link", "show", "br0"], check=False):
-        sh(["ip", "-n", UNDERLAY_NS, "link", "add", "br0", "type", "bridge"])
-        sh(["ip", "-n", UNDERLAY_NS, "link", "set", "br0", "up"])
-    attach(CP_NS, "eth0", CP_IP)
-
-
-# ---------------------------------------------------------------- processes
-
-
-def pidfile(name):
-    return STATE / "pids" / f"{name}.pid"
-
-
-def running(name):
-    p = pidfile(name)
-    if not p.exists():
-        return None
-    pid = int(p.read_text())
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    # A recycled pid would not be ours.
-    try:
-        if "WEIR_LAB=1" not in Path(f"/proc/{pid}/environ").read_text(errors="replace"):
-            return None
-    except OSError:
-        return None
-    return pid
-
-
-def spawn(name, ns, argv, env=None):
-    if running(name):
-        return
-    (STATE / "pids").mkdir(parents=True, exist_ok=True)
-    (STATE / "logs").mkdir(parents=True, exist_ok=True)
-    out = open(STATE / "logs" / f"{name}.log", "ab")
-    full_env = dict(os.environ, WEIR_LAB="1", **(env or {}))
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out, stderr=subprocess.STDOUT,
-                            env=full_env, start_new_session=True)
-    pidfile(name).write_text(str(proc.pid))
-
-
-def stop(name, sig=signal.SIGTERM, wait=10):
-    """Signals a lab process and waits until it is gone, escalating to SIGKILL."""
-    pid = running(name)
-    if not pid:
-        return
-
-    def gone(limit):
-        deadline = time.time() + limit
-        while time.time() < deadline:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            time.sleep(0.05)
-        return False
-
-    try:
-        os.kill(pid, sig)
-        if not gone(wait):
-            log(f"{name} did not exit within {wait}s of signal {int(sig)}; killing it")
-            os.kill(pid, signal.SIGKILL)
-            gone(10)
-    except ProcessLookupError:
-        pass
-    pidfile(name).unlink(missing_ok=True)
-
-
-def start_etcd():
-    spawn("etcd", CP_NS, [str(BIN / "etcd"), "--data-dir", str(STATE / "etcd"), "--name", "lab",
-                         "--listen-client-urls", "http://127.0.0.1:2379", "--advertise-client-urls", "http://127.0.0.1:2379",
-                         "--listen-peer-urls", "http://127.0.0.1:2380", "--log-level", "warn"])
+# ---------------------------------------------------------------- control plane
 
 
 def start_apiserver():
@@ -272,154 +80,154 @@ def start_apiserver():
         f"--client-ca-file={pki}/ca.crt",
         f"--service-account-key-file={pki}/sa.pub", f"--service-account-signing-key-file={pki}/sa.key",
         "--service-account-issuer=https://kubernetes.default.svc",
-        "--authorization-mode=RBAC",
-        "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,ValidatingAdmissionPolicy",
-        "--service-cluster-ip-range=10.96.0.0/16",
+        "--authorization-mode=Node,RBAC",
+        "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,NodeRestriction,ValidatingAdmissionPolicy",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
         "--api-audiences=https://kubernetes.default.svc",
+        f"--kubelet-client-certificate={pki}/kubelet-client.crt", f"--kubelet-client-key={pki}/kubelet-client.key",
+        f"--kubelet-certificate-authority={pki}/ca.crt",
+        # Otherwise `kubectl logs` resolves the node's name through DNS.
+        "--kubelet-preferred-address-types=InternalIP,Hostname",
         "--watch-cache=true",
         "--v=1",
     ])
 
 
-def wait_api(timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        r = subprocess.run(["ip", "netns", "exec", CP_NS, str(BIN / "kubectl"), "--kubeconfig", str(STATE / "admin.kubeconfig"),
-                            "get", "--raw", "/readyz"], capture_output=True, text=True)
-        if r.returncode == 0 and "ok" in r.stdout:
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"kube-apiserver not ready after {timeout}s; see {STATE}/logs/apiserver.log")
+def start_controller_manager():
+    pki = STATE / "pki"
+    kc = STATE / "controller-manager.kubeconfig"
+    spawn("controller-manager", CP_NS, [
+        str(BIN / "kube-controller-manager"), f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+        f"--authorization-kubeconfig={kc}", "--bind-address=127.0.0.1", "--leader-elect=false",
+        f"--service-account-private-key-file={pki}/sa.key", f"--root-ca-file={pki}/ca.crt",
+        "--use-service-account-credentials=true",
+        # weir-controller, not kube-controller-manager, allocates pod CIDRs.
+        "--allocate-node-cidrs=false", "--v=1"])
 
 
-def kubectl(*args, input=None, check=True):
-    """Runs kubectl as the lab admin, from the control-plane namespace."""
-    return sh([str(BIN / "kubectl"), "--kubeconfig", str(STATE / "admin.kubeconfig"), *args],
-              ns=CP_NS, input=input, check=check)
+def start_scheduler():
+    kc = STATE / "scheduler.kubeconfig"
+    spawn("scheduler", CP_NS, [str(BIN / "kube-scheduler"), f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+                               f"--authorization-kubeconfig={kc}", "--bind-address=127.0.0.1",
+                               "--leader-elect=false", "--v=1"])
 
 
-# ---------------------------------------------------------------- cluster objects
-
-def apply_access():
-    """Applies manifests/ as a user would (RBAC, policy, DaemonSet, Deployment...)."""
-    kubectl("apply", "-k", str(ROOT / "manifests"))
+# ---------------------------------------------------------------- images
 
 
-def manifest_config():
-    """The settings the manifests' ConfigMap hands every container."""
-    import re
-    text = (ROOT / "manifests" / "kustomization.yaml").read_text()
-    return dict(re.findall(r"^\s+- (WEIR_[A-Z0-9_]+)=(\S*)$", text, re.M))
+def image_dir():
+    return STATE / "images"
 
 
-def node_cidr(i):
-    """The lab's own allocation, used until weir-controller allocates."""
-    import ipaddress
-    net = ipaddress.ip_network(CLUSTER_CIDR)
-    return str(list(net.subnets(new_prefix=NODE_MASK))[i] if NODE_MASK - net.prefixlen < 16
-               else next(s for k, s in enumerate(net.subnets(new_prefix=NODE_MASK)) if k == i))
+def ensure_images():
+    """The weir image from the release binaries, the pause image and the
+    workload image, as OCI archives every node imports."""
+    d = image_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    release = ROOT / "target" / "release"
+    images.weir_image(d / "weir.tar", release / "weir-agent", release / "weir-controller")
+    images.pause_image(d / "pause.tar", d)
+    images.workload_image(d / "workload.tar")
 
 
-def create_node(i, ip=None, pod_cidr=None, annotations=None):
-    name = f"node-{i}"
-    ip = ip or node_ip(i)
-    obj = {"apiVersion": "v1", "kind": "Node",
-           "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}, "annotations": annotations or {}},
-           "spec": {}}
-    if pod_cidr:
-        obj["spec"] = {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]}
-    kubectl("apply", "-f", "-", input=json.dumps(obj))
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    status = {"status": {
-        "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
-        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "lab node",
-                        "lastHeartbeatTime": now, "lastTransitionTime": now}]}}
-    kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(status))
+def ensure_weir_release():
+    log("building weir (cargo build --release) for the image")
+    sh(["cargo", "build", "--quiet", "--release", "-p", "weir-agent", "-p", "weir-controller"], capture=False)
 
 
-def agent_token(i):
-    """A ServiceAccount token bound to a Pod on node-i, so it carries the node-name claim."""
-    pod = f"weir-agent-node-{i}"
-    obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": NS},
-           "spec": {"nodeName": f"node-{i}", "serviceAccountName": "weir-agent", "hostNetwork": True,
-                    "containers": [{"name": "agent", "image": "weir-agent:lab"}]}}
-    kubectl("apply", "-f", "-", input=json.dumps(obj))
-    uid = kubectl("get", "pod", "-n", NS, pod, "-o", "jsonpath={.metadata.uid}").strip()
-    return kubectl("create", "token", "weir-agent", "-n", NS, "--duration", "48h",
-                   "--bound-object-kind", "Pod", "--bound-object-name", pod, "--bound-object-uid", uid).strip()
-
-
-# ---------------------------------------------------------------- nodes and agents
+# ---------------------------------------------------------------- nodes
 
 
 def node_dir(i):
     return STATE / "nodes" / f"node-{i}"
 
 
-def agent_env(i, backend="vxlan", mode="full"):
+def holder(i):
+    return running(f"node-{i}-holder")
+
+
+def in_node(i, argv, **kw):
+    """Runs argv inside node i (its network, mount and UTS namespaces)."""
+    return sh([*rt.enter(holder(i)), *argv], **kw)
+
+
+def node_spawn(i, name, argv):
+    spawn(f"node-{i}-{name}", None, [*rt.enter(holder(i)), *argv])
+
+
+def start_node_daemons(i):
     d = node_dir(i)
-    return {
-        **manifest_config(),
-        "NODE_NAME": f"node-{i}",
-        "KUBECONFIG": str(d / "kubeconfig"),
-        "WEIR_BACKEND": backend,
-        "WEIR_MODE": mode,
-        "WEIR_CLUSTER_CIDR": CLUSTER_CIDR,
-        "WEIR_CNI_CONF_DIR": str(d / "cni"),
-        "WEIR_RUN_DIR": str(d / "run"),
-        "WEIR_METRICS_ADDR": "0.0.0.0:9478",
-        "WEIR_LOG_FORMAT": "text",
-        "RUST_LOG": os.environ.get("RUST_LOG", "info"),
-    }
+    node_spawn(i, "containerd", ["containerd", "--config", str(d / "containerd.toml")])
+    deadline = time.time() + 30
+    while subprocess.run([*rt.enter(holder(i)), "ctr", "-a", rt.CTR_SOCK, "version"], capture_output=True).returncode:
+        if time.time() > deadline:
+            raise RuntimeError(f"node-{i}: containerd did not start; see {STATE}/logs/node-{i}-containerd.log")
+        time.sleep(0.2)
+    for tar in sorted(image_dir().glob("*.tar")):
+        rt.ctr(holder(i), "images", "import", str(tar))
+    node_spawn(i, "kubelet", [str(BIN / "kubelet"), f"--config={d / 'kubelet.yaml'}",
+                              f"--kubeconfig={d / 'kubelet.kubeconfig'}", f"--hostname-override=node-{i}",
+                              f"--node-ip={node_ip(i)}", "--v=1"])
+    node_spawn(i, "proxy", [str(BIN / "kube-proxy"), f"--config={d / 'kube-proxy.yaml'}", "--v=1"])
 
 
-def controller_token():
-    return kubectl("create", "token", "weir-controller", "-n", NS, "--duration", "48h").strip()
-
-
-def start_controllers(replicas=("a", "b")):
-    kc = STATE / "controller.kubeconfig"
-    if not kc.exists():
-        kubeconfig(kc, token=controller_token())
-    for k, name in enumerate(replicas):
-        spawn(f"controller-{name}", CP_NS, [str(controller_binary())], env={
-            **manifest_config(), "WEIR_CLUSTER_CIDR": CLUSTER_CIDR, "WEIR_NODE_CIDR_MASK_SIZE_IPV4": str(NODE_MASK),
-            "POD_NAME": f"weir-controller-{name}", "WEIR_LEASE_NAMESPACE": NS, "KUBECONFIG": str(kc),
-            "WEIR_METRICS_ADDR": f"127.0.0.1:{9479 + k}", "WEIR_LOG_FORMAT": "text", "WEIR_LEASE_DURATION": "6",
-            "RUST_LOG": os.environ.get("RUST_LOG", "info")})
-
-
-def settings():
-    p = STATE / "settings.json"
-    return json.loads(p.read_text()) if p.exists() else {"backend": "vxlan", "mode": "full"}
-
-
-def start_agent(i, extra_env=None):
-    s = settings()
-    env = dict(agent_env(i, s["backend"], s["mode"]), **s.get("extra_env", {}), **(extra_env or {}))
-    spawn(f"node-{i}", node_ns(i), [str(agent_binary()), "run"], env=env)
-
-
-def add_node(i, lab_podcidrs=None):
-    if lab_podcidrs is None:
-        lab_podcidrs = settings().get("lab_podcidrs", False)
+def add_node(i):
+    """A real node: its namespaces, cgroup root, containerd, kubelet and
+    kube-proxy. The kubelet registers the Node; the DaemonSet then runs the
+    agent there."""
     ns = node_ns(i)
     attach(ns, "eth0", node_ip(i))
-    sh(["sysctl", "-qw", "net.ipv4.ip_forward=1"], ns=ns)
-    create_node(i, pod_cidr=node_cidr(i) if lab_podcidrs else None)
+    for key in ("net.ipv4.ip_forward=1", "net.bridge.bridge-nf-call-iptables=1"):
+        sh(["sysctl", "-qw", key], ns=ns)
+    # hostNetwork clients of a ClusterIP (the agent's in-cluster config) need
+    # a route for the first lookup; kube-proxy's DNAT then rewrites it.
+    sh(["ip", "-n", ns, "route", "replace", SERVICE_CIDR, "dev", "eth0"])
     d = node_dir(i)
-    for sub in ("cni", "run"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    kubeconfig(d / "kubeconfig", token=agent_token(i))
-    start_agent(i)
+    d.mkdir(parents=True, exist_ok=True)
+    rt.ensure_host_mountpoints(HOST_RECORD)
+    rt.ensure_cgroups(i)
+    pki = node_pki(i)
+    rt.containerd_config(d)
+    rt.kubelet_config(i, node_ip(i), d, pki)
+    rt.kube_proxy_config(i, d, STATE / "kube-proxy.kubeconfig", CLUSTER_CIDR)
+    (d / "holder.sh").write_text(rt.holder_script(i, d))
+    spawn(f"node-{i}-holder", None, ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--mount", "--uts",
+                                     "--propagation", "private", "sh", str(d / "holder.sh")])
+    deadline = time.time() + 10
+    while sh(["readlink", f"/proc/{holder(i)}/exe"], check=False).strip() != shutil.which("sleep"):
+        if time.time() > deadline:
+            raise RuntimeError(f"node-{i}: mount namespace set-up failed; see {STATE}/logs/node-{i}-holder.log")
+        time.sleep(0.05)
+    start_node_daemons(i)
+
+
+def stop_node_daemons(i, keep_pods=False):
+    """Stops kubelet, kube-proxy and containerd. With keep_pods the
+    containers and their shims go on running, as across a kubelet and
+    containerd restart on a real node."""
+    for name in ("proxy", "kubelet", "containerd"):
+        stop(f"node-{i}-{name}")
+    if keep_pods:
+        return
+    rt.remove_cgroups(i)
+    h = holder(i)
+    if h:
+        mnt = os.readlink(f"/proc/{h}/ns/mnt")
+        for pid in [p for p in os.listdir("/proc") if p.isdigit() and int(p) != h]:
+            try:
+                if os.readlink(f"/proc/{pid}/ns/mnt") == mnt:
+                    os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def remove_node(i):
-    for j in pods_of(i):
-        del_pod(i, j)
-    stop(f"node-{i}")
+    kubectl("delete", "pods", "-A", "--field-selector", f"spec.nodeName=node-{i}", "--force", "--grace-period=0",
+            "--wait=false", check=False)
+    stop_node_daemons(i)
+    stop(f"node-{i}-holder", sig=signal.SIGKILL)
+    rt.remove_cgroups(i)
     kubectl("delete", "node", f"node-{i}", "--ignore-not-found", "--wait=false")
-    kubectl("delete", "pod", "-n", NS, f"weir-agent-node-{i}", "--ignore-not-found", "--wait=false")
     if node_ns(i) in netns_list():
         sh(["ip", "netns", "del", node_ns(i)])
     shutil.rmtree(node_dir(i), ignore_errors=True)
@@ -429,98 +237,226 @@ def nodes():
     return sorted(int(n.split("-")[-1]) for n in netns_list() if n.startswith("weir-node-"))
 
 
-def wait_cni_config(i, timeout=60):
-    path = node_dir(i) / "cni" / "10-weir.conflist"
+def wait_for(cond, timeout, what):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if path.exists():
-            return json.loads(path.read_text())
-        time.sleep(0.2)
-    raise RuntimeError(f"node-{i}: agent wrote no CNI config in {timeout}s; see {STATE}/logs/node-{i}.log")
+        if cond():
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
 
 
-# ---------------------------------------------------------------- pods (real CNI plugins)
+def node_ready(i):
+    out = kubectl("get", "node", f"node-{i}", "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+                  check=False)
+    return out.strip() == "True"
 
 
-def cni_call(i, j, command, conflist):
-    ns = pod_ns(i, j)
-    prev = None
-    plugins = conflist["plugins"] if command == "ADD" else list(reversed(conflist["plugins"]))
-    for plugin in plugins:
-        conf = dict(plugin, cniVersion=conflist["cniVersion"], name=conflist["name"])
-        if prev is not None:
-            conf["prevResult"] = prev
-        env = dict(os.environ, CNI_COMMAND=command, CNI_CONTAINERID=f"lab-{i}-{j}", CNI_NETNS=f"/var/run/netns/{ns}",
-                   CNI_IFNAME="eth0", CNI_PATH=CNI_BIN)
-        r = subprocess.run(["ip", "netns", "exec", node_ns(i), f"{CNI_BIN}/{plugin['type']}"], input=json.dumps(conf),
-                           capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            raise RuntimeError(f"CNI {command} {plugin['type']} for {ns}: {r.stdout}{r.stderr}")
-        if command == "ADD" and r.stdout.strip():
-            prev = json.loads(r.stdout)
-    return prev
+def wait_cni_config(i, timeout=120):
+    """The agent's conflist, once it is in the node's /etc/cni/net.d."""
+    path = node_dir(i) / "fs" / "etc-cni-net.d" / "10-weir.conflist"
+    wait_for(path.exists, timeout, f"node-{i}: the agent's CNI config (kubectl logs -n {NS} {agent_pod(i) or '?'})")
+    return json.loads(path.read_text())
 
 
-def loopback(i, j, command):
-    """The pod's lo, brought up by the loopback plugin as a runtime would."""
-    conf = json.dumps({"cniVersion": "1.0.0", "name": "lo", "type": "loopback"})
-    env = dict(os.environ, CNI_COMMAND=command, CNI_CONTAINERID=f"lab-{i}-{j}", CNI_NETNS=f"/var/run/netns/{pod_ns(i, j)}",
-               CNI_IFNAME="lo", CNI_PATH=CNI_BIN)
-    r = subprocess.run([f"{CNI_BIN}/loopback"], input=conf, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise RuntimeError(f"CNI {command} loopback for {pod_ns(i, j)}: {r.stdout}{r.stderr}")
+# ---------------------------------------------------------------- weir
+
+
+def write_overlay(settings):
+    """The lab's overlay of manifests/: what a user's would change."""
+    d = STATE / "overlay"
+    d.mkdir(parents=True, exist_ok=True)
+    literals = [f"WEIR_CLUSTER_CIDR={CLUSTER_CIDR}", f"WEIR_NODE_CIDR_MASK_SIZE_IPV4={NODE_MASK}"]
+    literals += [f"WEIR_{k.upper()}={v}" for k, v in settings.items() if k in ("backend", "mode")]
+    (d / "kustomization.yaml").write_text("\n".join([
+        "apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization",
+        f"resources: [{os.path.relpath(ROOT / 'manifests', d)}]",
+        "images:", "  - name: ghcr.io/weir-dev/weir", "    newName: localhost/weir", "    newTag: lab",
+        "configMapGenerator:", "  - name: weir-config", "    namespace: weir-system", "    behavior: merge",
+        "    options: {disableNameSuffixHash: true}", "    literals:",
+        *[f"      - {lit}" for lit in literals], ""]))
+    return d
+
+
+def apply_weir(settings):
+    kubectl("apply", "-k", str(write_overlay(settings)))
+
+
+def pods_in(namespace, selector):
+    return json.loads(kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json"))["items"]
+
+
+def agent_pod(i):
+    for p in pods_in(NS, AGENT_SELECTOR):
+        if p["spec"].get("nodeName") == f"node-{i}" and not p["metadata"].get("deletionTimestamp"):
+            return p["metadata"]["name"]
+    return None
+
+
+def agent_ready(i):
+    for p in pods_in(NS, AGENT_SELECTOR):
+        if p["spec"].get("nodeName") == f"node-{i}" and not p["metadata"].get("deletionTimestamp"):
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+    return False
+
+
+def wait_agents(timeout=180):
+    wait_for(lambda: all(agent_ready(i) for i in nodes()), timeout, "an agent pod Ready on every node")
+
+
+def container_id(pod, namespace):
+    p = json.loads(kubectl("get", "pod", "-n", namespace, pod, "-o", "json"))
+    statuses = p["status"].get("containerStatuses") or []
+    if not statuses or not statuses[0].get("containerID"):
+        return None, p["spec"]["nodeName"]
+    return statuses[0]["containerID"].split("://")[1], p["spec"]["nodeName"]
+
+
+def container_pid(pod, namespace="default"):
+    cid, node = container_id(pod, namespace)
+    return rt.task_pids(holder(int(node.split("-")[-1]))).get(cid) if cid else None
+
+
+def agent_pid(i):
+    return container_pid(agent_pod(i), NS)
+
+
+def kill_agent(i):
+    """SIGKILLs the agent's container; the kubelet restarts it."""
+    cid, _ = container_id(agent_pod(i), NS)
+    rt.ctr(holder(i), "task", "kill", "-s", "SIGKILL", cid)
+
+
+def stop_agent(i):
+    """Takes the agent off node i (the DaemonSet's node affinity excludes
+    nodes labelled weir.dev/agent=paused), leaving the dataplane in place."""
+    kubectl("label", "node", f"node-{i}", "--overwrite", "weir.dev/agent=paused")
+    wait_for(lambda: not pods_on(i, NS, AGENT_SELECTOR), 60, f"node-{i}'s agent pod gone")
+
+
+def start_agent(i):
+    kubectl("label", "node", f"node-{i}", "weir.dev/agent-")
+    wait_for(lambda: agent_ready(i), 120, f"node-{i}'s agent Ready")
+
+
+def pods_on(i, namespace, selector):
+    return [p for p in pods_in(namespace, selector) if p["spec"].get("nodeName") == f"node-{i}"]
+
+
+def agent_log(i):
+    return kubectl("logs", "-n", NS, agent_pod(i), check=False)
+
+
+def agent_exec(i, *argv, check=False):
+    return subprocess.run(["ip", "netns", "exec", CP_NS, str(BIN / "kubectl"), "--kubeconfig",
+                           str(STATE / "admin.kubeconfig"), "exec", "-n", NS, agent_pod(i), "--", *argv],
+                          capture_output=True, text=True, timeout=60)
+
+
+def agent_kubeconfig(i):
+    """A kubeconfig with a token bound to node i's agent pod, as the pod's
+    own: it carries the node-name claim the admission policy checks."""
+    pod = agent_pod(i)
+    uid = kubectl("get", "pod", "-n", NS, pod, "-o", "jsonpath={.metadata.uid}").strip()
+    token = kubectl("create", "token", "weir-agent", "-n", NS, "--duration", "1h", "--bound-object-kind", "Pod",
+                    "--bound-object-name", pod, "--bound-object-uid", uid).strip()
+    path = node_dir(i) / "agent.kubeconfig"
+    kubeconfig(path, token=token)
+    return path
+
+
+def settings():
+    p = STATE / "settings.json"
+    return json.loads(p.read_text()) if p.exists() else {"backend": "vxlan", "mode": "full"}
+
+
+def set_agent_env(**env):
+    """Changes the agents' environment through the DaemonSet and waits for
+    the rollout; None removes a variable."""
+    args = [f"{k}={v}" if v is not None else f"{k}-" for k, v in env.items()]
+    kubectl("set", "env", "-n", NS, "ds/weir-agent", *args)
+    kubectl("rollout", "status", "-n", NS, "ds/weir-agent", "--timeout=300s")
+    wait_agents()
+
+
+def set_mode(mode):
+    """Switches every agent's mode through the ConfigMap, as an operator
+    would, and restarts the DaemonSet (the device is recreated)."""
+    s = settings()
+    s["mode"] = mode
+    (STATE / "settings.json").write_text(json.dumps(s))
+    apply_weir(s)
+    kubectl("rollout", "restart", "-n", NS, "ds/weir-agent")
+    kubectl("rollout", "status", "-n", NS, "ds/weir-agent", "--timeout=300s")
+    wait_agents()
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def pod_manifest(i, j):
+    # busybox httpd answers with the pod's name, for the Service test.
+    script = "hostname > /www/index.html && exec httpd -f -p 8080 -h /www"
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"pod-{i}-{j}", "namespace": "default", "labels": {"weir-lab": "pod"}},
+            "spec": {"nodeSelector": {"kubernetes.io/hostname": f"node-{i}"}, "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "web", "image": images.WORKLOAD, "imagePullPolicy": "Never",
+                                     "command": ["sh", "-c", script], "ports": [{"containerPort": 8080}]}]}}
+
+
+SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+           "spec": {"selector": {"weir-lab": "pod"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+
+
+def add_pods(pairs, timeout=180):
+    items = [pod_manifest(i, j) for i, j in pairs]
+    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    names = [f"pod-{i}-{j}" for i, j in pairs]
+    wait_for(lambda: all(n in pods() for n in names), timeout, f"pods {names} running with an IP")
 
 
 def add_pod(i, j):
-    ns = pod_ns(i, j)
-    if ns in netns_list():
-        return
-    sh(["ip", "netns", "add", ns])
-    loopback(i, j, "ADD")
-    result = cni_call(i, j, "ADD", wait_cni_config(i))
-    ip = result["ips"][0]["address"].split("/")[0]
-    (STATE / "pods").mkdir(parents=True, exist_ok=True)
-    (STATE / "pods" / f"{ns}.json").write_text(json.dumps({"ip": ip, "node": i}))
+    add_pods([(i, j)])
 
 
 def del_pod(i, j):
-    ns = pod_ns(i, j)
-    conf = node_dir(i) / "cni" / "10-weir.conflist"
-    if conf.exists() and node_ns(i) in netns_list():
-        try:
-            cni_call(i, j, "DEL", json.loads(conf.read_text()))
-            loopback(i, j, "DEL")
-        except RuntimeError as e:
-            log(f"CNI DEL {ns}: {e}")
-    if ns in netns_list():
-        sh(["ip", "netns", "del", ns])
-    (STATE / "pods" / f"{ns}.json").unlink(missing_ok=True)
-
-
-def pods_of(i):
-    return sorted(int(n.split("-")[-1]) for n in netns_list() if n.startswith(f"weir-pod-{i}-"))
+    kubectl("delete", "pod", f"pod-{i}-{j}", "--ignore-not-found", "--grace-period=1")
 
 
 def pods():
+    """Running lab pods: name -> pod IP."""
     out = {}
-    for f in sorted((STATE / "pods").glob("*.json")) if (STATE / "pods").exists() else []:
-        out[f.stem] = json.loads(f.read_text())["ip"]
-    return out
+    for p in pods_in("default", POD_LABEL):
+        if p["status"].get("phase") == "Running" and p["status"].get("podIP"):
+            out[p["metadata"]["name"]] = p["status"]["podIP"]
+    return dict(sorted(out.items()))
 
 
-def ping(src_ns, ip, count=1, interval=0.2, wait=1):
-    r = subprocess.run(["ip", "netns", "exec", src_ns, "ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(wait), ip],
-                       capture_output=True, text=True)
-    sent = recv = 0
-    rtt = None
-    for line in r.stdout.splitlines():
-        if "packets transmitted" in line:
-            parts = line.split(",")
-            sent = int(parts[0].split()[0])
-            recv = int(parts[1].split()[0])
-        if line.startswith("rtt") or line.startswith("round-trip"):
-            rtt = float(line.split("=")[1].split("/")[1])
-    return sent, recv, rtt
+def netns_target(name):
+    """The argv prefix that runs a host command in a namespace: a named
+    network namespace, or a lab pod's (through its container's process)."""
+    if name.startswith("pod-"):
+        return ["nsenter", f"--net=/proc/{container_pid(name)}/ns/net", "--"]
+    return ["ip", "netns", "exec", name]
+
+
+def sh_in(name, cmd, **kw):
+    return sh([*netns_target(name), *cmd], **kw)
+
+
+def ping(src, ip, count=1, interval=0.2, wait=1):
+    """A ping from a lab pod's (or a namespace's) network namespace with the
+    host's ping; the matrix below goes through `kubectl exec` instead."""
+    r = subprocess.run([*netns_target(src), "ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(wait),
+                        ip], capture_output=True, text=True)
+    return proclab.parse_ping(r.stdout)
+
+
+def exec_ping(src, ip, count=1):
+    r = subprocess.run(["ip", "netns", "exec", CP_NS, str(BIN / "kubectl"), "--kubeconfig",
+                        str(STATE / "admin.kubeconfig"), "exec", src, "--", "ping", "-q", "-c", str(count),
+                        "-i", "0.2", "-W", "1", ip], capture_output=True, text=True, timeout=60)
+    return proclab.parse_ping(r.stdout)
 
 
 def ping_matrix(count=3):
@@ -529,107 +465,86 @@ def ping_matrix(count=3):
     for src in p:
         for dst, ip in p.items():
             if src != dst:
-                sent, recv, rtt = ping(src, ip, count=count)
+                sent, recv, rtt = exec_ping(src, ip, count=count)
                 rows.append((src, dst, ip, sent, recv, rtt))
     return rows
 
 
-def wait_all_pairs(timeout=120):
+def wait_all_pairs(timeout=180):
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    while True:
         rows = ping_matrix(count=1)
         bad = [r for r in rows if r[4] == 0]
         if not bad:
             return rows
+        if time.time() > deadline:
+            raise RuntimeError(f"pods cannot reach each other after {timeout}s: {[(r[0], r[1]) for r in bad][:10]}")
         time.sleep(1)
-    raise RuntimeError(f"pods cannot reach each other after {timeout}s: {[(r[0], r[1]) for r in bad][:10]}")
 
 
 # ---------------------------------------------------------------- whole lab
 
 
-def up(n_nodes=3, pods_per_node=2, backend="vxlan", mode="full", lab_podcidrs=False):
+def up(n_nodes=3, pods_per_node=2, backend="vxlan", mode="full"):
     if os.geteuid() != 0:
         raise SystemExit("the lab needs root (it creates network namespaces)")
+    started = time.time()
     ensure_packages()
     ensure_control_plane_binaries()
-    ensure_weir_built()
+    ensure_weir_release()
     STATE.mkdir(parents=True, exist_ok=True)
-    (STATE / "settings.json").write_text(json.dumps({"backend": backend, "mode": mode, "lab_podcidrs": lab_podcidrs}))
+    s = {"backend": backend, "mode": mode}
+    (STATE / "settings.json").write_text(json.dumps(s))
+    ensure_images()
     ensure_pki()
     ensure_underlay()
     start_etcd()
     start_apiserver()
     wait_api()
-    apply_access()
-    start_controllers()
+    start_controller_manager()
+    start_scheduler()
+    apply_weir(s)
     for i in range(1, n_nodes + 1):
-        if not running(f"node-{i}"):
-            add_node(i, lab_podcidrs)
-    for i in range(1, n_nodes + 1):
-        for j in range(1, pods_per_node + 1):
-            add_pod(i, j)
+        if not holder(i):
+            log(f"starting node-{i} (containerd, kubelet, kube-proxy)")
+            add_node(i)
+    wait_for(lambda: all(node_ready(i) for i in range(1, n_nodes + 1)), 240,
+             "every node Ready (the agent writes the CNI config once weir-controller gave the node a pod CIDR)")
+    wait_agents()
+    kubectl("apply", "-f", "-", input=json.dumps(SERVICE))
+    add_pods([(i, j) for i in range(1, n_nodes + 1) for j in range(1, pods_per_node + 1)])
     rows = wait_all_pairs()
+    log(f"lab up in {time.time() - started:.0f} s")
     return rows
 
 
 def down():
     for i in nodes():
-        for j in pods_of(i):
-            del_pod(i, j)
-        stop(f"node-{i}")
-    for c in ("controller-a", "controller-b"):
-        stop(c)
-    stop("apiserver")
-    stop("etcd")
-    for ns in netns_list():
-        if ns.startswith("weir-"):
-            sh(["ip", "netns", "del", ns], check=False)
-    if STATE.exists():
-        shutil.rmtree(STATE, ignore_errors=True)
+        stop_node_daemons(i)
+        stop(f"node-{i}-holder", sig=signal.SIGKILL)
+        rt.remove_cgroups(i)
+    for i in range(1, 64):  # cgroups of nodes whose namespace is already gone
+        rt.remove_cgroups(i)
+    proclab.down()
+    rt.teardown_host(HOST_RECORD)
 
 
 def summary():
     lines = []
     info = json.loads(kubectl("get", "nodes", "-o", "json"))
-    lines.append(f"{'NODE':<10} {'UNDERLAY':<14} {'PODCIDR':<16} {'VTEP MAC':<18} AGENT")
+    lines.append(f"{'NODE':<10} {'READY':<6} {'UNDERLAY':<14} {'PODCIDR':<16} {'VTEP MAC':<18} AGENT")
     for n in info["items"]:
         name = n["metadata"]["name"]
         ann = n["metadata"].get("annotations", {})
-        i = int(name.split("-")[-1])
-        lines.append(f"{name:<10} {ann.get('weir.dev/public-ip', '-'):<14} {','.join(n['spec'].get('podCIDRs', ['-'])):<16} "
-                     f"{ann.get('weir.dev/vtep-mac', '-'):<18} {'running' if running(name) else 'stopped'}"
-                     f"  metrics: ip netns exec {node_ns(i)} curl -s localhost:9478/metrics")
+        ready = next((c["status"] for c in n["status"].get("conditions", []) if c["type"] == "Ready"), "-")
+        lines.append(f"{name:<10} {ready:<6} {ann.get('weir.dev/public-ip', '-'):<14} "
+                     f"{','.join(n['spec'].get('podCIDRs', ['-'])):<16} {ann.get('weir.dev/vtep-mac', '-'):<18} "
+                     f"{agent_pod(int(name.split('-')[-1])) if name.startswith('node-') else '-'}")
     lines.append("")
     lines.append(f"{'POD':<16} IP")
-    for ns, ip in pods().items():
-        lines.append(f"{ns:<16} {ip}")
+    for name, ip in pods().items():
+        lines.append(f"{name:<16} {ip}")
+    lines.append("")
+    lines.append(f"logs:    e2e/lab kubectl logs -n {NS} ds/weir-agent")
+    lines.append(f"status:  e2e/lab kubectl exec -n {NS} <agent pod> -- /weir-agent status")
     return "\n".join(lines)
-
-
-def api_request(kubeconfig_path, method, path, body=None, content_type="application/merge-patch+json"):
-    """A raw API request with a kubeconfig's token, from the control-plane namespace
-    (kubectl patch first GETs the object, which the agent's RBAC does not allow)."""
-    cfg = json.loads(Path(kubeconfig_path).read_text())
-    token = cfg["users"][0]["user"]["token"]
-    script = (
-        "import http.client, ssl, sys, json\n"
-        f"ctx = ssl.create_default_context(cafile={str(STATE / 'pki' / 'ca.crt')!r})\n"
-        f"c = http.client.HTTPSConnection({CP_IP!r}, 6443, context=ctx, timeout=10)\n"
-        f"c.request({method!r}, {path!r}, body=sys.stdin.read() or None, headers={{'Authorization': 'Bearer {token}', 'Content-Type': {content_type!r}}})\n"
-        "r = c.getresponse(); print(json.dumps({'status': r.status, 'body': r.read().decode()}))\n"
-    )
-    out = sh(["python3", "-c", script], ns=CP_NS, input=json.dumps(body) if body is not None else "")
-    res = json.loads(out)
-    return res["status"], res["body"]
-
-
-def set_mode(mode, extra_env=None, nodes_=None):
-    """Restarts the agents in another mode (the device is recreated: l2miss/l3miss differ)."""
-    s = settings()
-    s["mode"] = mode
-    s["extra_env"] = extra_env or {}
-    (STATE / "settings.json").write_text(json.dumps(s))
-    for i in nodes_ or nodes():
-        stop(f"node-{i}")
-        start_agent(i)
