@@ -11,10 +11,14 @@ import lablib as lab  # noqa: E402
 def cluster():
     if os.geteuid() != 0:
         pytest.skip("e2e needs root to create network namespaces")
-    lab.down()
-    lab.up(n_nodes=3, pods_per_node=2)
+    # WEIR_E2E_REUSE_LAB=1 (development only) runs against a lab already up.
+    reuse = os.environ.get("WEIR_E2E_REUSE_LAB") == "1" and lab.holder(1)
+    if not reuse:
+        lab.down()
+        lab.up(n_nodes=3, pods_per_node=2)
     yield lab
-    lab.down()
+    if not reuse:
+        lab.down()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -29,3 +33,11 @@ def pytest_runtest_makereport(item, call):
     for path in sorted((lab.STATE / "logs").glob("*.log")):
         lines = path.read_text(errors="replace").splitlines()[-40:]
         report.sections.append((f"lab log {path.name} (last {len(lines)} lines)", "\n".join(lines)))
+    try:
+        for sel in (lab.AGENT_SELECTOR, lab.CONTROLLER_SELECTOR):
+            for p in lab.pods_in(lab.NS, sel):
+                name = p["metadata"]["name"]
+                lines = lab.kubectl("logs", "-n", lab.NS, name, "--tail=40", check=False).splitlines()
+                report.sections.append((f"kubectl logs {name} on {p['spec'].get('nodeName')}", "\n".join(lines)))
+    except Exception as e:  # the API server may be what failed
+        report.sections.append(("kubectl logs", f"unavailable: {e}"))

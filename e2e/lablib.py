@@ -14,19 +14,24 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import nodes as rt
 import proclab
 from images import build as images
 from proclab import (API, BIN, CACHE, CLUSTER_CIDR, CP_IP, CP_NS, E2E, NODE_MASK, NS, ROOT, STATE,  # noqa: F401
                      UNDERLAY_NS, api_request, attach, ensure_control_plane_binaries, ensure_packages, ensure_underlay,
-                     kubeconfig, kubectl, log, netns_list, node_ip, node_ns, openssl, running, sh, spawn, start_etcd,
+                     kubeconfig, kubectl, log, netns_list, node_ip, node_ns, openssl, running, spawn, start_etcd,
                      stop, wait_api)
 
 SERVICE_CIDR = "10.96.0.0/16"
+
+
+def sh(cmd, check=True, capture=True, ns=None, env=None, input=None, timeout=None):
+    """proclab.sh, where `ns` may also name a lab pod."""
+    if ns and ns.startswith("pod-"):
+        cmd, ns = [*netns_target(ns), *cmd], None
+    return proclab.sh(cmd, check=check, capture=capture, ns=ns, env=env, input=input, timeout=timeout)
 AGENT_SELECTOR = "app.kubernetes.io/name=weir-agent"
 CONTROLLER_SELECTOR = "app.kubernetes.io/name=weir-controller"
 POD_LABEL = "weir-lab=pod"
@@ -317,8 +322,29 @@ def container_pid(pod, namespace="default"):
     return rt.task_pids(holder(int(node.split("-")[-1]))).get(cid) if cid else None
 
 
+def task_pid(i, cid):
+    """The pid of a container on node i, from containerd alone."""
+    return rt.task_pids(holder(i)).get(cid)
+
+
 def agent_pid(i):
     return container_pid(agent_pod(i), NS)
+
+
+def task_pids_on(i):
+    return rt.task_pids(holder(i))
+
+
+def agent_containers(i):
+    """Ids of node i's running agent containers, from containerd alone (the
+    API server may be away)."""
+    out = rt.ctr(holder(i), "containers", "ls", "-q", 'labels."io.kubernetes.container.name"==agent', check=False)
+    running_ = task_pids_on(i)
+    return sorted(c for c in out.split() if c in running_)
+
+
+def kill_agent_container(i, cid):
+    rt.ctr(holder(i), "task", "kill", "-s", "SIGKILL", cid)
 
 
 def kill_agent(i):

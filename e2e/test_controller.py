@@ -2,7 +2,6 @@
 
 import ipaddress
 import json
-import signal
 import time
 
 import pytest
@@ -46,8 +45,14 @@ def wait_allocated(names, timeout=60):
     raise AssertionError(f"not allocated after {timeout}s: {missing[:10]}")
 
 
-def controller_metric(name, port=9479):
-    out = lab.sh(["python3", "-c", f"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())"], ns=lab.CP_NS)
+def controller_metric(name):
+    """The sum of a series over every controller pod (hostNetwork, so at its node's address)."""
+    out = ""
+    for p in lab.pods_in(lab.NS, lab.CONTROLLER_SELECTOR):
+        if p["status"].get("hostIP") and p["status"].get("phase") == "Running":
+            url = f"http://{p['status']['hostIP']}:9479/metrics"
+            out += lab.sh(["python3", "-c", f"import urllib.request;print(urllib.request.urlopen({url!r}).read().decode())"],
+                          ns=lab.CP_NS, check=False)
     total = 0.0
     for line in out.splitlines():
         if line.startswith(name):
@@ -83,8 +88,11 @@ def test_deleted_node_space_is_reused(fakes):
 
 
 def leader():
-    holder = lab.kubectl("get", "lease", "-n", lab.NS, "weir-controller", "-o", "jsonpath={.spec.holderIdentity}").strip()
-    return holder.replace("weir-controller-", "controller-")
+    return lab.kubectl("get", "lease", "-n", lab.NS, "weir-controller", "-o", "jsonpath={.spec.holderIdentity}").strip()
+
+
+def wait_controllers():
+    lab.kubectl("rollout", "status", "-n", lab.NS, "deploy/weir-controller", "--timeout=120s")
 
 
 def test_leader_killed_mid_burst_never_allocates_twice(fakes):
@@ -92,14 +100,18 @@ def test_leader_killed_mid_burst_never_allocates_twice(fakes):
     names = [f"fake-burst-{k:03d}" for k in range(60)]
     make_nodes(names[:30])
     time.sleep(0.3)
-    lab.stop(old, sig=signal.SIGKILL)
+    # The leader dies at once (SIGKILL to its container) and its pod is gone
+    # for good, as when its node fails: the Deployment replaces it.
+    cid, node = lab.container_id(old, lab.NS)
+    lab.kill_agent_container(int(node.split("-")[-1]), cid)
+    lab.kubectl("delete", "pod", "-n", lab.NS, old, "--force", "--grace-period=0", check=False)
     make_nodes(names[30:])
     try:
         wait_allocated(names, timeout=60)
         assert leader() != old, "the other replica holds the lease"
         assert_no_double_allocation()
     finally:
-        lab.start_controllers()
+        wait_controllers()
 
 
 def test_preset_pod_cidrs_are_respected(fakes):
@@ -116,7 +128,7 @@ def test_pool_exhaustion_is_reported_and_recovers(fakes):
     fill = [f"fake-fill-{k:03d}" for k in range(256 - used)]
     make_nodes(fill)
     wait_allocated(fill, timeout=120)
-    before = controller_metric("weir_controller_pool_exhausted_total", 9479) + controller_metric("weir_controller_pool_exhausted_total", 9480)
+    before = controller_metric("weir_controller_pool_exhausted_total")
     make_nodes(["fake-starved"])
     deadline = time.time() + 20
     while time.time() < deadline:
@@ -126,7 +138,7 @@ def test_pool_exhaustion_is_reported_and_recovers(fakes):
         time.sleep(0.3)
     else:
         raise AssertionError("no PodCIDRPoolExhausted event")
-    after = controller_metric("weir_controller_pool_exhausted_total", 9479) + controller_metric("weir_controller_pool_exhausted_total", 9480)
+    after = controller_metric("weir_controller_pool_exhausted_total")
     assert after > before
     assert not all_nodes()["fake-starved"]
     lab.kubectl("delete", "node", fill[0])
@@ -135,10 +147,14 @@ def test_pool_exhaustion_is_reported_and_recovers(fakes):
 
 
 def test_dual_stack_allocation(fakes):
-    for c in ("controller-a", "controller-b"):
-        lab.stop(c)
+    # A dual-stack weir-controller, as a process beside the cluster, while
+    # the Deployment's replicas are scaled away.
+    lab.kubectl("scale", "-n", lab.NS, "deploy/weir-controller", "--replicas=0")
+    lab.wait_for(lambda: not lab.pods_in(lab.NS, lab.CONTROLLER_SELECTOR), 60, "controller pods gone")
     kc = lab.STATE / "controller.kubeconfig"
-    lab.spawn("controller-ds", lab.CP_NS, [str(lab.controller_binary())], env={
+    token = lab.kubectl("create", "token", "weir-controller", "-n", lab.NS, "--duration", "1h").strip()
+    lab.kubeconfig(kc, token=token)
+    lab.spawn("controller-ds", lab.CP_NS, [str(lab.ROOT / "target" / "release" / "weir-controller")], env={
         "WEIR_CLUSTER_CIDR": f"{lab.CLUSTER_CIDR},fd00:10:244::/56", "KUBECONFIG": str(kc), "POD_NAME": "weir-controller-ds",
         "WEIR_LEASE_NAMESPACE": lab.NS, "WEIR_LEASE_NAME": "weir-controller-ds", "WEIR_METRICS_ADDR": "127.0.0.1:9489"})
     try:
@@ -150,4 +166,5 @@ def test_dual_stack_allocation(fakes):
         assert_no_double_allocation()
     finally:
         lab.stop("controller-ds")
-        lab.start_controllers()
+        lab.kubectl("scale", "-n", lab.NS, "deploy/weir-controller", "--replicas=2")
+        wait_controllers()

@@ -28,7 +28,7 @@ def udp_ask(ns, ip):
 
 def received_from(ns, src):
     """Packets from `src` that reached namespace `ns`, counted by an nft rule in the pod."""
-    if subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", "ip", "probe"], capture_output=True).returncode:
+    if subprocess.run([*lab.netns_target(ns), "nft", "list", "table", "ip", "probe"], capture_output=True).returncode:
         lab.sh(["nft", "-f", "-"], ns=ns, input="table ip probe {\n chain in { type filter hook prerouting priority 0; }\n}\n")
     rules = lab.sh(["nft", "list", "chain", "ip", "probe", "in"], ns=ns)
     if src not in rules:
@@ -67,17 +67,17 @@ def stranger(cluster):
 
 
 def inject(count=10, src="10.244.250.1"):
-    dst = lab.pods()["weir-pod-1-1"]
+    dst = lab.pods()["pod-1-1"]
     r = subprocess.run(["ip", "netns", "exec", STRANGER, "ping", "-c", str(count), "-i", "0.1", "-W", "1", "-I", src, dst],
                        capture_output=True, text=True)
     return r.stdout
 
 
 def test_injection_from_a_stranger_is_dropped_and_counted(stranger):
-    before_rx, before_drop = received_from("weir-pod-1-1", "10.244.250.1"), nft_dropped(1)
+    before_rx, before_drop = received_from("pod-1-1", "10.244.250.1"), nft_dropped(1)
     inject(20)
     assert nft_dropped(1) >= before_drop + 20
-    assert received_from("weir-pod-1-1", "10.244.250.1") == before_rx, "the pod received the stranger's packets"
+    assert received_from("pod-1-1", "10.244.250.1") == before_rx, "the pod received the stranger's packets"
     wait(lambda: metrics(1).get("weir_tunnel_dropped_packets", 0) >= 20, 20, "drop counter exported")
 
 
@@ -111,7 +111,7 @@ def test_the_same_from_a_peer_is_delivered_and_a_removed_node_cannot_inject(stra
 def outside(cluster):
     lab.attach(OUTSIDE, "eth0", OUTSIDE_IP)
     proc = subprocess.Popen(["ip", "netns", "exec", OUTSIDE, "python3", "-c", ECHO])
-    server = subprocess.Popen(["ip", "netns", "exec", "weir-pod-2-1", "python3", "-c", ECHO])
+    server = subprocess.Popen([*lab.netns_target("pod-2-1"), "python3", "-c", ECHO])
     time.sleep(0.5)
     yield
     proc.kill()
@@ -120,11 +120,11 @@ def outside(cluster):
 
 
 def test_pod_egress_leaves_with_the_node_ip(outside):
-    assert udp_ask("weir-pod-1-1", OUTSIDE_IP) == lab.node_ip(1)
+    assert udp_ask("pod-1-1", OUTSIDE_IP) == lab.node_ip(1)
 
 
 def test_pod_to_pod_keeps_the_pod_ip(outside):
-    assert udp_ask("weir-pod-1-1", lab.pods()["weir-pod-2-1"]) == lab.pods()["weir-pod-1-1"]
+    assert udp_ask("pod-1-1", lab.pods()["pod-2-1"]) == lab.pods()["pod-1-1"]
 
 
 def test_table_deleted_by_hand_comes_back(cluster):

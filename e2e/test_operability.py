@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import time
 
 import lablib as lab
 from test_lab import agent_get, ip_json, wait
@@ -32,7 +30,7 @@ def test_api_server_accepts_every_manifest(cluster):
 
 
 def test_agents_run_with_the_manifest_service_account(cluster):
-    token = json.loads((lab.node_dir(1) / "kubeconfig").read_text())["users"][0]["user"]["token"]
+    token = json.loads(lab.agent_kubeconfig(1).read_text())["users"][0]["user"]["token"]
     review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}
     out = json.loads(lab.kubectl("create", "-f", "-", "-o", "json", input=json.dumps(review)))
     user = out["status"]["user"]
@@ -43,7 +41,7 @@ def test_agents_run_with_the_manifest_service_account(cluster):
 
 
 def test_policy_denies_another_nodes_annotations(cluster):
-    kc = lab.node_dir(1) / "kubeconfig"
+    kc = lab.agent_kubeconfig(1)
     status, body = lab.api_request(kc, "PATCH", "/api/v1/nodes/node-2/status",
                                    {"metadata": {"annotations": {"weir.dev/vtep-mac": "0e:00:00:00:66:66"}}})
     assert status == 403 and "weir-agent-own-node" in body, body
@@ -80,9 +78,7 @@ def test_scraped_metrics_match_the_kernel(cluster):
 
 
 def agent_status(i, *extra):
-    env = dict(os.environ, **lab.agent_env(i))
-    return subprocess.run(["ip", "netns", "exec", lab.node_ns(i), str(lab.agent_binary()), "status", *extra],
-                          capture_output=True, text=True, env=env, timeout=30)
+    return lab.agent_exec(i, "/weir-agent", "status", *extra)
 
 
 def test_status_shows_drift_after_an_entry_is_deleted_by_hand(cluster):
@@ -90,7 +86,7 @@ def test_status_shows_drift_after_an_entry_is_deleted_by_hand(cluster):
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "in sync" in clean.stdout and "node-2" in clean.stdout
     n2 = json.loads(lab.kubectl("get", "node", "node-2", "-o", "json"))["spec"]["podCIDRs"][0]
-    pid = lab.running("node-1")
+    pid = lab.agent_pid(1)
     os.kill(pid, signal.SIGSTOP)  # freeze the agent so it cannot repair before we look
     try:
         lab.sh(["ip", "-n", lab.node_ns(1), "route", "del", n2])
