@@ -3,6 +3,10 @@ use weir_agent::cli::{Cli, LogFormat};
 
 fn main() -> std::process::ExitCode {
     limit_malloc_arenas();
+    if let Err(e) = weir_common::settings::load_from_env_dir() {
+        eprintln!("weir-agent: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     weir_common::init_logging(cli.run.log_format == LogFormat::Json);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");

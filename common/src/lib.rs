@@ -2,6 +2,7 @@
 //! API client and the Node watch's retry policy.
 
 pub mod http;
+pub mod settings;
 pub mod watch;
 
 /// Text or JSON logs to stderr, filtered by RUST_LOG (default info).
