@@ -551,8 +551,9 @@ def down():
         rt.remove_cgroups(i)
     for i in range(1, 64):  # cgroups of nodes whose namespace is already gone
         rt.remove_cgroups(i)
-    proclab.down()
+    # Before proclab.down, which deletes the state directory holding the record.
     rt.teardown_host(HOST_RECORD)
+    proclab.down()
 
 
 def summary():
