@@ -133,6 +133,22 @@ def ensure_images():
     images.weir_image(d / "weir.tar", release / "weir-agent", release / "weir-controller")
     images.pause_image(d / "pause.tar", d)
     images.workload_image(d / "workload.tar")
+    # The upstream suite's images, once `e2e/conformance` has built agnhost.
+    if (BIN / "agnhost").exists():
+        images.e2e_images(d, BIN / "agnhost")
+    if settings().get("dns"):
+        images.coredns_image(d / "coredns.tar", BIN / "coredns")
+
+
+DNS_IP = "10.96.0.10"
+
+
+def ensure_coredns():
+    if (BIN / "coredns").exists():
+        return
+    log("building CoreDNS from the Go module proxy (~2 min)")
+    subprocess.run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(BIN / "coredns"),
+                    "github.com/coredns/coredns"], env=dict(os.environ, CGO_ENABLED="0"), cwd=E2E / "dns", check=True)
 
 
 def ensure_weir_release():
@@ -193,7 +209,7 @@ def add_node(i):
     rt.ensure_cgroups(i)
     pki = node_pki(i)
     rt.containerd_config(d)
-    rt.kubelet_config(i, node_ip(i), d, pki)
+    rt.kubelet_config(i, node_ip(i), d, pki, cluster_dns=DNS_IP if settings().get("dns") else None)
     rt.kube_proxy_config(i, d, STATE / "kube-proxy.kubeconfig", CLUSTER_CIDR)
     (d / "holder.sh").write_text(rt.holder_script(i, d))
     spawn(f"node-{i}-holder", None, ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--mount", "--uts",
@@ -511,7 +527,7 @@ def wait_all_pairs(timeout=180):
 # ---------------------------------------------------------------- whole lab
 
 
-def up(n_nodes=3, pods_per_node=2, backend="vxlan", mode="full"):
+def up(n_nodes=3, pods_per_node=2, backend="vxlan", mode="full", dns=False):
     if os.geteuid() != 0:
         raise SystemExit("the lab needs root (it creates network namespaces)")
     started = time.time()
@@ -519,8 +535,10 @@ def up(n_nodes=3, pods_per_node=2, backend="vxlan", mode="full"):
     ensure_control_plane_binaries()
     ensure_weir_release()
     STATE.mkdir(parents=True, exist_ok=True)
-    s = {"backend": backend, "mode": mode}
+    s = {"backend": backend, "mode": mode, "dns": dns}
     (STATE / "settings.json").write_text(json.dumps(s))
+    if dns:
+        ensure_coredns()
     ensure_images()
     ensure_pki()
     ensure_underlay()
@@ -537,6 +555,9 @@ def up(n_nodes=3, pods_per_node=2, backend="vxlan", mode="full"):
     wait_for(lambda: all(node_ready(i) for i in range(1, n_nodes + 1)), 240,
              "every node Ready (the agent writes the CNI config once weir-controller gave the node a pod CIDR)")
     wait_agents()
+    if dns:
+        kubectl("apply", "-f", str(E2E / "addons" / "coredns.yaml"))
+        kubectl("rollout", "status", "-n", "kube-system", "deploy/coredns", "--timeout=180s")
     kubectl("apply", "-f", "-", input=json.dumps(SERVICE))
     add_pods([(i, j) for i in range(1, n_nodes + 1) for j in range(1, pods_per_node + 1)])
     rows = wait_all_pairs()

@@ -211,7 +211,7 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.snapshot
     return cfg
 
 
-def kubelet_config(i, ip, node_dir, pki):
+def kubelet_config(i, ip, node_dir, pki, cluster_dns=None):
     cfg = node_dir / "kubelet.yaml"
     cfg.write_text(json.dumps({
         "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
@@ -227,6 +227,7 @@ def kubelet_config(i, ip, node_dir, pki):
         "protectKernelDefaults": True,
         "containerRuntimeEndpoint": f"unix://{CTR_SOCK}",
         "resolvConf": "", "clusterDomain": "cluster.local",
+        **({"clusterDNS": [cluster_dns]} if cluster_dns else {}),
         "serializeImagePulls": False,
         "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
         "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},

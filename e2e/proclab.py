@@ -40,6 +40,8 @@ DEBIAN_PACKAGES = {
     "/bin/busybox": "busybox-static",
     "/usr/bin/gcc": "gcc",
     "/usr/include/stdio.h": "libc6-dev",
+    "/usr/bin/curl": "curl",
+    "/bin/nc.openbsd": "netcat-openbsd",
 }
 CNI_BIN = "/usr/lib/cni"
 NS = "weir-system"
@@ -92,6 +94,16 @@ KUBE_VERSION = "v1.34.4"
 KUBE_COMMANDS = ["kube-apiserver", "kubectl", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy"]
 
 
+def version_ldflags():
+    """Without these, nodes and `kubectl version` report v0.0.0-master."""
+    major, minor = KUBE_VERSION[1:].split(".")[:2]
+    ldflags = "-s -w"
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        ldflags += (f" -X {pkg}.gitVersion={KUBE_VERSION} -X {pkg}.gitMajor={major} -X {pkg}.gitMinor={minor}"
+                    f" -X {pkg}.gitTreeState=clean")
+    return ldflags
+
+
 def ensure_control_plane_binaries():
     wanted = [BIN / c for c in KUBE_COMMANDS] + [BIN / "etcd"]
     if all(p.exists() for p in wanted):
@@ -99,13 +111,7 @@ def ensure_control_plane_binaries():
     BIN.mkdir(parents=True, exist_ok=True)
     log("building the control plane, kubelet, kube-proxy and etcd from the Go module proxy "
         "(first time: ~10 min on 2 cores)")
-    # Without these, nodes and `kubectl version` report v0.0.0-master.
-    major, minor = KUBE_VERSION[1:].split(".")[:2]
-    ldflags = "-s -w"
-    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
-        ldflags += (f" -X {pkg}.gitVersion={KUBE_VERSION} -X {pkg}.gitMajor={major} -X {pkg}.gitMinor={minor}"
-                    f" -X {pkg}.gitTreeState=clean")
-    cmd = ["go", "build", "-v", "-trimpath", "-ldflags", ldflags, "-o", str(BIN) + "/",
+    cmd = ["go", "build", "-v", "-trimpath", "-ldflags", version_ldflags(), "-o", str(BIN) + "/",
            *[f"k8s.io/kubernetes/cmd/{c}" for c in KUBE_COMMANDS], "./cmd/etcd"]
     proc = subprocess.Popen(cmd, cwd=E2E / "controlplane", stderr=subprocess.PIPE, text=True)
     count = 0

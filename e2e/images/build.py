@@ -22,6 +22,17 @@ HERE = Path(__file__).resolve().parent
 WEIR = "localhost/weir:lab"
 PAUSE = "registry.k8s.io/pause:3.10.1"
 WORKLOAD = "localhost/weir-workload:lab"
+# The upstream e2e suite's images, under the exact names `e2e.test
+# --list-images` gives. They are stand-ins written here, as nothing can be
+# pulled: agnhost is the real binary (built from the same Kubernetes
+# release) with curl and a busybox shell beside it, as upstream's has; the
+# busybox images are Debian's static busybox; httpd is busybox's httpd on
+# port 80 (the kubectl specs only need a web server that answers).
+E2E_REGISTRY = "registry.k8s.io/e2e-test-images"
+AGNHOST = f"{E2E_REGISTRY}/agnhost:2.56"
+BUSYBOXES = [f"{E2E_REGISTRY}/busybox:1.37.0-1", f"{E2E_REGISTRY}/busybox:1.36.1-1"]
+HTTPD = f"{E2E_REGISTRY}/httpd:2.4.38-4"
+COREDNS = "localhost/coredns:lab"
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -120,8 +131,32 @@ def pause_image(out, workdir):
     write_archive(out, PAUSE, [layer({"/pause": binary})], entrypoint=["/pause"], user="65535:65535")
 
 
-def workload_image(out, busybox="/bin/busybox"):
+def busybox_layer(busybox="/bin/busybox", extra=None, dirs=("/tmp", "/www", "/etc")):
     applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
     links = [(f"/bin/{a}", "busybox") for a in applets if a != "busybox"]
-    write_archive(out, WORKLOAD, [layer({"/bin/busybox": busybox}, links, dirs=("/tmp", "/www", "/etc"))],
-                  cmd=["sh"])
+    return layer({"/bin/busybox": busybox, **(extra or {})}, links, dirs=dirs)
+
+
+def workload_image(out):
+    write_archive(out, WORKLOAD, [busybox_layer()], cmd=["sh"])
+
+
+def e2e_images(out_dir, agnhost, curl="/usr/bin/curl", netcat="/bin/nc.openbsd"):
+    """The upstream suite's images (see E2E_REGISTRY above). The specs call
+    `nc -u` and `nc -v -t`, which busybox's nc lacks: upstream's agnhost
+    carries OpenBSD netcat, and so does this one (ahead of busybox on PATH)."""
+    files = {"/agnhost": agnhost, "/usr/bin/curl": curl, "/usr/bin/nc": netcat}
+    for binary in (curl, netcat):
+        for lib in shared_libs(binary):
+            files[lib] = os.path.realpath(lib)
+    write_archive(out_dir / "agnhost.tar", AGNHOST, [busybox_layer(extra=files)],
+                  entrypoint=["/agnhost"], cmd=["pause"])
+    for k, name in enumerate(BUSYBOXES):
+        write_archive(out_dir / f"busybox-{k}.tar", name, [busybox_layer()], cmd=["sh"])
+    write_archive(out_dir / "httpd.tar", HTTPD, [busybox_layer(dirs=("/tmp", "/htdocs", "/etc"))],
+                  cmd=["sh", "-c", "echo '<html><body>It works!</body></html>' > /htdocs/index.html && "
+                       "exec httpd -f -p 80 -h /htdocs"])
+
+
+def coredns_image(out, coredns):
+    write_archive(out, COREDNS, [layer({"/coredns": coredns}, dirs=("/etc", "/tmp"))], entrypoint=["/coredns"])
