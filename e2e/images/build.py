@@ -133,7 +133,8 @@ def pause_image(out, workdir):
 
 def busybox_layer(busybox="/bin/busybox", extra=None, dirs=("/tmp", "/www", "/etc")):
     applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
-    links = [(f"/bin/{a}", "busybox") for a in applets if a != "busybox"]
+    taken = set(extra or {})
+    links = [(f"/bin/{a}", "busybox") for a in applets if a != "busybox" and f"/bin/{a}" not in taken]
     return layer({"/bin/busybox": busybox, **(extra or {})}, links, dirs=dirs)
 
 
@@ -145,8 +146,10 @@ def e2e_images(out_dir, agnhost, curl="/usr/bin/curl", netcat="/bin/nc.openbsd")
     """The upstream suite's images (see E2E_REGISTRY above). The specs call
     `nc -u` and `nc -v -t`, which busybox's nc lacks: upstream's agnhost
     carries OpenBSD netcat, and so does this one (ahead of busybox on PATH)."""
-    files = {"/agnhost": agnhost, "/usr/bin/curl": curl, "/usr/bin/nc": netcat}
-    for binary in (curl, netcat):
+    # Debian's static busybox sh runs its own applets ahead of PATH, so it
+    # would never reach that netcat: the shell is dash.
+    files = {"/agnhost": agnhost, "/usr/bin/curl": curl, "/usr/bin/nc": netcat, "/bin/sh": "/bin/dash"}
+    for binary in (curl, netcat, "/bin/dash"):
         for lib in shared_libs(binary):
             files[lib] = os.path.realpath(lib)
     write_archive(out_dir / "agnhost.tar", AGNHOST, [busybox_layer(extra=files)],
