@@ -4,21 +4,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use weir_agent::dataplane::netlink::NetlinkKernel;
 use weir_agent::dataplane::{DeviceKind, Kernel, KernelError};
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const PEERS: &str = "\
 - {name: node-a, publicIP: 198.18.0.1, vtepMAC: \"0e:00:00:00:0a:0a\", podCIDRs: [10.244.1.0/24]}
@@ -26,22 +17,7 @@ const PEERS: &str = "\
 ";
 
 fn spawn_agent(ns: &str, node: &str, iface: &str, dir: &std::path::Path, mode: &str) -> Agent {
-    let log = std::fs::File::create(dir.join(format!("{node}.log"))).unwrap();
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_weir-agent"), "run"])
-        .env("NODE_NAME", node)
-        .env("WEIR_MODE", mode)
-        .env("WEIR_PEERS_FILE", dir.join("peers.yaml"))
-        .env("WEIR_IFACE", iface)
-        .env("WEIR_FIREWALL", "false")
-        .env("WEIR_CNI_CONF_DIR", dir.join(node).join("cni"))
-        .env("WEIR_RUN_DIR", dir.join(node).join("run"))
-        .env("WEIR_METRICS_ADDR", "127.0.0.1:9478")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Agent(child)
+    spawn_agent_with(ns, node, iface, dir, &[], &[("WEIR_MODE", mode), ("WEIR_FIREWALL", "false")])
 }
 
 fn metric(ns: &str, series: &str) -> f64 {
@@ -51,17 +27,6 @@ fn metric(ns: &str, series: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)
-}
-
-fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// app_solicit is set over rtnetlink: it is in force even when the sysctl

@@ -3,19 +3,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const PEERS: &str = "\
 - name: node-a
@@ -32,34 +23,6 @@ fn spawn_agent(ns: &str, node: &str, iface: &str, dir: &std::path::Path) -> Agen
     spawn_agent_with(ns, node, iface, dir, &[], &[])
 }
 
-/// `wrapper` runs before the agent (e.g. setpriv); `env` adds variables.
-fn spawn_agent_with(
-    ns: &str,
-    node: &str,
-    iface: &str,
-    dir: &std::path::Path,
-    wrapper: &[&str],
-    env: &[(&str, &str)],
-) -> Agent {
-    let log = std::fs::File::create(dir.join(format!("{node}.log"))).unwrap();
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(wrapper)
-        .args([env!("CARGO_BIN_EXE_weir-agent"), "run"])
-        .envs(env.iter().copied())
-        .env("NODE_NAME", node)
-        .env("WEIR_PEERS_FILE", dir.join("peers.yaml"))
-        .env("WEIR_IFACE", iface)
-        .env("WEIR_CNI_CONF_DIR", dir.join(node).join("cni"))
-        .env("WEIR_RUN_DIR", dir.join(node).join("run"))
-        .env("WEIR_METRICS_ADDR", "127.0.0.1:9478")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Agent(child)
-}
-
 /// A node accepts a peer's tunnel packets once its nftables set lists the
 /// peer; before that, packets the peer already sends are dropped.
 fn firewall_admits(ns: &str, ip: &str) -> bool {
@@ -67,17 +30,6 @@ fn firewall_admits(ns: &str, ip: &str) -> bool {
         .args(["netns", "exec", ns, "nft", "list", "set", "inet", "weir", "peers4"])
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(ip))
-}
-
-fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 #![allow(unsafe_code)]
 
 use std::os::fd::AsRawFd;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -166,4 +166,57 @@ pub async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> Option
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     None
+}
+
+/// A `weir-agent run` process, killed when dropped.
+pub struct Agent(pub Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `weir-agent run` in namespace `ns` with peers from
+/// `dir/peers.yaml`, its files under `dir/<node>` and its log in
+/// `dir/<node>.log`. `wrapper` runs before the agent (e.g. setpriv); `env`
+/// adds variables.
+pub fn spawn_agent_with(
+    ns: &str,
+    node: &str,
+    iface: &str,
+    dir: &std::path::Path,
+    wrapper: &[&str],
+    env: &[(&str, &str)],
+) -> Agent {
+    let log = std::fs::File::create(dir.join(format!("{node}.log"))).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(wrapper)
+        .args([env!("CARGO_BIN_EXE_weir-agent"), "run"])
+        .envs(env.iter().copied())
+        .env("NODE_NAME", node)
+        .env("WEIR_PEERS_FILE", dir.join("peers.yaml"))
+        .env("WEIR_IFACE", iface)
+        .env("WEIR_CNI_CONF_DIR", dir.join(node).join("cni"))
+        .env("WEIR_RUN_DIR", dir.join(node).join("run"))
+        .env("WEIR_METRICS_ADDR", "127.0.0.1:9478")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Agent(child)
+}
+
+/// Polls `cond` every 100 ms for up to `limit`, from a plain thread.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
 }
