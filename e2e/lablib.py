@@ -77,25 +77,14 @@ def node_pki(i):
 
 def start_apiserver():
     pki = STATE / "pki"
-    spawn("apiserver", CP_NS, [
-        str(BIN / "kube-apiserver"),
-        f"--advertise-address={CP_IP}", f"--bind-address={CP_IP}", "--secure-port=6443",
-        "--etcd-servers=http://127.0.0.1:2379",
-        f"--tls-cert-file={pki}/server.crt", f"--tls-private-key-file={pki}/server.key",
-        f"--client-ca-file={pki}/ca.crt",
-        f"--service-account-key-file={pki}/sa.pub", f"--service-account-signing-key-file={pki}/sa.key",
-        "--service-account-issuer=https://kubernetes.default.svc",
-        "--authorization-mode=Node,RBAC",
-        "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,NodeRestriction,ValidatingAdmissionPolicy",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
-        "--api-audiences=https://kubernetes.default.svc",
-        f"--kubelet-client-certificate={pki}/kubelet-client.crt", f"--kubelet-client-key={pki}/kubelet-client.key",
-        f"--kubelet-certificate-authority={pki}/ca.crt",
-        # Otherwise `kubectl logs` resolves the node's name through DNS.
-        "--kubelet-preferred-address-types=InternalIP,Hostname",
-        "--watch-cache=true",
-        "--v=1",
-    ])
+    proclab.start_apiserver(
+        authorization="Node,RBAC",
+        admission="NamespaceLifecycle,ServiceAccount,NodeRestriction,ValidatingAdmissionPolicy",
+        extra_flags=[f"--kubelet-client-certificate={pki}/kubelet-client.crt",
+                     f"--kubelet-client-key={pki}/kubelet-client.key",
+                     f"--kubelet-certificate-authority={pki}/ca.crt",
+                     # Otherwise `kubectl logs` resolves the node's name through DNS.
+                     "--kubelet-preferred-address-types=InternalIP,Hostname"])
 
 
 def start_controller_manager():
@@ -502,14 +491,7 @@ def exec_ping(src, ip, count=1):
 
 
 def ping_matrix(count=3):
-    p = pods()
-    rows = []
-    for src in p:
-        for dst, ip in p.items():
-            if src != dst:
-                sent, recv, rtt = exec_ping(src, ip, count=count)
-                rows.append((src, dst, ip, sent, recv, rtt))
-    return rows
+    return proclab.ping_matrix(count, pods_=pods(), ping_=exec_ping)
 
 
 def wait_all_pairs(timeout=180):

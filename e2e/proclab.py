@@ -288,7 +288,8 @@ def start_etcd():
                          "--listen-peer-urls", "http://127.0.0.1:2380", "--log-level", "warn"])
 
 
-def start_apiserver():
+def start_apiserver(extra_flags=(), authorization="RBAC",
+                    admission="NamespaceLifecycle,ServiceAccount,ValidatingAdmissionPolicy"):
     pki = STATE / "pki"
     spawn("apiserver", CP_NS, [
         str(BIN / "kube-apiserver"),
@@ -298,11 +299,12 @@ def start_apiserver():
         f"--client-ca-file={pki}/ca.crt",
         f"--service-account-key-file={pki}/sa.pub", f"--service-account-signing-key-file={pki}/sa.key",
         "--service-account-issuer=https://kubernetes.default.svc",
-        "--authorization-mode=RBAC",
-        "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,ValidatingAdmissionPolicy",
+        f"--authorization-mode={authorization}",
+        f"--enable-admission-plugins={admission}",
         "--service-cluster-ip-range=10.96.0.0/16",
         "--api-audiences=https://kubernetes.default.svc",
         "--watch-cache=true",
+        *extra_flags,
         "--v=1",
     ])
 
@@ -554,13 +556,14 @@ def parse_ping(stdout):
     return sent, recv, rtt
 
 
-def ping_matrix(count=3):
-    p = pods()
+def ping_matrix(count=3, pods_=None, ping_=None):
+    """(src, dst, ip, sent, received, rtt) for every ordered pair of pods."""
+    p = pods_ if pods_ is not None else pods()
     rows = []
     for src in p:
         for dst, ip in p.items():
             if src != dst:
-                sent, recv, rtt = ping(src, ip, count=count)
+                sent, recv, rtt = (ping_ or ping)(src, ip, count=count)
                 rows.append((src, dst, ip, sent, recv, rtt))
     return rows
 
