@@ -38,11 +38,17 @@ pub struct NetlinkKernel {
     /// the host's /proc/sys/net elsewhere; net sysctls follow the network
     /// namespace of whoever opens the file, so that path is the node's.
     sysctl_net_dir: PathBuf,
+    /// The ifindex whose settings are in force. `ensure_device` runs on every
+    /// pass; the settings belong to the device, so they are written once per
+    /// device (a recreated one has a new ifindex) and a no-op pass writes
+    /// nothing.
+    settings_applied_for: Option<u32>,
 }
 
 /// `app_solicit`: how many times the neighbour code asks userspace (an
 /// RTM_GETNEIGH miss) before giving up on an address.
 const APP_PROBES: u32 = 3;
+const APP_PROBES_FIX: &str = "the agent needs CAP_NET_ADMIN in the node's network namespace";
 
 impl NetlinkKernel {
     /// Opens a socket in the calling thread's network namespace.
@@ -54,6 +60,7 @@ impl NetlinkKernel {
             batcher: Some(Batcher::new()?),
             second: Some(Batcher::new()?),
             sysctl_net_dir: PathBuf::from("/proc/sys/net"),
+            settings_applied_for: None,
         })
     }
 
@@ -110,7 +117,7 @@ impl NetlinkKernel {
         let mut replies = self.handle.clone().request(req).map_err(|e| KernelError::Setting {
             setting: setting(),
             error: e.to_string(),
-            fix: "the agent needs CAP_NET_ADMIN in the node's network namespace",
+            fix: APP_PROBES_FIX,
         })?;
         while let Some(reply) = replies.next().await {
             if let NetlinkPayload::Error(e) = reply.payload
@@ -119,7 +126,7 @@ impl NetlinkKernel {
                 return Err(KernelError::Setting {
                     setting: setting(),
                     error: std::io::Error::from_raw_os_error(-code.get()).to_string(),
-                    fix: "the agent needs CAP_NET_ADMIN in the node's network namespace",
+                    fix: APP_PROBES_FIX,
                 });
             }
         }
@@ -302,7 +309,10 @@ impl Kernel for NetlinkKernel {
             .await?
             .ok_or_else(|| KernelError::Other(format!("{} vanished right after it was set up", spec.name)))?;
         let addr_fixes = self.sync_addresses(spec, now.ifindex).await?;
-        self.apply_device_settings(spec, now.ifindex).await?;
+        if self.settings_applied_for != Some(now.ifindex) {
+            self.apply_device_settings(spec, now.ifindex).await?;
+            self.settings_applied_for = Some(now.ifindex);
+        }
         let action = match action {
             DeviceAction::Adopted { mut fixed } => {
                 fixed.extend(addr_fixes);
