@@ -110,11 +110,15 @@ mod tests {
     use super::*;
 
     fn getneigh(family: AddressFamily, ifindex: u32, attr: NeighbourAttribute) -> Vec<u8> {
+        getneigh_with(family, ifindex, vec![attr])
+    }
+
+    fn getneigh_with(family: AddressFamily, ifindex: u32, attributes: Vec<NeighbourAttribute>) -> Vec<u8> {
         let mut n = NeighbourMessage::default();
         n.header.family = family;
         n.header.ifindex = ifindex;
         n.header.state = NeighbourState::Incomplete;
-        n.attributes.push(attr);
+        n.attributes = attributes;
         let mut msg = NetlinkMessage::new(
             NetlinkHeader::default(),
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetNeighbour(n)),
@@ -187,18 +191,14 @@ mod tests {
                 "{family:?}"
             );
         }
-        let mut both = NeighbourMessage::default();
-        both.header.family = AddressFamily::Inet;
-        both.header.ifindex = 7;
-        both.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet("10.244.2.0".parse().unwrap())));
-        both.attributes.push(NeighbourAttribute::LinkLayerAddress(mac));
-        let mut msg = NetlinkMessage::new(
-            NetlinkHeader::default(),
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetNeighbour(both)),
+        let buf = getneigh_with(
+            AddressFamily::Inet,
+            7,
+            vec![
+                NeighbourAttribute::Destination(NeighbourAddress::Inet("10.244.2.0".parse().unwrap())),
+                NeighbourAttribute::LinkLayerAddress(mac),
+            ],
         );
-        msg.finalize();
-        let mut buf = vec![0; msg.buffer_len()];
-        msg.serialize(&mut buf);
         assert_eq!(
             parse_datagram(&buf, 7).collect::<Vec<_>>(),
             vec![Parsed::Miss(Miss::L3 { ip: "10.244.2.0".parse().unwrap() })],
