@@ -102,7 +102,7 @@ def test_connections_survive_the_controller_leader_killed(servers):
         leader = lab.kubectl("get", "lease", "-n", lab.NS, "weir-controller", "-o",
                              "jsonpath={.spec.holderIdentity}").strip()
         cid, node = lab.container_id(leader, lab.NS)
-        lab.kill_agent_container(int(node.split("-")[-1]), cid)
+        lab.kill_container(int(node.split("-")[-1]), cid)
         lab.kubectl("rollout", "status", "-n", lab.NS, "deploy/weir-controller", "--timeout=120s")
         wait(lambda: lab.kubectl("get", "lease", "-n", lab.NS, "weir-controller", "-o",
                                  "jsonpath={.spec.holderIdentity}").strip() != "", 60, "a Lease holder")

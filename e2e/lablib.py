@@ -265,7 +265,7 @@ def node_ready(i):
 def wait_cni_config(i, timeout=120):
     """The agent's conflist, once it is in the node's /etc/cni/net.d."""
     path = node_dir(i) / "fs" / "etc-cni-net.d" / "10-weir.conflist"
-    wait_for(path.exists, timeout, f"node-{i}: the agent's CNI config (kubectl logs -n {NS} {agent_pod(i) or '?'})")
+    wait_for(path.exists, timeout, f"node-{i}: the agent's CNI config (see its agent's log, `kubectl logs -n {NS}`)")
     return json.loads(path.read_text())
 
 
@@ -296,18 +296,19 @@ def pods_in(namespace, selector):
     return json.loads(kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json"))["items"]
 
 
+def live_agent(i):
+    """Node i's agent Pod object, unless it is being deleted."""
+    return next((p for p in pods_on(i, NS, AGENT_SELECTOR) if not p["metadata"].get("deletionTimestamp")), None)
+
+
 def agent_pod(i):
-    for p in pods_in(NS, AGENT_SELECTOR):
-        if p["spec"].get("nodeName") == f"node-{i}" and not p["metadata"].get("deletionTimestamp"):
-            return p["metadata"]["name"]
-    return None
+    p = live_agent(i)
+    return p["metadata"]["name"] if p else None
 
 
 def agent_ready(i):
-    for p in pods_in(NS, AGENT_SELECTOR):
-        if p["spec"].get("nodeName") == f"node-{i}" and not p["metadata"].get("deletionTimestamp"):
-            return any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
-    return False
+    p = live_agent(i)
+    return bool(p) and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
 
 
 def wait_agents(timeout=180):
@@ -348,14 +349,13 @@ def agent_containers(i):
     return sorted(c for c in out.split() if c in running_)
 
 
-def kill_agent_container(i, cid):
+def kill_container(i, cid):
+    """SIGKILLs a container on node i; the kubelet restarts it."""
     rt.ctr(holder(i), "task", "kill", "-s", "SIGKILL", cid)
 
 
 def kill_agent(i):
-    """SIGKILLs the agent's container; the kubelet restarts it."""
-    cid, _ = container_id(agent_pod(i), NS)
-    rt.ctr(holder(i), "task", "kill", "-s", "SIGKILL", cid)
+    kill_container(i, container_id(agent_pod(i), NS)[0])
 
 
 def stop_agent(i):
@@ -471,10 +471,6 @@ def netns_target(name):
     return ["ip", "netns", "exec", name]
 
 
-def sh_in(name, cmd, **kw):
-    return sh([*netns_target(name), *cmd], **kw)
-
-
 def ping(src, ip, count=1, interval=0.2, wait=1):
     """A ping from a lab pod's (or a namespace's) network namespace with the
     host's ping; the matrix below goes through `kubectl exec` instead."""
@@ -552,7 +548,7 @@ def down():
         stop_node_daemons(i)
         stop(f"node-{i}-holder", sig=signal.SIGKILL)
         rt.remove_cgroups(i)
-    for i in range(1, 64):  # cgroups of nodes whose namespace is already gone
+    for i in rt.cgroup_nodes():  # nodes whose namespace is already gone
         rt.remove_cgroups(i)
     # Before proclab.down, which deletes the state directory holding the record.
     rt.teardown_host(HOST_RECORD)

@@ -96,6 +96,11 @@ def ensure_cgroups(i):
                 (d / f).write_text((h / f).read_text())
 
 
+def cgroup_nodes():
+    """The node numbers that still have a cgroup root."""
+    return sorted({int(d.name.rsplit("-", 1)[1]) for h in v1_hierarchies() for d in h.glob("weir-node-*")})
+
+
 def cgroup_pids(i):
     pids = set()
     for h in v1_hierarchies():

@@ -103,7 +103,7 @@ def test_leader_killed_mid_burst_never_allocates_twice(fakes):
     # The leader dies at once (SIGKILL to its container) and its pod is gone
     # for good, as when its node fails: the Deployment replaces it.
     cid, node = lab.container_id(old, lab.NS)
-    lab.kill_agent_container(int(node.split("-")[-1]), cid)
+    lab.kill_container(int(node.split("-")[-1]), cid)
     lab.kubectl("delete", "pod", "-n", lab.NS, old, "--force", "--grace-period=0", check=False)
     make_nodes(names[30:])
     try:

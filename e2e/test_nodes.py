@@ -57,7 +57,7 @@ def test_agent_restarted_while_the_api_server_is_down_stays_live_and_catches_up(
     proc = background_ping("pod-1-1", dst, seconds=100, interval=0.2)
     lab.stop("apiserver")
     try:
-        lab.kill_agent_container(1, cid)
+        lab.kill_container(1, cid)
         wait(lambda: lab.task_pids_on(1).get(cid) is None, 20, "the killed agent gone")
         # The kubelet restarts it as a new container; it stays up from here on.
         wait(lambda: agent_get(1, "/healthz") == "200", 60, "the restarted agent live")
