@@ -41,3 +41,13 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append((f"kubectl logs {name} on {p['spec'].get('nodeName')}", "\n".join(lines)))
     except Exception as e:  # the API server may be what failed
         report.sections.append(("kubectl logs", f"unavailable: {e}"))
+
+
+@pytest.fixture(autouse=True)
+def healthy(request):
+    """Every lab test starts from a healthy cluster, whatever the test before
+    it stopped or restarted; one that cannot be made healthy fails here,
+    naming what is wrong."""
+    if "cluster" in request.fixturenames:
+        request.getfixturevalue("cluster").wait_healthy()
+    yield

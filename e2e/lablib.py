@@ -306,9 +306,13 @@ def agent_pod(i):
     return p["metadata"]["name"] if p else None
 
 
+def pod_ready(p):
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+
+
 def agent_ready(i):
     p = live_agent(i)
-    return bool(p) and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+    return bool(p) and pod_ready(p)
 
 
 def wait_agents(timeout=180):
@@ -440,6 +444,8 @@ SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "n
 
 
 def add_pods(pairs, timeout=180):
+    if not pairs:
+        return
     items = [pod_manifest(i, j) for i, j in pairs]
     kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
     names = [f"pod-{i}-{j}" for i, j in pairs]
@@ -488,6 +494,35 @@ def exec_ping(src, ip, count=1):
 
 def ping_matrix(count=3):
     return proclab.ping_matrix(count, pods_=pods(), ping_=exec_ping)
+
+
+def unhealthy():
+    """What keeps the lab from the state every test starts from, or [].
+
+    After the API server has been away for longer than the node monitor's
+    grace period, kube-controller-manager marks Nodes Unknown and their pods
+    NotReady, and the EndpointSlice controller drops those pods from every
+    Service until each kubelet reports again. A test that starts then sees a
+    Service with the endpoints of only the node that reported first."""
+    issues = [f"node-{i} not Ready" for i in nodes() if not node_ready(i)]
+    issues += [f"node-{i}'s agent not Ready" for i in nodes() if not agent_ready(i)]
+    lab_pods = {p["metadata"]["name"]: p for p in pods_in("default", POD_LABEL)}
+    issues += [f"{name} not Ready" for name, p in lab_pods.items() if not pod_ready(p)]
+    slices = json.loads(kubectl("get", "endpointslices", "-n", "default", "-l", "kubernetes.io/service-name=web",
+                                "-o", "json"))["items"]
+    serving = {e.get("targetRef", {}).get("name") for s in slices for e in s.get("endpoints") or []
+               if e.get("conditions", {}).get("ready")}
+    issues += [f"{name} not an endpoint of Service web" for name, p in lab_pods.items()
+               if pod_ready(p) and name not in serving]
+    return issues
+
+
+def wait_healthy(timeout=180):
+    deadline = time.time() + timeout
+    while issues := unhealthy():
+        if time.time() > deadline:
+            raise RuntimeError(f"the lab is not healthy after {timeout}s: {issues}")
+        time.sleep(1)
 
 
 def wait_all_pairs(timeout=180):
