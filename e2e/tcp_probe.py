@@ -10,6 +10,7 @@ SIGTERM a JSON line with, per connection, whether it broke (reset, EOF or a
 socket error; a stall is not a break) and the longest time between two
 echoes. Waiting for an echo never blocks the other connections."""
 
+import contextlib
 import json
 import selectors
 import signal
@@ -29,7 +30,8 @@ def serve(port):
     srv.listen(128)
 
     def echo(conn):
-        with conn:
+        # A probe that is stopped resets its connections; that is its end, not an error.
+        with conn, contextlib.suppress(ConnectionError):
             while data := conn.recv(4096):
                 conn.sendall(data)
 

@@ -5,12 +5,7 @@ Every lab pod holds one connection to every pod on another node (24 with 3
 nodes x 2 pods). Both ends are e2e/tcp_probe.py, run with the host's python
 inside the pods' network namespaces, so the packets take the pods' own path
 (veth, cni0, weir.1, the underlay). Each figure is also written to
-e2e/.reports/disruption.json.
-
-Not in the default suite yet: run it on a lab that is up with
-`WEIR_E2E_REUSE_LAB=1 python3 -m pytest -v -s e2e/disruption.py`. In one CI
-run, a DaemonSet rollout later in the same session timed out after these had
-run (see BENCHMARKS.md); that is not understood yet."""
+e2e/.reports/disruption.json."""
 
 import json
 import subprocess
