@@ -107,6 +107,26 @@ def test_the_same_from_a_peer_is_delivered_and_a_removed_node_cannot_inject(stra
     assert nft_dropped(1) >= before + 5
 
 
+def test_a_spoofed_peer_address_passes_the_allow_list(stranger):
+    """The allow-list checks the outer source address, which anyone on the
+    underlay can forge: the README's threat model says so, and this proves
+    it. Here the stranger rewrites its tunnel packets' source to node-2's
+    address and impersonates a pod of node-2 inside them."""
+    node2_cidr = json.loads(lab.kubectl("get", "node", "node-2", "-o", "json"))["spec"]["podCIDRs"][0]
+    forged = node2_cidr.replace(".0/24", ".200")
+    lab.sh(["ip", "-n", STRANGER, "addr", "add", f"{forged}/32", "dev", "vx0"])
+    lab.sh(["nft", "-f", "-"], ns=STRANGER, input=(
+        "table ip spoof {\n chain out { type nat hook postrouting priority 100; "
+        f"udp dport 8472 snat to {lab.node_ip(2)}; }}\n}}\n"))
+    try:
+        before = received_from("pod-1-1", forged)
+        inject(5, forged)
+        assert received_from("pod-1-1", forged) >= before + 5, "forged tunnel packets were not delivered"
+    finally:
+        lab.sh(["nft", "delete", "table", "ip", "spoof"], ns=STRANGER)
+        lab.sh(["ip", "-n", STRANGER, "addr", "del", f"{forged}/32", "dev", "vx0"])
+
+
 @pytest.fixture(scope="module")
 def outside(cluster):
     lab.attach(OUTSIDE, "eth0", OUTSIDE_IP)
