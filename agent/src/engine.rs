@@ -240,11 +240,11 @@ impl<K: Kernel> Engine<K> {
                 if self.ifindex != 0 {
                     warn!(device = %self.cfg.device.name, %action, "overlay device repaired");
                     self.metrics.drift_repaired.with_label_values(&["device"]).inc();
+                    if !matches!(action, DeviceAction::Adopted { .. }) {
+                        self.metrics.device_recreated.inc();
+                    }
                 } else {
                     info!(device = %self.cfg.device.name, %action, ifindex = device.ifindex, "overlay device ready");
-                }
-                if !matches!(action, DeviceAction::Adopted { .. }) {
-                    self.metrics.device_recreated.inc();
                 }
                 report.device = Some(action.to_string());
             }
@@ -360,7 +360,10 @@ impl<K: Kernel> Engine<K> {
         mut reopen_events: impl FnMut() -> Option<mpsc::Receiver<KernelEvent>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut resync = tokio::time::interval(self.cfg.resync_interval);
+        // The first pass runs right below; an interval's first tick is
+        // immediate and would repeat it.
+        let every = self.cfg.resync_interval;
+        let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         let mut peers_open = true;
@@ -413,3 +416,7 @@ impl<K: Kernel> Engine<K> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod device;
 pub mod events;
+pub mod fake;
 pub mod filter;
 pub mod netlink;
 
@@ -97,7 +98,8 @@ pub trait Kernel {
     /// Prefixes somebody else routes in the main table; only asked for when
     /// weir is about to add routes, since it costs a full route dump.
     async fn foreign_routes(&mut self) -> Result<std::collections::BTreeSet<ipnet::IpNet>, KernelError>;
-    /// Apply ops in phase order; ops within one phase are pipelined.
+    /// Apply ops in phase order; ops within one phase are pipelined. A
+    /// delete of an entry that is already gone succeeds: the goal is reached.
     async fn apply(&mut self, ifindex: u32, ops: &[Op]) -> Vec<OpResult>;
 }
 

@@ -1,0 +1,239 @@
+//! The reconciler on the recording fake kernel: no root, no namespace.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::*;
+use crate::dataplane::fake::{Call, FakeKernel};
+use crate::dataplane::{DeviceKind, DeviceSpec};
+use crate::model::{Backend, Mac, Peer, PeerSet, gateway_of};
+use crate::ondemand::{ActiveSet, MissTable};
+use crate::plan::Op;
+
+fn peer(n: u8) -> Peer {
+    Peer {
+        name: format!("node-{n}"),
+        underlay_ip: format!("198.18.0.{}", 10 + n).parse().unwrap(),
+        vtep_mac: format!("0e:00:00:00:00:{n:02x}").parse().unwrap(),
+        pod_cidrs: vec![format!("10.244.{n}.0/24").parse().unwrap()],
+    }
+}
+
+fn device() -> DeviceSpec {
+    DeviceSpec {
+        name: "weir.1".into(),
+        kind: DeviceKind::Vxlan { vni: 1, port: 8472, on_demand: false },
+        local: "198.18.0.11".parse().unwrap(),
+        underlay_ifindex: 2,
+        mtu: 1450,
+        mac: None,
+        addresses: vec!["10.244.1.0/32".parse().unwrap()],
+    }
+}
+
+fn engine_with(kernel: &FakeKernel, on_demand: Option<OnDemand>) -> (Engine<FakeKernel>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let cfg = EngineConfig {
+        backend: Backend::Vxlan,
+        device: device(),
+        local_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+        resync_interval: Duration::from_secs(3600),
+        on_demand,
+    };
+    (Engine::new(kernel.clone(), cfg, metrics.clone()).0, metrics)
+}
+
+fn engine(kernel: &FakeKernel) -> (Engine<FakeKernel>, Arc<Metrics>) {
+    engine_with(kernel, None)
+}
+
+/// What the fake kernel holds for a peer: (fdb, neighbour, route).
+fn holds(k: &FakeKernel, p: &Peer) -> (bool, bool, bool) {
+    let s = k.state();
+    let cidr = p.pod_cidrs[0];
+    (
+        s.entries.fdb.contains(&(p.vtep_mac, p.underlay_ip)),
+        s.entries.neigh.get(&gateway_of(&cidr)) == Some(&p.vtep_mac),
+        s.entries.routes.contains_key(&cidr),
+    )
+}
+
+#[tokio::test]
+async fn first_pass_programs_every_peer_and_the_next_writes_nothing() {
+    let k = FakeKernel::default();
+    let (mut e, _) = engine(&k);
+    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    let first = e.reconcile().await.unwrap();
+    assert_eq!(first.writes, 6, "fdb, neighbour and route per peer");
+    assert_eq!(holds(&k, &peer(2)), (true, true, true));
+    assert_eq!(holds(&k, &peer(3)), (true, true, true));
+    let second = e.reconcile().await.unwrap();
+    assert_eq!(second.writes, 0);
+    assert_eq!(k.count(|c| matches!(c, Call::Apply(_))), 1, "a pass with nothing to do applies nothing");
+}
+
+#[tokio::test]
+async fn an_entry_deleted_behind_the_engine_is_put_back_and_counted_as_drift() {
+    let k = FakeKernel::default();
+    let (mut e, metrics) = engine(&k);
+    e.set_peers(PeerSet::complete([peer(2)]));
+    e.reconcile().await.unwrap();
+    k.state().entries.routes.clear();
+    let r = e.reconcile().await.unwrap();
+    assert_eq!(r.drift_repaired, 1);
+    assert_eq!(holds(&k, &peer(2)), (true, true, true));
+    assert_eq!(metrics.drift_repaired.with_label_values(&["route"]).get(), 1);
+    // A new peer is not drift.
+    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    assert_eq!(e.reconcile().await.unwrap().drift_repaired, 0);
+}
+
+#[tokio::test]
+async fn nothing_is_swept_until_the_peer_set_is_complete() {
+    let k = FakeKernel::default();
+    let (mut e, _) = engine(&k);
+    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    e.reconcile().await.unwrap();
+    // A restarted agent: its first, partial listing lacks node-3.
+    let (mut restarted, _) = engine(&k);
+    restarted.set_peers(PeerSet { complete: false, ..PeerSet::complete([peer(2)]) });
+    restarted.reconcile().await.unwrap();
+    assert_eq!(holds(&k, &peer(3)), (true, true, true), "swept before the listing was complete");
+    restarted.set_peers(PeerSet::complete([peer(2)]));
+    restarted.reconcile().await.unwrap();
+    assert_eq!(holds(&k, &peer(3)), (false, false, false), "not swept once the listing was complete");
+    assert_eq!(holds(&k, &peer(2)), (true, true, true));
+}
+
+#[tokio::test]
+async fn a_deleted_device_comes_back_with_its_mac_and_every_entry() {
+    let k = FakeKernel::default();
+    let (mut e, metrics) = engine(&k);
+    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    e.reconcile().await.unwrap();
+    let (old_ifindex, mac) = k.state().device.unwrap();
+    k.delete_device();
+    let r = e.reconcile().await.unwrap();
+    let (ifindex, new_mac) = k.state().device.unwrap();
+    assert_ne!(ifindex, old_ifindex, "a new device");
+    assert_eq!(new_mac, mac, "peers' fdb entries point at the MAC, so it must not change");
+    assert_eq!(r.writes, 6);
+    assert_eq!(holds(&k, &peer(2)), (true, true, true));
+    assert_eq!(metrics.device_recreated.get(), 1);
+    assert_eq!(metrics.drift_repaired.with_label_values(&["device"]).get(), 1);
+}
+
+#[tokio::test]
+async fn a_foreign_route_for_a_pod_cidr_is_left_alone() {
+    let k = FakeKernel::default();
+    k.state().foreign.insert(peer(2).pod_cidrs[0]);
+    let (mut e, _) = engine(&k);
+    e.set_peers(PeerSet::complete([peer(2)]));
+    e.reconcile().await.unwrap();
+    assert_eq!(holds(&k, &peer(2)), (true, true, false));
+    assert!(!k.applied().iter().any(|op| matches!(op, Op::PutRoute { .. })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_writes_are_retried_after_0_5_1_and_2_seconds() {
+    let k = FakeKernel::default();
+    for _ in 0..3 {
+        k.state().apply_errors.push_back((|op| matches!(op, Op::PutRoute { .. }), libc::ENOBUFS));
+    }
+    let (e, metrics) = engine(&k);
+    let (_peers_tx, peers) = watch::channel(PeerSet::complete([peer(2)]));
+    let (_events_tx, events) = mpsc::channel(8);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let start = tokio::time::Instant::now();
+    let task = tokio::spawn(e.run(peers, events, || None, shutdown));
+    let applies = || k.count(|c| matches!(c, Call::Apply(_)));
+    // Just before and just after each retry is due.
+    for (at_ms, expected) in [(400, 1), (600, 2), (1400, 2), (1600, 3), (3400, 3), (3600, 4), (60_000, 4)] {
+        tokio::time::sleep_until(start + Duration::from_millis(at_ms)).await;
+        assert_eq!(applies(), expected, "apply calls at {at_ms} ms");
+    }
+    assert_eq!(holds(&k, &peer(2)), (true, true, true));
+    assert_eq!(metrics.reconcile_total.with_label_values(&["partial"]).get(), 3);
+    shutdown_tx.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn lost_notifications_force_a_full_resync() {
+    let k = FakeKernel::default();
+    let (e, metrics) = engine(&k);
+    let (_peers_tx, peers) = watch::channel(PeerSet::complete([peer(2)]));
+    let (events_tx, events) = mpsc::channel(8);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let task = tokio::spawn(e.run(peers, events, || None, shutdown));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dumps = k.count(|c| matches!(c, Call::Dump));
+    k.state().entries.neigh.clear();
+    events_tx.send(KernelEvent::Overrun).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(k.count(|c| matches!(c, Call::Dump)) > dumps, "no dump after the overrun");
+    assert_eq!(metrics.netlink_enobufs.get(), 1);
+    assert_eq!(holds(&k, &peer(2)), (true, true, true), "the resync repaired what the lost notification hid");
+    shutdown_tx.send(true).unwrap();
+    task.await.unwrap();
+}
+
+fn on_demand(idle: Duration) -> (OnDemand, Arc<ActiveSet>) {
+    let active = Arc::new(ActiveSet::default());
+    let (table, _) = watch::channel(Arc::new(MissTable::default()));
+    (OnDemand { active: active.clone(), table, idle_timeout: Some(idle) }, active)
+}
+
+#[tokio::test]
+async fn on_demand_routes_every_peer_but_keeps_fdb_and_neighbour_only_for_active_ones() {
+    let k = FakeKernel::default();
+    let (od, active) = on_demand(Duration::from_secs(3600));
+    let (mut e, _) = engine_with(&k, Some(od));
+    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    e.reconcile().await.unwrap();
+    assert_eq!(holds(&k, &peer(2)), (false, false, true));
+    assert_eq!(holds(&k, &peer(3)), (false, false, true));
+    // The responder answers a miss for node-2, with a neighbour that went
+    // wrong on the way: the engine checks answers and corrects them.
+    active.mark("node-2");
+    let wrong: Mac = "0e:00:00:00:00:99".parse().unwrap();
+    k.state().entries.fdb.insert((peer(2).vtep_mac, peer(2).underlay_ip));
+    k.state().entries.neigh.insert(gateway_of(&peer(2).pod_cidrs[0]), wrong);
+    e.reconcile().await.unwrap();
+    assert_eq!(holds(&k, &peer(2)), (true, true, true));
+    assert_eq!(holds(&k, &peer(3)), (false, false, true));
+}
+
+#[tokio::test]
+async fn on_demand_entries_idle_past_the_timeout_are_removed() {
+    let k = FakeKernel::default();
+    let (od, active) = on_demand(Duration::from_millis(1));
+    let (mut e, _) = engine_with(&k, Some(od));
+    e.set_peers(PeerSet::complete([peer(2)]));
+    active.mark("node-2");
+    e.reconcile().await.unwrap();
+    assert_eq!(holds(&k, &peer(2)), (true, true, true));
+    // Neither a packet (the kernel's idle time) nor a miss for 10 ms.
+    k.state().entries.fdb_idle.insert(peer(2).vtep_mac, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(10));
+    e.reconcile().await.unwrap();
+    assert_eq!(holds(&k, &peer(2)), (false, false, true), "idle entries kept");
+    assert!(!active.contains("node-2"));
+}
+
+#[tokio::test]
+async fn on_demand_answers_of_a_restarted_agent_are_kept() {
+    let k = FakeKernel::default();
+    let (od, active) = on_demand(Duration::from_secs(3600));
+    let (mut e, _) = engine_with(&k, Some(od));
+    e.set_peers(PeerSet::complete([peer(2)]));
+    e.reconcile().await.unwrap();
+    // Entries a previous run wrote, with nothing marked in this one.
+    k.state().entries.fdb.insert((peer(2).vtep_mac, peer(2).underlay_ip));
+    k.state().entries.neigh.insert(gateway_of(&peer(2).pod_cidrs[0]), peer(2).vtep_mac);
+    e.reconcile().await.unwrap();
+    assert_eq!(holds(&k, &peer(2)), (true, true, true));
+    assert!(active.contains("node-2"));
+}
