@@ -4,17 +4,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipnet::IpNet;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::dataplane::events::KernelEvent;
 use crate::dataplane::{DeviceAction, DeviceSpec, Kernel, KernelError};
 use crate::health::Heartbeat;
-use crate::metrics::Metrics;
-use crate::model::{Backend, Mac, Peer, PeerSet};
+use crate::metrics::{Metrics, labels};
+use crate::model::{Backend, Mac, PeerSet};
 use crate::ondemand::{ActiveSet, MissTable};
-use crate::plan::{self, Conflict, DesiredState, KernelState};
+use crate::plan::{self, DesiredState, KernelState};
 
 /// The engine's loop turns at least this often, with or without work, so
 /// that a stuck loop shows on `/healthz` (see `health`).
@@ -23,7 +22,6 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 pub struct EngineConfig {
     pub backend: Backend,
     pub device: DeviceSpec,
-    pub local_cidrs: Vec<IpNet>,
     pub resync_interval: Duration,
     /// Set in on-demand mode: fdb and neighbour entries only for active peers.
     pub on_demand: Option<OnDemand>,
@@ -45,7 +43,6 @@ pub struct EngineStatus {
     pub ifindex: u32,
     pub vtep_mac: Option<Mac>,
     pub peers: usize,
-    pub rejected: Vec<String>,
     pub fdb_entries: usize,
     pub neigh_entries: usize,
     pub routes: usize,
@@ -71,7 +68,6 @@ pub struct Engine<K> {
     metrics: Arc<Metrics>,
     peers: PeerSet,
     desired: DesiredState,
-    conflicts: Vec<Conflict>,
     /// Bumped whenever the peer set changes.
     generation: u64,
     /// What the last pass that applied without error aimed at: a generation
@@ -94,7 +90,6 @@ impl<K: Kernel> Engine<K> {
             metrics,
             peers: PeerSet::default(),
             desired: DesiredState::default(),
-            conflicts: Vec::new(),
             generation: 0,
             applied_generation: None,
             applied_on_demand: None,
@@ -139,11 +134,6 @@ impl<K: Kernel> Engine<K> {
                 info!(node = %name, "peer removed");
             }
         }
-        let (desired, conflicts) = plan::desired_state(self.cfg.backend, &self.cfg.local_cidrs, next.peers.values());
-        for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
-            warn!(node = %c.peer, field = c.field, value = %c.value, reason = %c.reason, "peer rejected");
-            self.metrics.peer_rejected.with_label_values(&["conflict"]).inc();
-        }
         // Until the set is complete, keep what is known and add to it, so a
         // partial listing never shrinks the desired state.
         self.peers = if next.complete {
@@ -153,23 +143,13 @@ impl<K: Kernel> Engine<K> {
             merged.peers.extend(next.peers);
             merged
         };
-        self.desired = desired;
+        self.desired = plan::desired_state(self.cfg.backend, self.peers.peers.values());
         self.generation += 1;
-        self.conflicts = conflicts;
         if let Some(od) = &self.cfg.on_demand {
-            let accepted: Vec<&Peer> = self.accepted_peers().collect();
-            od.table.send_replace(Arc::new(MissTable::new(accepted.iter().copied(), &od.active)));
-            let names: std::collections::BTreeSet<&str> = accepted.iter().map(|p| p.name.as_str()).collect();
-            od.active.retain_known(|p| names.contains(p));
+            od.table.send_replace(Arc::new(MissTable::new(self.peers.peers.values(), &od.active)));
+            od.active.retain_known(|p| self.peers.peers.contains_key(p));
         }
-        let rejected = self.conflicts.len() as i64;
-        self.metrics.peers.with_label_values(&["accepted"]).set(self.peers.peers.len() as i64 - rejected);
-        self.metrics.peers.with_label_values(&["rejected"]).set(rejected);
-    }
-
-    /// Peers that made it into the desired state (no conflict).
-    fn accepted_peers(&self) -> impl Iterator<Item = &Peer> {
-        self.peers.peers.values().filter(|p| !self.conflicts.iter().any(|c| c.peer == p.name))
+        self.metrics.peers.with_label_values(&[labels::ACCEPTED]).set(self.peers.peers.len() as i64);
     }
 
     /// In on-demand mode, the desired state holds routes for every peer but
@@ -178,7 +158,7 @@ impl<K: Kernel> Engine<K> {
     /// ones past the timeout make it inactive (so they are removed).
     fn on_demand_desired(&self, kernel: &KernelState) -> Option<DesiredState> {
         let od = self.cfg.on_demand.as_ref()?;
-        for peer in self.accepted_peers() {
+        for peer in self.peers.peers.values() {
             let installed = kernel.fdb.contains(&(peer.vtep_mac, peer.underlay_ip));
             if installed && !od.active.contains(&peer.name) {
                 od.active.mark(&peer.name);
@@ -191,8 +171,8 @@ impl<K: Kernel> Engine<K> {
                 }
             }
         }
-        let active: Vec<&Peer> = self.accepted_peers().filter(|p| od.active.contains(&p.name)).collect();
-        let (subset, _) = plan::desired_state(self.cfg.backend, &self.cfg.local_cidrs, active);
+        let active = self.peers.peers.values().filter(|p| od.active.contains(&p.name));
+        let subset = plan::desired_state(self.cfg.backend, active);
         Some(DesiredState { fdb: subset.fdb, neigh: subset.neigh, routes: self.desired.routes.clone() })
     }
 
@@ -202,9 +182,9 @@ impl<K: Kernel> Engine<K> {
         let result = self.reconcile_inner().await;
         self.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
         let label = match &result {
-            Ok(r) if r.failures == 0 => "success",
-            Ok(_) => "partial",
-            Err(_) => "error",
+            Ok(r) if r.failures == 0 => labels::SUCCESS,
+            Ok(_) => labels::PARTIAL,
+            Err(_) => labels::ERROR,
         };
         self.metrics.reconcile_total.with_label_values(&[label]).inc();
         let failed = !matches!(&result, Ok(r) if r.failures == 0);
@@ -226,7 +206,7 @@ impl<K: Kernel> Engine<K> {
         let mut report = Report::default();
         let t = Instant::now();
         let device = self.kernel.ensure_device(&self.cfg.device).await;
-        self.metrics.phase_seconds.with_label_values(&["device"]).observe(t.elapsed().as_secs_f64());
+        self.metrics.phase_seconds.with_label_values(&[labels::DEVICE]).observe(t.elapsed().as_secs_f64());
         let device = match device {
             Ok(d) => d,
             Err(e) => {
@@ -239,7 +219,7 @@ impl<K: Kernel> Engine<K> {
             action => {
                 if self.ifindex != 0 {
                     warn!(device = %self.cfg.device.name, %action, "overlay device repaired");
-                    self.metrics.drift_repaired.with_label_values(&["device"]).inc();
+                    self.metrics.drift_repaired.with_label_values(&[labels::DEVICE]).inc();
                     if !matches!(action, DeviceAction::Adopted { .. }) {
                         self.metrics.device_recreated.inc();
                     }
@@ -286,7 +266,7 @@ impl<K: Kernel> Engine<K> {
             let results = self.kernel.apply(self.ifindex, &ops).await;
             self.metrics.phase_seconds.with_label_values(&["apply"]).observe(t.elapsed().as_secs_f64());
             for (op, result) in ops.iter().zip(&results) {
-                let outcome = if result.is_ok() { "success" } else { "error" };
+                let outcome = if result.is_ok() { labels::SUCCESS } else { labels::ERROR };
                 self.metrics.netlink_ops.with_label_values(&[op.verb(), op.object(), outcome]).inc();
                 match result {
                     Ok(()) if is_drift => {
@@ -323,13 +303,14 @@ impl<K: Kernel> Engine<K> {
         self.status.send_modify(|s| {
             s.synced |= synced_now;
             s.peers = self.peers.peers.len();
-            s.rejected = self.conflicts.iter().map(|c| c.to_string()).collect();
             s.fdb_entries = k.fdb.len();
             s.neigh_entries = k.neigh.len();
             s.routes = k.routes.len();
             if let Some(od) = &self.cfg.on_demand {
                 s.last_miss_seconds = self
-                    .accepted_peers()
+                    .peers
+                    .peers
+                    .values()
                     .filter_map(|p| od.active.last_miss(&p.name).map(|d| (p.name.clone(), d.as_secs())))
                     .collect();
             }

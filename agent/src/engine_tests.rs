@@ -38,7 +38,6 @@ fn engine_with(kernel: &FakeKernel, on_demand: Option<OnDemand>) -> (Engine<Fake
     let cfg = EngineConfig {
         backend: Backend::Vxlan,
         device: device(),
-        local_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
         resync_interval: Duration::from_secs(3600),
         on_demand,
     };

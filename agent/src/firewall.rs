@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, labels};
 use crate::model::{Backend, PeerSet};
 
 pub const TABLE: &str = "inet weir";
@@ -161,17 +161,17 @@ pub async fn run(
                     let canonical = nft(&["-s", "list", "table", "inet", "weir"], None).await.unwrap_or_default();
                     if drifted && !changed {
                         warn!("nftables table inet weir was changed or removed; restored");
-                        metrics.firewall_sync.with_label_values(&["repaired"]).inc();
-                        metrics.drift_repaired.with_label_values(&["firewall"]).inc();
+                        metrics.firewall_sync.with_label_values(&[labels::REPAIRED]).inc();
+                        metrics.drift_repaired.with_label_values(&[labels::FIREWALL]).inc();
                     } else {
                         info!(peers = spec.peers.len(), "nftables table inet weir applied");
-                        metrics.firewall_sync.with_label_values(&["success"]).inc();
+                        metrics.firewall_sync.with_label_values(&[labels::SUCCESS]).inc();
                     }
                     applied = Some((script, canonical));
                 }
                 Err(e) => {
                     warn!(error = %e, "applying nftables table inet weir failed; will retry");
-                    metrics.firewall_sync.with_label_values(&["error"]).inc();
+                    metrics.firewall_sync.with_label_values(&[labels::ERROR]).inc();
                     applied = None;
                 }
             }

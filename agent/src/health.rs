@@ -96,7 +96,10 @@ impl Probes {
 pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>, probes: Arc<Probes>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let router: http::Router = Arc::new(move |path| match path {
-        "/metrics" => Response { code: 200, content_type: "text/plain; version=0.0.4", body: metrics.render() },
+        "/metrics" => {
+            metrics.ready.set(i64::from(probes.readyz().code == 200));
+            Response { code: 200, content_type: weir_common::metrics::CONTENT_TYPE, body: metrics.render() }
+        }
         "/healthz" => probes.healthz(),
         "/readyz" => probes.readyz(),
         "/status" => probes.status(),

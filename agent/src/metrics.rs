@@ -1,8 +1,57 @@
 //! The agent's Prometheus metrics. One registry, passed explicitly.
+//!
+//! Every label value the code uses is listed once in `labels`, and every
+//! series with known labels is exported at 0 from start-up: Prometheus'
+//! `rate()` and `absent()` (and the alerts built on them) cannot see the
+//! first event of a series that does not exist yet.
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+
+/// The label values of each metric, one definition each.
+pub mod labels {
+    pub const PEER_STATES: [&str; 3] = [ACCEPTED, REJECTED, PENDING];
+    /// Peers in the engine's desired state.
+    pub const ACCEPTED: &str = "accepted";
+    /// A field failed a peer rule: a bad value, or one an older node holds.
+    pub const REJECTED: &str = "rejected";
+    /// Not joined yet: no VTEP or pod CIDR published.
+    pub const PENDING: &str = "pending";
+
+    pub const MISS_RESULTS: [&str; 3] = [RESOLVED, UNKNOWN, ERROR];
+    pub const RESOLVED: &str = "resolved";
+    pub const UNKNOWN: &str = "unknown";
+
+    pub const RECONCILE_RESULTS: [&str; 3] = [SUCCESS, PARTIAL, ERROR];
+    pub const SUCCESS: &str = "success";
+    pub const PARTIAL: &str = "partial";
+    pub const ERROR: &str = "error";
+
+    pub const VERBS: [&str; 2] = [REPLACE, DELETE];
+    pub const REPLACE: &str = "replace";
+    pub const DELETE: &str = "delete";
+    pub const OBJECTS: [&str; 4] = [FDB, NEIGH, NEXTHOP, ROUTE];
+    pub const FDB: &str = "fdb";
+    pub const NEIGH: &str = "neigh";
+    pub const NEXTHOP: &str = "nexthop";
+    pub const ROUTE: &str = "route";
+    pub const WRITE_RESULTS: [&str; 2] = [SUCCESS, ERROR];
+
+    pub const DRIFT_OBJECTS: [&str; 6] = [FDB, NEIGH, NEXTHOP, ROUTE, DEVICE, FIREWALL];
+    pub const DEVICE: &str = "device";
+    pub const FIREWALL: &str = "firewall";
+
+    /// The field at fault (`weir_common::nodes::Rejection::reason_label`).
+    pub const REJECT_REASONS: [&str; 3] = ["public-ip", "vtep-mac", "pod-cidr"];
+
+    pub const WATCH_EVENTS: [&str; 6] = ["apply", "delete", "init", "init_apply", "init_done", ERROR];
+
+    pub const FIREWALL_RESULTS: [&str; 3] = [SUCCESS, REPAIRED, ERROR];
+    pub const REPAIRED: &str = "repaired";
+
+    pub const PHASES: [&str; 3] = [DEVICE, "dump", "apply"];
+}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -26,6 +75,7 @@ pub struct Metrics {
     pub phase_seconds: HistogramVec,
     pub firewall_sync: IntCounterVec,
     pub tunnel_dropped: IntGauge,
+    pub ready: IntGauge,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -130,6 +180,7 @@ impl Metrics {
                 "Tunnel packets dropped because they came from no known node (read from the nft counter)",
             ))
             .unwrap(),
+            ready: IntGauge::with_opts(opts("weir_agent_ready", "1 while /readyz answers 200")).unwrap(),
         };
         let r = &m.registry;
         r.register(Box::new(m.fdb_entries.clone())).unwrap();
@@ -152,19 +203,94 @@ impl Metrics {
         r.register(Box::new(m.phase_seconds.clone())).unwrap();
         r.register(Box::new(m.firewall_sync.clone())).unwrap();
         r.register(Box::new(m.tunnel_dropped.clone())).unwrap();
+        r.register(Box::new(m.ready.clone())).unwrap();
+        m.export_known_labels();
         m
     }
 
+    fn export_known_labels(&self) {
+        use labels::*;
+        for state in PEER_STATES {
+            self.peers.with_label_values(&[state]);
+        }
+        for result in MISS_RESULTS {
+            self.l2miss.with_label_values(&[result]);
+            self.l3miss.with_label_values(&[result]);
+        }
+        for result in RECONCILE_RESULTS {
+            self.reconcile_total.with_label_values(&[result]);
+        }
+        for verb in VERBS {
+            for object in OBJECTS {
+                for result in WRITE_RESULTS {
+                    self.netlink_ops.with_label_values(&[verb, object, result]);
+                }
+            }
+        }
+        for object in DRIFT_OBJECTS {
+            self.drift_repaired.with_label_values(&[object]);
+        }
+        for reason in REJECT_REASONS {
+            self.peer_rejected.with_label_values(&[reason]);
+        }
+        for event in WATCH_EVENTS {
+            self.kube_watch_events.with_label_values(&[event]);
+        }
+        for result in FIREWALL_RESULTS {
+            self.firewall_sync.with_label_values(&[result]);
+        }
+        for phase in PHASES {
+            self.phase_seconds.with_label_values(&[phase]);
+        }
+    }
+
     pub fn render(&self) -> String {
-        use prometheus::Encoder;
-        let mut buf = Vec::new();
-        prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
-        String::from_utf8(buf).expect("prometheus text is UTF-8")
+        weir_common::metrics::render(&self.registry)
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent's series as the README lists them, in its "Endpoints and
+    /// metrics" section: the list operators read is the list tested.
+    fn readme_series() -> Vec<&'static str> {
+        let readme = include_str!("../../README.md");
+        let section = readme.split("### Endpoints and metrics").nth(1).expect("README section");
+        let section = section.split("\n##").next().unwrap_or(section);
+        let names: Vec<&str> = section
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| s.starts_with("weir_"))
+            .map(|s| s.split('{').next().unwrap_or(s))
+            .collect();
+        assert!(names.len() >= 15, "found only {names:?} in the README");
+        names
+    }
+
+    #[test]
+    fn known_series_exist_at_zero_before_any_event() {
+        let m = Metrics::new();
+        m.build_info.with_label_values(&["0", "vxlan", "full"]).set(1);
+        let text = m.render();
+        for name in readme_series() {
+            assert!(text.lines().any(|l| l.starts_with(name)), "{name} missing from a fresh /metrics");
+        }
+        for line in [
+            "weir_l3miss_total{result=\"resolved\"} 0",
+            "weir_peer_rejected_total{reason=\"pod-cidr\"} 0",
+            "weir_peers{state=\"rejected\"} 0",
+            "weir_netlink_ops_total{object=\"route\",op=\"delete\",result=\"error\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing");
+        }
     }
 }

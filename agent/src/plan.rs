@@ -11,7 +11,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{Backend, CidrSet, Mac, Peer, gateway_of};
+use crate::metrics::labels;
+use crate::model::{Backend, Mac, Peer, gateway_of};
 
 /// The route protocol number that marks a route as weir's (`ip route show proto 87`).
 /// Sweeps only ever delete routes that carry it.
@@ -28,67 +29,12 @@ pub struct DesiredState {
     pub routes: BTreeMap<IpNet, IpAddr>,
 }
 
-/// A peer the desired state had to leave out, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Conflict {
-    pub peer: String,
-    pub field: &'static str,
-    pub value: String,
-    pub reason: String,
-}
-
-impl fmt::Display for Conflict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "node {} field {}={}: {}", self.peer, self.field, self.value, self.reason)
-    }
-}
-
-/// Builds the desired state. Peers are taken in name order, so when two claim
-/// the same MAC or overlapping CIDRs the outcome is the same on every node.
-/// `local_cidrs` are this node's own pod CIDRs, which no peer may shadow.
-pub fn desired_state<'a>(
-    backend: Backend,
-    local_cidrs: &[IpNet],
-    peers: impl IntoIterator<Item = &'a Peer>,
-) -> (DesiredState, Vec<Conflict>) {
+/// Builds the desired state of validated peers. The peer rules
+/// (`weir_common::nodes`) have already given every MAC, underlay IP and pod
+/// CIDR to one node only.
+pub fn desired_state<'a>(backend: Backend, peers: impl IntoIterator<Item = &'a Peer>) -> DesiredState {
     let mut desired = DesiredState::default();
-    let mut conflicts = Vec::new();
-    let mut mac_owner: BTreeMap<Mac, &str> = BTreeMap::new();
-    let mut claimed = CidrSet::default();
-    for c in local_cidrs {
-        claimed.insert(*c, "this node");
-    }
     for peer in peers {
-        if backend == Backend::Vxlan
-            && let Some(owner) = mac_owner.get(&peer.vtep_mac)
-        {
-            conflicts.push(Conflict {
-                peer: peer.name.clone(),
-                field: "vtep-mac",
-                value: peer.vtep_mac.to_string(),
-                reason: format!("already used by node {owner}"),
-            });
-            continue;
-        }
-        let overlap = peer.pod_cidrs.iter().enumerate().find_map(|(i, c)| {
-            let within_peer = peer.pod_cidrs[..i].iter().find(|o| o.contains(&c.network()) || c.contains(&o.network()));
-            within_peer
-                .map(|o| (c, *o, peer.name.clone()))
-                .or_else(|| claimed.overlap(c).map(|(o, who)| (c, *o, who.to_string())))
-        });
-        if let Some((cidr, other, owner)) = overlap {
-            conflicts.push(Conflict {
-                peer: peer.name.clone(),
-                field: "podCIDRs",
-                value: cidr.to_string(),
-                reason: format!("overlaps {other} of {owner}"),
-            });
-            continue;
-        }
-        mac_owner.insert(peer.vtep_mac, &peer.name);
-        for c in &peer.pod_cidrs {
-            claimed.insert(*c, &peer.name);
-        }
         match backend {
             Backend::Vxlan => {
                 desired.fdb.insert(peer.vtep_mac, peer.underlay_ip);
@@ -105,7 +51,7 @@ pub fn desired_state<'a>(
             }
         }
     }
-    (desired, conflicts)
+    desired
 }
 
 /// weir's entries as found in the kernel. Only entries weir owns are listed:
@@ -160,18 +106,20 @@ impl Op {
     /// The kind of kernel object, as used in metric labels.
     pub fn object(&self) -> &'static str {
         match self {
-            Op::PutFdb { .. } | Op::DelFdb { .. } => "fdb",
-            Op::PutNeigh { .. } | Op::DelNeigh { .. } => "neigh",
-            Op::PutNexthop { .. } | Op::DelNexthop { .. } => "nexthop",
-            Op::PutRoute { .. } | Op::DelRoute { .. } => "route",
+            Op::PutFdb { .. } | Op::DelFdb { .. } => labels::FDB,
+            Op::PutNeigh { .. } | Op::DelNeigh { .. } => labels::NEIGH,
+            Op::PutNexthop { .. } | Op::DelNexthop { .. } => labels::NEXTHOP,
+            Op::PutRoute { .. } | Op::DelRoute { .. } => labels::ROUTE,
         }
     }
 
+    pub fn is_delete(&self) -> bool {
+        matches!(self, Op::DelRoute { .. } | Op::DelNexthop { .. } | Op::DelNeigh { .. } | Op::DelFdb { .. })
+    }
+
+    /// The verb, as used in metric labels.
     pub fn verb(&self) -> &'static str {
-        match self {
-            Op::PutFdb { .. } | Op::PutNeigh { .. } | Op::PutNexthop { .. } | Op::PutRoute { .. } => "replace",
-            _ => "delete",
-        }
+        if self.is_delete() { labels::DELETE } else { labels::REPLACE }
     }
 
     /// Ops of one phase do not depend on each other and may be pipelined.

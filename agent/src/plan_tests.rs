@@ -12,14 +12,8 @@ fn peer(name: &str, ip: &str, mac: &str, cidr: &str) -> Peer {
     }
 }
 
-fn local() -> Vec<IpNet> {
-    vec!["10.244.0.0/24".parse().unwrap()]
-}
-
 fn desired(peers: &[Peer]) -> DesiredState {
-    let (d, conflicts) = desired_state(Vxlan, &local(), peers);
-    assert!(conflicts.is_empty(), "{conflicts:?}");
-    d
+    desired_state(Vxlan, peers)
 }
 
 /// The kernel state after a plan was applied exactly.
@@ -154,33 +148,8 @@ fn entries_not_in_the_owned_dump_are_never_deleted() {
 }
 
 #[test]
-fn two_peers_claiming_one_mac_keep_the_first_by_name() {
-    let mut dup = b();
-    dup.vtep_mac = a().vtep_mac;
-    let (d, conflicts) = desired_state(Vxlan, &local(), &[a(), dup]);
-    assert_eq!(conflicts.len(), 1);
-    assert_eq!(conflicts[0].peer, "node-2");
-    assert_eq!(conflicts[0].field, "vtep-mac");
-    assert_eq!(d, desired(&[a()]));
-    // A stale kernel entry sharing the MAC does not flap: one replace, then stable.
-    let k = applied(&d);
-    assert!(diff(&d, &k, IF, true).is_empty());
-}
-
-#[test]
-fn overlapping_and_local_cidrs_are_rejected() {
-    let overlap = peer("node-3", "198.18.0.13", "0e:00:00:00:00:03", "10.244.1.128/25");
-    let shadow = peer("node-4", "198.18.0.14", "0e:00:00:00:00:04", "10.244.0.0/16");
-    let (d, conflicts) = desired_state(Vxlan, &local(), &[a(), overlap, shadow]);
-    assert_eq!(d, desired(&[a()]));
-    let names: Vec<_> = conflicts.iter().map(|c| c.peer.as_str()).collect();
-    assert_eq!(names, vec!["node-3", "node-4"]);
-    assert!(conflicts[1].reason.contains("this node"));
-}
-
-#[test]
 fn ipip_needs_only_routes_via_the_peer_underlay() {
-    let (d, _) = desired_state(Ipip, &local(), &[a()]);
+    let d = desired_state(Ipip, &[a()]);
     assert!(d.fdb.is_empty() && d.neigh.is_empty());
     assert_eq!(d.routes.get(&"10.244.1.0/24".parse().unwrap()), Some(&"198.18.0.11".parse().unwrap()));
 }

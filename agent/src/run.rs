@@ -155,13 +155,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         table: table_tx,
         idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
     });
-    let cfg = EngineConfig {
-        backend: args.backend,
-        device,
-        local_cidrs: own.pod_cidrs.clone(),
-        resync_interval: args.resync_interval,
-        on_demand,
-    };
+    let cfg = EngineConfig { backend: args.backend, device, resync_interval: args.resync_interval, on_demand };
     let (engine, status) = Engine::new(probe, cfg, metrics.clone());
     let engine = engine.with_heartbeat(probes.heartbeat.clone());
     let _ = probes.engine.set(status.clone());
@@ -255,13 +249,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(firewall::run(spec, firewall_peers, metrics.clone(), args.firewall_check_interval));
     }
 
-    let validator = Validator {
-        backend: args.backend,
-        underlay_is_v4: under.ip.is_ipv4(),
-        cluster_cidrs: args.cluster_cidr.clone(),
-        local_cidrs: own.pod_cidrs.clone(),
-        local_name: node_name.clone(),
-    };
+    let validator = Validator::new(
+        args.backend,
+        under.ip.is_ipv4(),
+        args.cluster_cidr.clone(),
+        node_name.clone(),
+        own.pod_cidrs.clone(),
+    );
     let publish = crate::peers::publish::publisher(
         validator,
         peers_tx,
@@ -307,7 +301,7 @@ fn spawn_summary(status: watch::Receiver<EngineStatus>) {
         loop {
             tick.tick().await;
             let s = status.borrow().clone();
-            info!(peers = s.peers, rejected = s.rejected.len(), fdb = s.fdb_entries, neigh = s.neigh_entries, routes = s.routes,
+            info!(peers = s.peers, fdb = s.fdb_entries, neigh = s.neigh_entries, routes = s.routes,
                   synced = s.synced, error = ?s.last_error, "summary");
         }
     });

@@ -47,9 +47,9 @@ impl Report {
 /// not their presence, is checked.
 pub fn compare(backend: Backend, mode: Mode, peers: &[Peer], kernel: &KernelState, ifindex: u32) -> Report {
     let mut report = Report::default();
-    let (all, _) = plan::desired_state(backend, &[], peers);
+    let all = plan::desired_state(backend, peers);
     for peer in peers {
-        let (want, _) = plan::desired_state(backend, &[], std::slice::from_ref(peer));
+        let want = plan::desired_state(backend, std::slice::from_ref(peer));
         let on_demand = mode == Mode::OnDemand;
         let fdb = (backend == Backend::Vxlan).then(|| {
             want.fdb.iter().all(|(m, ip)| {
@@ -136,7 +136,7 @@ mod tests {
     }
 
     fn synced() -> KernelState {
-        let (d, _) = plan::desired_state(Backend::Vxlan, &[], &[peer()]);
+        let d = plan::desired_state(Backend::Vxlan, &[peer()]);
         KernelState {
             fdb: d.fdb.iter().map(|(m, i)| (*m, *i)).collect(),
             neigh: d.neigh.clone(),

@@ -14,7 +14,7 @@ fn device_is_created_adopted_and_recreated() {
     in_fresh_netns("device_is_created_adopted_and_recreated", || {
         runtime().block_on(async {
             let u = underlay();
-            let (mut e, _, _) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"), "10.244.1.0/24");
+            let (mut e, _, _) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"));
             let spec = vxlan_spec(u, "198.18.0.1", "10.244.1.0/24");
             let k = e.kernel_mut();
             let first = k.ensure_device(&spec).await.unwrap();
@@ -58,7 +58,7 @@ fn programs_peers_and_second_pass_writes_nothing() {
     in_fresh_netns("programs_peers_and_second_pass_writes_nothing", || {
         runtime().block_on(async {
             let u = underlay();
-            let (mut e, status, metrics) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"), "10.244.1.0/24");
+            let (mut e, status, metrics) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"));
             e.set_peers(PeerSet::complete((0..200).map(fake_peer)));
             let first = e.reconcile().await.unwrap();
             // This kernel has nexthop objects (>= 5.3): one per gateway, and each route names one.
@@ -93,14 +93,14 @@ fn startup_sweeps_stale_entries_only_once_the_set_is_complete() {
     in_fresh_netns("startup_sweeps_stale_entries_only_once_the_set_is_complete", || {
         runtime().block_on(async {
             let u = underlay();
-            let (mut e, _, _) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"), "10.244.1.0/24");
+            let (mut e, _, _) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"));
             // A previous run programmed peers 0..3; peer 2 was deleted while the agent was down.
             e.set_peers(PeerSet::complete((0..3).map(fake_peer)));
             e.reconcile().await.unwrap();
             // Someone else's route through our device and a route of theirs elsewhere.
             sh("ip route add 10.200.0.0/24 via 10.244.9.0 dev weir.1 onlink proto static");
 
-            let (mut e, _, _) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"), "10.244.1.0/24");
+            let (mut e, _, _) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"));
             let mut partial = PeerSet::complete((0..2).map(fake_peer));
             partial.complete = false;
             e.set_peers(partial);
@@ -125,7 +125,7 @@ fn hand_deleted_entries_and_device_are_repaired_within_a_second() {
     in_fresh_netns("hand_deleted_entries_and_device_are_repaired_within_a_second", || {
         runtime().block_on(async {
             let u = underlay();
-            let (e, status, metrics) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"), "10.244.1.0/24");
+            let (e, status, metrics) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"));
             let (peers_tx, peers_rx) = tokio::sync::watch::channel(PeerSet::complete((0..50).map(fake_peer)));
             let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(1024);
             weir_agent::dataplane::events::subscribe(ev_tx, &[]).unwrap();
@@ -189,7 +189,7 @@ fn two_nodes_ping_through_the_entries_weir_wrote() {
                     let u = ifindex(if local.ends_with(".1") { "ua" } else { "ub" });
                     let mut spec = vxlan_spec(u, local, cidr);
                     spec.mac = Some(mac.parse().unwrap());
-                    let (mut e, _, _) = engine(spec, cidr);
+                    let (mut e, _, _) = engine(spec);
                     e.set_peers(PeerSet::complete([peer]));
                     assert_eq!(e.reconcile().await.unwrap().failures, 0);
                 })

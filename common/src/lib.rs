@@ -1,7 +1,10 @@
-//! Code both binaries need: the health/metrics HTTP endpoint, log set-up, the
-//! API client and the Node watch's retry policy.
+//! Code both binaries need: the peer rules, the health/metrics HTTP endpoint
+//! and the metrics text, log set-up, the API client and the Node watch's
+//! retry policy.
 
 pub mod http;
+pub mod metrics;
+pub mod nodes;
 pub mod settings;
 pub mod watch;
 

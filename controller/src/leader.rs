@@ -18,10 +18,12 @@ use serde_json::json;
 use tracing::{info, warn};
 use weir_common::http::{self, Response};
 
+use weir_common::nodes::{NodeInfo, Rejection};
+
 use crate::alloc::{Allocator, Pool};
 use crate::cli::Args;
-use crate::conflicts::{self, NodeView};
 use crate::metrics::Metrics;
+use crate::verdicts::Verdicts;
 
 /// A patch whose outcome is unknown may still land; its CIDRs stay reserved
 /// this long, across rebuilds, before they may be handed out again.
@@ -35,6 +37,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for p in &pools {
         let fam = family(p.is_v4());
         metrics.pool_size.with_label_values(&[fam]).set(i64::try_from(p.size()).unwrap_or(i64::MAX));
+        // Only the leader knows what is used; a standby exports 0, not nothing.
+        metrics.pool_used.with_label_values(&[fam]).set(0);
     }
     info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -62,7 +66,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metrics.leader.set(1);
         let start = || {
             let recorder = Recorder::new(client.clone(), reporter.clone());
-            tokio::spawn(lead(Api::all(client.clone()), Allocator { pools: pools.clone() }, metrics.clone(), recorder))
+            let verdicts = Verdicts::new(args.cluster_cidr.clone());
+            tokio::spawn(lead(
+                Api::all(client.clone()),
+                Allocator { pools: pools.clone() },
+                verdicts,
+                metrics.clone(),
+                recorder,
+            ))
         };
         let mut work = start();
         loop {
@@ -88,62 +99,71 @@ struct State {
     alloc: Allocator,
     /// What each Node holds, from the list and from our own successful patches.
     held: BTreeMap<String, Vec<IpNet>>,
-    nodes: BTreeMap<String, NodeView>,
+    nodes: BTreeMap<String, NodeInfo>,
     quarantine: Vec<(Vec<IpNet>, Instant)>,
     exhausted: BTreeSet<String>,
-    conflicts: BTreeSet<conflicts::Conflict>,
+    verdicts: Verdicts,
     synced: bool,
 }
 
-async fn lead(api: Api<Node>, alloc: Allocator, metrics: Arc<Metrics>, recorder: Recorder) {
+/// A Node's pod CIDRs, those that parse; the peer rules report the others.
+fn cidrs(n: &NodeInfo) -> Vec<IpNet> {
+    n.pod_cidrs.iter().filter_map(|c| c.parse().ok()).collect()
+}
+
+async fn lead(api: Api<Node>, alloc: Allocator, verdicts: Verdicts, metrics: Arc<Metrics>, recorder: Recorder) {
     let mut st = State {
         alloc,
         held: BTreeMap::new(),
         nodes: BTreeMap::new(),
         quarantine: Vec::new(),
         exhausted: BTreeSet::new(),
-        conflicts: BTreeSet::new(),
+        verdicts,
         synced: false,
     };
-    let mut relist: Option<BTreeMap<String, NodeView>> = None;
+    let mut relist: Option<BTreeMap<String, NodeInfo>> = None;
     let stream =
         weir_common::watch::with_backoff(watcher::watcher(api.clone(), watcher::Config::default())).ready_chunks(1024);
     futures::pin_mut!(stream);
     while let Some(batch) = stream.next().await {
         let mut need: Vec<String> = Vec::new();
+        // Whether any Node's weir fields changed, so the peer rules must run again.
+        let mut changed = false;
         for ev in batch {
             match ev {
                 Ok(Event::Init) => relist = Some(BTreeMap::new()),
                 Ok(Event::InitApply(n)) => {
-                    let v = view(&n);
+                    let v = weir_common::nodes::trim(&n);
                     relist.get_or_insert_with(BTreeMap::new).insert(v.name.clone(), v);
                 }
                 Ok(Event::InitDone) => {
                     st.nodes = relist.take().unwrap_or_default();
                     rebuild(&mut st);
-                    report_conflicts(&mut st, &metrics, &recorder).await;
                     st.synced = true;
-                    need.extend(st.nodes.values().filter(|v| v.cidrs.is_empty()).map(|v| v.name.clone()));
+                    changed = true;
+                    need.extend(st.nodes.values().filter(|v| v.pod_cidrs.is_empty()).map(|v| v.name.clone()));
                 }
                 Ok(Event::Apply(n)) => {
-                    let v = view(&n);
-                    if !v.cidrs.is_empty() {
+                    let v = weir_common::nodes::trim(&n);
+                    let held = cidrs(&v);
+                    if !held.is_empty() {
                         let known = st.held.get(&v.name);
-                        if known != Some(&v.cidrs) {
+                        if known != Some(&held) {
                             if let Some(old) = known.cloned() {
                                 st.alloc.release(&old);
                             }
-                            st.alloc.mark(&v.cidrs);
-                            st.held.insert(v.name.clone(), v.cidrs.clone());
+                            st.alloc.mark(&held);
+                            st.held.insert(v.name.clone(), held);
                         }
                     } else if !st.held.contains_key(&v.name) {
                         need.push(v.name.clone());
                     }
+                    changed |= st.nodes.get(&v.name) != Some(&v);
                     st.nodes.insert(v.name.clone(), v);
                 }
                 Ok(Event::Delete(n)) => {
                     let name = n.metadata.name.clone().unwrap_or_default();
-                    st.nodes.remove(&name);
+                    changed |= st.nodes.remove(&name).is_some();
                     st.exhausted.remove(&name);
                     if let Some(cidrs) = st.held.remove(&name) {
                         st.alloc.release(&cidrs);
@@ -161,6 +181,9 @@ async fn lead(api: Api<Node>, alloc: Allocator, metrics: Arc<Metrics>, recorder:
             need.dedup();
             allocate(&api, &mut st, need, &metrics, &recorder).await;
         }
+        if st.synced && changed {
+            judge(&mut st, &metrics, &recorder).await;
+        }
         update_pool_metrics(&st, &metrics);
     }
 }
@@ -170,9 +193,12 @@ async fn lead(api: Api<Node>, alloc: Allocator, metrics: Arc<Metrics>, recorder:
 fn rebuild(st: &mut State) {
     st.alloc.clear();
     st.held.clear();
-    for v in st.nodes.values().filter(|v| !v.cidrs.is_empty()) {
-        st.alloc.mark(&v.cidrs);
-        st.held.insert(v.name.clone(), v.cidrs.clone());
+    for v in st.nodes.values() {
+        let held = cidrs(v);
+        if !held.is_empty() {
+            st.alloc.mark(&held);
+            st.held.insert(v.name.clone(), held);
+        }
     }
     st.quarantine.retain(|(_, since)| since.elapsed() < QUARANTINE);
     for (cidrs, _) in &st.quarantine {
@@ -206,6 +232,7 @@ async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: 
                         &name,
                         EventType::Warning,
                         "PodCIDRPoolExhausted",
+                        "Allocate",
                         "no free pod CIDR in --cluster-cidr",
                     )
                     .await;
@@ -250,48 +277,33 @@ async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: 
     }
 }
 
-async fn report_conflicts(st: &mut State, metrics: &Metrics, recorder: &Recorder) {
-    let views: Vec<NodeView> = st.nodes.values().cloned().collect();
-    let found: BTreeSet<_> = conflicts::detect(&views).into_iter().collect();
-    for kind in [conflicts::Kind::PodCidrOverlap, conflicts::Kind::VtepMac, conflicts::Kind::PublicIp] {
-        metrics
-            .conflicts
-            .with_label_values(&[kind.label()])
-            .set(found.iter().filter(|c| c.kind == kind).count() as i64);
+/// Runs the peer rules over every Node, as the agents do, and reports each
+/// new rejection as a Warning Event on its Node.
+async fn judge(st: &mut State, metrics: &Metrics, recorder: &Recorder) {
+    let (report, counts) = st.verdicts.judge(st.nodes.values(), Instant::now());
+    for (kind, n) in counts.conflicts {
+        metrics.conflicts.with_label_values(&[kind]).set(n);
     }
-    for c in found.difference(&st.conflicts) {
-        warn!(kind = c.kind.label(), node_a = %c.nodes.0, node_b = %c.nodes.1, value = %c.value, "conflict between nodes");
-        let note = format!("{} conflict between {} and {}: {}", c.kind.label(), c.nodes.0, c.nodes.1, c.value);
-        for n in [&c.nodes.0, &c.nodes.1] {
-            publish(recorder, n, EventType::Warning, "WeirConflict", &note).await;
-        }
+    for (reason, n) in counts.rejected {
+        metrics.rejected_nodes.with_label_values(&[reason]).set(n);
     }
-    st.conflicts = found;
+    for r in report {
+        report_rejection(recorder, &r).await;
+    }
 }
 
-async fn publish(recorder: &Recorder, node: &str, type_: EventType, reason: &str, note: &str) {
+async fn report_rejection(recorder: &Recorder, r: &Rejection) {
+    warn!(node = %r.node, field = r.field, value = %r.value, reason = r.reason, held_by = ?r.held_by, "node rejected as a peer");
+    publish(recorder, &r.node, EventType::Warning, "WeirPeerRejected", "Validate", &r.to_string()).await;
+}
+
+async fn publish(recorder: &Recorder, node: &str, type_: EventType, reason: &str, action: &str, note: &str) {
     let mut obj = Node::default();
     obj.metadata.name = Some(node.to_string());
     let reference = obj.object_ref(&());
-    let ev =
-        KEvent { type_, reason: reason.into(), note: Some(note.into()), action: "Allocate".into(), secondary: None };
+    let ev = KEvent { type_, reason: reason.into(), note: Some(note.into()), action: action.into(), secondary: None };
     if let Err(e) = recorder.publish(&ev, &reference).await {
         warn!(%node, error = %e, "cannot publish event");
-    }
-}
-
-fn view(n: &Node) -> NodeView {
-    let ann = n.metadata.annotations.as_ref();
-    let spec = n.spec.as_ref();
-    let mut raw = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
-    if raw.is_empty() {
-        raw.extend(spec.and_then(|s| s.pod_cidr.clone()));
-    }
-    NodeView {
-        name: n.metadata.name.clone().unwrap_or_default(),
-        cidrs: raw.iter().filter_map(|c| c.parse().ok()).collect(),
-        vtep_mac: ann.and_then(|a| a.get("weir.dev/vtep-mac")).cloned(),
-        public_ip: ann.and_then(|a| a.get("weir.dev/public-ip")).cloned(),
     }
 }
 
@@ -324,7 +336,7 @@ async fn serve_http(args: &Args, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind {}", args.metrics_addr))?;
     let router: http::Router = Arc::new(move |path| match path {
-        "/metrics" => Response { code: 200, content_type: "text/plain; version=0.0.4", body: metrics.render() },
+        "/metrics" => Response { code: 200, content_type: weir_common::metrics::CONTENT_TYPE, body: metrics.render() },
         "/healthz" | "/readyz" => Response::text(200, "ok\n"),
         _ => Response::text(404, "not found\n"),
     });

@@ -2,9 +2,9 @@ use clap::Parser;
 
 mod alloc;
 mod cli;
-mod conflicts;
 mod leader;
 mod metrics;
+mod verdicts;
 
 fn main() -> std::process::ExitCode {
     // Before the runtime's threads exist: this sets environment variables.

@@ -10,6 +10,7 @@ pub struct Metrics {
     pub pool_used: IntGaugeVec,
     pub leader: IntGauge,
     pub conflicts: IntGaugeVec,
+    pub rejected_nodes: IntGaugeVec,
 }
 
 impl Metrics {
@@ -39,8 +40,13 @@ impl Metrics {
                 .unwrap(),
             leader: IntGauge::new("weir_controller_leader", "1 while this replica holds the lease").unwrap(),
             conflicts: IntGaugeVec::new(
-                Opts::new("weir_controller_conflicts", "Conflicts between Nodes found by the last list"),
+                Opts::new("weir_controller_conflicts", "Nodes rejected because an older Node holds the same value"),
                 &["kind"],
+            )
+            .unwrap(),
+            rejected_nodes: IntGaugeVec::new(
+                Opts::new("weir_controller_rejected_nodes", "Nodes the peer rules reject, by the field at fault"),
+                &["reason"],
             )
             .unwrap(),
         };
@@ -51,16 +57,17 @@ impl Metrics {
         m.registry.register(Box::new(m.pool_used.clone())).unwrap();
         m.registry.register(Box::new(m.leader.clone())).unwrap();
         m.registry.register(Box::new(m.conflicts.clone())).unwrap();
-        for kind in ["pod-cidr-overlap", "vtep-mac", "public-ip"] {
+        m.registry.register(Box::new(m.rejected_nodes.clone())).unwrap();
+        for kind in crate::verdicts::CONFLICT_KINDS {
             m.conflicts.with_label_values(&[kind]).set(0);
+        }
+        for reason in crate::verdicts::REASONS {
+            m.rejected_nodes.with_label_values(&[reason]).set(0);
         }
         m
     }
 
     pub fn render(&self) -> String {
-        use prometheus::Encoder;
-        let mut buf = Vec::new();
-        prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
-        String::from_utf8(buf).expect("UTF-8")
+        weir_common::metrics::render(&self.registry)
     }
 }

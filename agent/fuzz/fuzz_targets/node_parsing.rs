@@ -8,13 +8,9 @@ use weir_agent::peers::validate::{NodeInfo, Validator};
 use weir_agent::peers::{file, kube};
 
 fuzz_target!(|data: &[u8]| {
-    let validator = Validator {
-        backend: Backend::Vxlan,
-        underlay_is_v4: true,
-        cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
-        local_cidrs: vec!["10.244.0.0/24".parse().unwrap()],
-        local_name: "self".into(),
-    };
+    let local_cidrs: Vec<ipnet::IpNet> = vec!["10.244.0.0/24".parse().unwrap()];
+    let validator =
+        Validator::new(Backend::Vxlan, true, vec!["10.0.0.0/8".parse().unwrap()], "self".into(), local_cidrs.clone());
     let mut nodes: Vec<NodeInfo> = Vec::new();
     if let Ok(list) = serde_json::from_slice::<Vec<k8s_openapi::api::core::v1::Node>>(data) {
         nodes.extend(list.iter().map(kube::trim));
@@ -30,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let out = validator.validate(&nodes);
     let mut macs = std::collections::BTreeSet::new();
-    let mut cidrs: Vec<ipnet::IpNet> = validator.local_cidrs.clone();
+    let mut cidrs: Vec<ipnet::IpNet> = local_cidrs;
     for p in &out.peers {
         assert!(p.vtep_mac.is_unicast());
         assert!(macs.insert(p.vtep_mac), "two accepted peers share a MAC");

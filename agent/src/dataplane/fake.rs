@@ -25,6 +25,9 @@ pub enum Call {
     Apply(Vec<Op>),
 }
 
+/// The ops an `apply` call fails (those the predicate picks) and their errno.
+pub type ScriptedError = (fn(&Op) -> bool, i32);
+
 /// What the fake kernel holds and what it has been asked.
 #[derive(Debug, Default)]
 pub struct FakeState {
@@ -35,9 +38,8 @@ pub struct FakeState {
     /// Prefixes somebody else routes.
     pub foreign: BTreeSet<IpNet>,
     pub calls: Vec<Call>,
-    /// Errors the next `apply` calls return for every op matching the
-    /// predicate, one script entry per call.
-    pub apply_errors: VecDeque<(fn(&Op) -> bool, i32)>,
+    /// Errors the next `apply` calls return, one script entry per call.
+    pub apply_errors: VecDeque<ScriptedError>,
     /// Errors the next `ensure_device` calls return.
     pub device_errors: VecDeque<KernelError>,
     next_ifindex: u32,

@@ -409,7 +409,7 @@ impl Kernel for NetlinkKernel {
                 .map(|(op, errno)| match errno {
                     0 => Ok(()),
                     // Something removed it first: the goal is reached.
-                    ENOENT | ESRCH if op.verb() == "delete" => Ok(()),
+                    ENOENT | ESRCH if op.is_delete() => Ok(()),
                     errno => Err(KernelError::Errno { what: op.to_string(), errno }),
                 })
                 .collect(),

@@ -29,7 +29,7 @@ use crate::dataplane::FilterRule;
 use crate::dataplane::batch::acks;
 use crate::dataplane::events::KernelEvent;
 use crate::engine::EngineStatus;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, labels};
 
 pub struct Responder {
     pub table: watch::Receiver<Arc<MissTable>>,
@@ -202,7 +202,7 @@ impl Responder {
         s.seq = encode_answer(&mut s.datagram, s.ifindex, answer.mac, answer.underlay, gateway, s.seq);
         if let Err(e) = s.writer.send(&s.datagram, 0) {
             warn!(error = %e, "sending a miss answer failed");
-            self.counter(kind).with_label_values(&["error"]).inc();
+            self.counter(kind).with_label_values(&[labels::ERROR]).inc();
             return false;
         }
         s.pending.insert(s.seq, (kind, received));
@@ -225,22 +225,22 @@ impl Responder {
                 let counter = self.counter(kind);
                 if errno == 0 {
                     self.metrics.miss_resolve_seconds.observe(started.elapsed().as_secs_f64());
-                    counter.with_label_values(&["resolved"]).inc();
+                    counter.with_label_values(&[labels::RESOLVED]).inc();
                 } else {
                     let hint = if errno == libc::ENOBUFS { " (neighbour table full: gc_thresh3)" } else { "" };
                     warn!(errno, error = %std::io::Error::from_raw_os_error(errno), "answering a miss failed{hint}");
-                    counter.with_label_values(&["error"]).inc();
+                    counter.with_label_values(&[labels::ERROR]).inc();
                 }
             }
         }
         for (_, (kind, _)) in s.pending.drain() {
             warn!(kind, "no ack for a miss answer; the engine's resync will check the entry");
-            self.counter(kind).with_label_values(&["error"]).inc();
+            self.counter(kind).with_label_values(&[labels::ERROR]).inc();
         }
     }
 
     fn unknown(&self, kind: &str, what: &str, log: &mut RateLimited) {
-        self.counter(kind).with_label_values(&["unknown"]).inc();
+        self.counter(kind).with_label_values(&[labels::UNKNOWN]).inc();
         if let Some(suppressed) = log.hit(Duration::from_secs(10)) {
             info!(kind, address = %what, suppressed, "miss for an address no peer owns; ignored");
         }

@@ -14,31 +14,8 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::validate::{ANN_BACKEND, ANN_PUBLIC_IP, ANN_VNI, ANN_VTEP_MAC, NodeInfo};
-use crate::metrics::Metrics;
-
-pub fn trim(node: &Node) -> NodeInfo {
-    let ann = node.metadata.annotations.as_ref();
-    let get = |k: &str| ann.and_then(|a| a.get(k)).cloned();
-    let spec = node.spec.as_ref();
-    let mut pod_cidrs = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
-    if pod_cidrs.is_empty() {
-        pod_cidrs.extend(spec.and_then(|s| s.pod_cidr.clone()));
-    }
-    NodeInfo {
-        name: node.metadata.name.clone().unwrap_or_default(),
-        created: node.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0),
-        public_ip: get(ANN_PUBLIC_IP),
-        vtep_mac: get(ANN_VTEP_MAC),
-        backend: get(ANN_BACKEND),
-        pod_cidrs,
-        addresses: node
-            .status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .map(|a| a.iter().map(|a| a.address.clone()).collect())
-            .unwrap_or_default(),
-    }
-}
+use crate::metrics::{Metrics, labels};
+pub use weir_common::nodes::trim;
 
 pub fn internal_ips(node: &Node) -> Vec<IpAddr> {
     node.status
@@ -80,7 +57,7 @@ pub async fn watch_nodes(
                 Ok(ev) => ev,
                 Err(e) => {
                     warn!(error = %e, "node watch failed; retrying, dataplane unchanged");
-                    metrics.kube_watch_events.with_label_values(&["error"]).inc();
+                    metrics.kube_watch_events.with_label_values(&[labels::ERROR]).inc();
                     continue;
                 }
             };

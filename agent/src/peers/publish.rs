@@ -8,8 +8,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::validate::{NodeInfo, Skip, Validator, reason_label};
-use crate::metrics::Metrics;
+use super::validate::{NodeInfo, Skip, Validator};
+use crate::metrics::{Metrics, labels};
 use crate::model::{Backend, Peer, PeerSet};
 
 /// Written to the run dir whenever the accepted peers change.
@@ -36,7 +36,7 @@ pub fn publisher(
         for (r, text) in out.rejected.iter().zip(&rejections) {
             if !last_rejections.contains(text) {
                 warn!(node = %r.node, field = r.field, value = %r.value, reason = r.reason, "node rejected as a peer");
-                metrics.peer_rejected.with_label_values(&[reason_label(r)]).inc();
+                metrics.peer_rejected.with_label_values(&[r.reason_label()]).inc();
             }
         }
         let skips: BTreeMap<String, String> = out.skipped.iter().map(|(n, s)| (n.clone(), format!("{s:?}"))).collect();
@@ -50,8 +50,8 @@ pub fn publisher(
                 }
             }
         }
-        metrics.peers.with_label_values(&["invalid"]).set(out.rejected.len() as i64);
-        metrics.peers.with_label_values(&["pending"]).set(out.skipped.len() as i64);
+        metrics.peers.with_label_values(&[labels::REJECTED]).set(out.rejected.len() as i64);
+        metrics.peers.with_label_values(&[labels::PENDING]).set(out.skipped.len() as i64);
         let record = PeersRecord { backend: validator.backend, peers: out.peers, rejected: rejections };
         let json = serde_json::to_string(&record).expect("peers serialise");
         if let Err(e) = crate::cni::write_if_changed(&record_path, &json) {

@@ -125,15 +125,11 @@ pub fn vxlan_spec(underlay_ifindex: u32, local: &str, cidr: &str) -> DeviceSpec 
     }
 }
 
-pub fn engine(
-    spec: DeviceSpec,
-    local_cidr: &str,
-) -> (Engine<NetlinkKernel>, tokio::sync::watch::Receiver<EngineStatus>, Arc<Metrics>) {
+pub fn engine(spec: DeviceSpec) -> (Engine<NetlinkKernel>, tokio::sync::watch::Receiver<EngineStatus>, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
     let cfg = EngineConfig {
         backend: Backend::Vxlan,
         device: spec,
-        local_cidrs: vec![local_cidr.parse().unwrap()],
         resync_interval: Duration::from_secs(60),
         on_demand: None,
     };

@@ -1,4 +1,5 @@
 use super::*;
+use crate::nodes::{ANN_PUBLIC_IP, ANN_VTEP_MAC, FIELD_POD_CIDRS};
 
 fn node(name: &str, created: i64, ip: &str, mac: &str, cidr: &str) -> NodeInfo {
     NodeInfo {
@@ -12,14 +13,18 @@ fn node(name: &str, created: i64, ip: &str, mac: &str, cidr: &str) -> NodeInfo {
     }
 }
 
-fn validator() -> Validator {
-    Validator {
-        backend: Backend::Vxlan,
-        underlay_is_v4: true,
+fn validator() -> Rules {
+    Rules {
+        backend: Some(Backend::Vxlan),
+        underlay_is_v4: Some(true),
         cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        local_cidrs: vec!["10.244.0.0/24".parse().unwrap()],
-        local_name: "node-0".into(),
+        local: Some(Local { name: "node-0".into(), pod_cidrs: vec!["10.244.0.0/24".parse().unwrap()] }),
     }
+}
+
+/// The controller's view: no local node, no backend or family of its own.
+fn cluster_rules() -> Rules {
+    Rules { backend: None, underlay_is_v4: None, cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], local: None }
 }
 
 fn good(i: u8) -> NodeInfo {
@@ -34,7 +39,7 @@ fn good(i: u8) -> NodeInfo {
 
 fn rejected(n: NodeInfo) -> Rejection {
     let out = validator().validate(&[good(1), n]);
-    assert_eq!(out.peers.len(), 1, "the good node stays: {:?}", out.rejected);
+    assert_eq!(out.accepted.len(), 1, "the good node stays: {:?}", out.rejected);
     assert_eq!(out.rejected.len(), 1);
     out.rejected[0].clone()
 }
@@ -44,7 +49,7 @@ fn good_nodes_become_peers_and_self_is_skipped() {
     let mut me = good(3);
     me.name = "node-0".into();
     let out = validator().validate(&[good(1), good(2), me]);
-    assert_eq!(out.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), vec!["node-1", "node-2"]);
+    assert_eq!(out.accepted.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), vec!["node-1", "node-2"]);
     assert!(out.rejected.is_empty());
 }
 
@@ -100,8 +105,37 @@ fn duplicate_mac_or_ip_goes_to_the_older_node() {
     young.vtep_mac = good(1).vtep_mac;
     young.created = 100;
     let out = validator().validate(&[young.clone(), good(1)]);
-    assert_eq!(out.peers[0].name, "node-1");
+    assert_eq!(out.accepted[0].name, "node-1");
     assert_eq!(out.rejected[0].node, "node-2");
+    assert_eq!(out.rejected[0].held_by.as_deref(), Some("node-1"), "a conflict names the holder");
+}
+
+#[test]
+fn a_node_may_not_overlap_itself_and_the_local_node_holds_its_cidrs_first() {
+    let mut n = good(2);
+    n.pod_cidrs = vec!["10.244.2.0/24".into(), "10.244.2.128/25".into()];
+    assert!(rejected(n).reason.contains("own pod CIDRs"));
+    let mut shadow = good(2);
+    shadow.pod_cidrs = vec!["10.244.0.0/25".into()];
+    shadow.created = -1;
+    assert_eq!(rejected(shadow).held_by.as_deref(), Some("this node"), "the local node wins, however young");
+}
+
+#[test]
+fn the_controller_judges_every_node_by_its_own_backend() {
+    let mut ipip = good(3);
+    ipip.backend = Some("ipip".into());
+    ipip.vtep_mac = None;
+    let mut unknown = good(4);
+    unknown.backend = Some("wireguard".into());
+    let mut clash = good(5);
+    clash.vtep_mac = good(1).vtep_mac;
+    let out = cluster_rules().validate(&[good(1), ipip, unknown, clash]);
+    assert_eq!(out.accepted.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["node-1", "node-3"]);
+    assert_eq!(out.accepted[1].vtep_mac, None);
+    assert_eq!(out.skipped.get("node-4"), Some(&Skip::OtherBackend("wireguard".into())));
+    assert_eq!(out.rejected.len(), 1);
+    assert_eq!((out.rejected[0].node.as_str(), out.rejected[0].reason_label()), ("node-5", "vtep-mac"));
 }
 
 #[test]
@@ -116,7 +150,7 @@ fn cidr_rules() {
         let mut n = good(2);
         n.pod_cidrs = vec![cidr.into()];
         let r = rejected(n);
-        assert_eq!(r.field, "spec.podCIDRs");
+        assert_eq!(r.field, FIELD_POD_CIDRS);
         assert!(r.reason.contains(reason), "{cidr}: {r}");
     }
 }
@@ -130,8 +164,8 @@ fn overlap_winner_is_the_older_node_whatever_the_order() {
     young.created = 10;
     for nodes in [[old.clone(), young.clone()], [young.clone(), old.clone()]] {
         let out = validator().validate(&nodes);
-        assert_eq!(out.peers.len(), 1);
-        assert_eq!(out.peers[0].name, "node-5");
+        assert_eq!(out.accepted.len(), 1);
+        assert_eq!(out.accepted[0].name, "node-5");
     }
 }
 
@@ -142,7 +176,7 @@ fn pending_and_other_backend_nodes_are_skipped_not_rejected() {
     let mut ipip = good(3);
     ipip.backend = Some("ipip".into());
     let out = validator().validate(&[good(1), pending, ipip]);
-    assert_eq!(out.peers.len(), 1);
+    assert_eq!(out.accepted.len(), 1);
     assert!(out.rejected.is_empty());
     assert_eq!(out.skipped.get("node-2"), Some(&Skip::Pending));
     assert_eq!(out.skipped.get("node-3"), Some(&Skip::OtherBackend("ipip".into())));
