@@ -1,5 +1,8 @@
 //! The reconciler: keeps the kernel equal to the desired state of the latest
-//! peer set. It is the only writer of weir's kernel state.
+//! peer set. In on-demand mode the miss responder (`ondemand`) writes its
+//! answers directly, for speed; the engine hands it what to answer from and
+//! checks every answer on its next pass. The dependency runs one way: the
+//! engine knows `ondemand`, not the reverse.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -146,7 +149,7 @@ impl<K: Kernel> Engine<K> {
         self.desired = plan::desired_state(self.cfg.backend, self.peers.peers.values());
         self.generation += 1;
         if let Some(od) = &self.cfg.on_demand {
-            od.table.send_replace(Arc::new(MissTable::new(self.peers.peers.values(), &od.active)));
+            od.table.send_replace(Arc::new(MissTable::new(self.ifindex, self.peers.peers.values(), &od.active)));
             od.active.retain_known(|p| self.peers.peers.contains_key(p));
         }
         self.metrics.peers.with_label_values(&[labels::ACCEPTED]).set(self.peers.peers.len() as i64);
@@ -233,6 +236,11 @@ impl<K: Kernel> Engine<K> {
         // keeps every peer's fdb entries pointing at the right address.
         if self.cfg.device.mac.is_none() {
             self.cfg.device.mac = device.mac;
+        }
+        if self.ifindex != device.ifindex
+            && let Some(od) = &self.cfg.on_demand
+        {
+            od.table.send_modify(|t| Arc::make_mut(t).ifindex = device.ifindex);
         }
         self.ifindex = device.ifindex;
         self.status.send_modify(|s| {

@@ -168,15 +168,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let responder = Responder {
             table: table_rx,
             active,
-            status: status.clone(),
             metrics: metrics.clone(),
             resync: ev_tx.clone(),
             rcvbuf: args.miss_rcvbuf,
         };
         let port = responder.spawn().context("start the miss responder thread")?;
         // The responder's own answers are not drift, and waking the engine
-        // for them while the first packet is in flight cost ~17 µs of its
-        // latency (B5, 120 interleaved trials: 0.105 -> 0.088 ms). vxlan
+        // for them while the first packet is in flight costs part of its
+        // latency (BENCHMARKS.md, B5). vxlan
         // reports fdb writes without a sender, so new fdb entries are not
         // events at all in this mode: someone else adding or replacing one
         // on our device is repaired by the periodic resync instead of at

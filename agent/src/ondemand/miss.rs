@@ -3,7 +3,7 @@
 //! Only the header fields and the one attribute a miss needs are read, with
 //! netlink-packet-route's zero-copy buffers: this runs while the first packet
 //! to a peer waits in the kernel, and whole-message deserialization (every
-//! attribute into a Vec) cost ~20 µs per miss on a cold cache.
+//! attribute into a Vec) cost a measurable share of it (BENCHMARKS.md, B5).
 
 use std::net::IpAddr;
 

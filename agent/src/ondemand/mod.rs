@@ -161,17 +161,21 @@ impl Hasher for KeyHasher {
 
 type KeyMap<K> = HashMap<K, Answer, BuildHasherDefault<KeyHasher>>;
 
-/// Lookup tables from the current peer set, rebuilt when it changes and
-/// swapped in whole, so the responder's hot path takes no lock beyond one read.
+/// What the responder answers from: lookup tables of the current peer set
+/// and the device the misses come from. The engine builds a new one when the
+/// peers or the device change and swaps it in whole, so the responder's hot
+/// path takes no lock beyond one read.
 #[derive(Debug, Default, Clone)]
 pub struct MissTable {
+    /// weir's device; misses on other devices are not ours.
+    pub ifindex: u32,
     by_gateway: KeyMap<IpAddr>,
     by_mac: KeyMap<Mac>,
 }
 
 impl MissTable {
-    pub fn new<'a>(peers: impl IntoIterator<Item = &'a Peer>, active: &ActiveSet) -> Self {
-        let mut t = MissTable::default();
+    pub fn new<'a>(ifindex: u32, peers: impl IntoIterator<Item = &'a Peer>, active: &ActiveSet) -> Self {
+        let mut t = MissTable { ifindex, ..Default::default() };
         for p in peers {
             let answer = Answer { mac: p.vtep_mac, underlay: p.underlay_ip, mark: active.mark_of(&p.name) };
             for cidr in &p.pod_cidrs {
@@ -209,7 +213,7 @@ mod tests {
     #[test]
     fn table_answers_gateways_and_macs() {
         let p = node2();
-        let t = MissTable::new([&p], &ActiveSet::default());
+        let t = MissTable::new(7, [&p], &ActiveSet::default());
         assert_eq!(t.gateway(&"10.244.2.0".parse().unwrap()).unwrap().mac, p.vtep_mac);
         assert_eq!(t.gateway(&"fd00:10:244:2::".parse().unwrap()).unwrap().underlay, p.underlay_ip);
         assert!(t.gateway(&"10.244.2.1".parse().unwrap()).is_none());
@@ -220,8 +224,8 @@ mod tests {
     fn marking_through_the_table_activates_the_peer_across_rebuilds() {
         let active = ActiveSet::default();
         let p = node2();
-        let old = MissTable::new([&p], &active);
-        let new = MissTable::new([&p], &active);
+        let old = MissTable::new(7, [&p], &active);
+        let new = MissTable::new(7, [&p], &active);
         assert!(!active.contains("node-2"));
         // The responder may still hold the old table when it answers.
         old.gateway(&"10.244.2.0".parse().unwrap()).unwrap().mark.mark(active.stamp(Instant::now()));

@@ -4,8 +4,8 @@
 //! It runs on its own OS thread with blocking sockets. The first packet to a
 //! peer waits in the kernel's queue for this answer, so the path from the miss
 //! to the write is the benchmark: waking a parked tokio worker and handing the
-//! task over cost ~0.1 ms here, a thread blocked in recv() costs a context
-//! switch. rtnetlink handles a request inside sendmsg(), so the ack is already
+//! task over cost more than the whole answer (BENCHMARKS.md, B5), a thread
+//! blocked in recv() costs a context switch. rtnetlink handles a request inside sendmsg(), so the ack is already
 //! queued when send() returns and is read without blocking or a second wake-up.
 //!
 //! For an L3 miss it writes the fdb entry, then the neighbour entry, in one
@@ -28,13 +28,11 @@ use super::{ActiveSet, MissTable};
 use crate::dataplane::FilterRule;
 use crate::dataplane::batch::acks;
 use crate::dataplane::events::KernelEvent;
-use crate::engine::EngineStatus;
 use crate::metrics::{Metrics, labels};
 
 pub struct Responder {
     pub table: watch::Receiver<Arc<MissTable>>,
     pub active: Arc<ActiveSet>,
-    pub status: watch::Receiver<EngineStatus>,
     pub metrics: Arc<Metrics>,
     /// Tells the engine to resync: after notifications were lost, and after
     /// each answer.
@@ -90,7 +88,6 @@ impl RateLimited {
 /// not allocate.
 struct Session {
     writer: Socket,
-    ifindex: u32,
     table: Arc<MissTable>,
     seq: u32,
     datagram: Vec<u8>,
@@ -109,7 +106,6 @@ impl Responder {
         let (writer, port) = open_writer()?;
         let session = Session {
             writer,
-            ifindex: self.status.borrow_and_update().ifindex,
             table: self.table.borrow_and_update().clone(),
             seq: 0,
             datagram: Vec::with_capacity(256),
@@ -148,16 +144,13 @@ impl Responder {
                     break;
                 }
                 let received = Instant::now();
-                // The engine swaps these rarely; checking the version is one
+                // The engine swaps it rarely; checking the version is one
                 // atomic load, taking the lock every miss is two more.
-                if self.status.has_changed().unwrap_or(false) {
-                    session.ifindex = self.status.borrow_and_update().ifindex;
-                }
                 if self.table.has_changed().unwrap_or(false) {
                     session.table = self.table.borrow_and_update().clone();
                 }
                 let mut answered = false;
-                for parsed in parse_datagram(&buf, session.ifindex) {
+                for parsed in parse_datagram(&buf, session.table.ifindex) {
                     answered |= self.answer(&mut session, parsed, received, &mut unknown_log);
                 }
                 if answered {
@@ -166,7 +159,7 @@ impl Responder {
                     // wake it while the first packet is in flight). Now that
                     // the packet is out, let it check the entries and report
                     // the miss in its status.
-                    let _ = self.resync.try_send(KernelEvent::Changed { ifindex: session.ifindex, ours: true });
+                    let _ = self.resync.try_send(KernelEvent::Changed { ifindex: session.table.ifindex, ours: true });
                 }
             }
         }
@@ -199,7 +192,7 @@ impl Responder {
         };
         answer.mark.mark(self.active.stamp(received));
         s.datagram.clear();
-        s.seq = encode_answer(&mut s.datagram, s.ifindex, answer.mac, answer.underlay, gateway, s.seq);
+        s.seq = encode_answer(&mut s.datagram, s.table.ifindex, answer.mac, answer.underlay, gateway, s.seq);
         if let Err(e) = s.writer.send(&s.datagram, 0) {
             warn!(error = %e, "sending a miss answer failed");
             self.counter(kind).with_label_values(&[labels::ERROR]).inc();
