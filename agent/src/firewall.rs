@@ -98,21 +98,30 @@ fn by_family(v: &[IpNet]) -> Vec<(&'static str, Vec<&IpNet>)> {
     [("ip", v4), ("ip6", v6)].into_iter().filter(|(_, v)| !v.is_empty()).collect()
 }
 
-async fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+/// Why an `nft` run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run nft: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("nft {args}: {stderr}")]
+    Failed { args: String, stderr: String },
+}
+
+async fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
     let mut cmd = tokio::process::Command::new("nft");
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     if stdin.is_some() {
         cmd.stdin(Stdio::piped());
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run nft: {e}"))?;
+    let mut child = cmd.spawn().map_err(NftError::Spawn)?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).await.map_err(|e| format!("nft stdin: {e}"))?;
+        pipe.write_all(input.as_bytes()).await.map_err(NftError::Spawn)?;
     }
-    let out = child.wait_with_output().await.map_err(|e| format!("nft: {e}"))?;
+    let out = child.wait_with_output().await.map_err(NftError::Spawn)?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(format!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(NftError::Failed { args: args.join(" "), stderr: String::from_utf8_lossy(&out.stderr).trim().into() })
     }
 }
 
@@ -122,11 +131,14 @@ async fn dropped_packets() -> Option<u64> {
     v["nftables"].as_array()?.iter().find_map(|o| o["counter"]["packets"].as_u64())
 }
 
-pub async fn delete_table() -> Result<(), String> {
-    match nft(&["delete", "table", "inet", "weir"], None).await {
-        Err(e) if e.contains("No such file") => Ok(()),
-        other => other.map(|_| ()),
+/// Removes weir's table; absent is fine. (nft reports a missing table only
+/// as text, so the tables are listed first rather than the error parsed.)
+pub async fn delete_table() -> Result<(), NftError> {
+    let tables = nft(&["list", "tables"], None).await?;
+    if !tables.lines().any(|l| l.trim() == format!("table {TABLE}")) {
+        return Ok(());
     }
+    nft(&["delete", "table", "inet", "weir"], None).await.map(|_| ())
 }
 
 /// Keeps the table equal to the spec for the current peers: re-applied when

@@ -24,9 +24,9 @@ fn main() -> std::process::ExitCode {
 }
 
 /// glibc gives each thread that allocates its own arena and keeps freed pages
-/// in each: measured at 5,000 Nodes, one arena holds the agent at 23.8 MB RSS
-/// against 30.7 MB with the default (BENCHMARKS.md, B4). The agent allocates
-/// little on its hot paths, so one arena costs no measurable contention.
+/// in each; at 5,000 Nodes one arena holds the agent's memory well below the
+/// default's (BENCHMARKS.md, B4). The agent allocates little on its hot
+/// paths, so one arena costs no measurable contention.
 /// Must run before any thread starts.
 #[allow(unsafe_code)]
 fn limit_malloc_arenas() {

@@ -102,9 +102,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let nodes_api: Option<Api<Node>> = client.clone().map(Api::all);
     let own = match (&nodes_api, &args.peers_file) {
         (Some(api), _) => own_from_api(api, &node_name, &probes).await?,
-        (None, Some(path)) => {
-            own_from_file(&file::read(path, args.backend.as_str()).map_err(anyhow::Error::msg)?, &node_name)?
-        }
+        (None, Some(path)) => own_from_file(&file::read(path, args.backend).map_err(anyhow::Error::msg)?, &node_name)?,
         (None, None) => unreachable!("either the API or a peers file"),
     };
 
@@ -199,7 +197,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let wanted = kube_peers::weir_annotations(
             under.ip,
             vtep_mac.filter(|_| args.backend == Backend::Vxlan).map(|m| m.to_string()),
-            args.backend.as_str(),
+            args.backend,
             args.vni,
         );
         spawn_retrying("publish annotations", {
@@ -267,7 +265,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         (None, Some(path)) => {
             let mut publish = publish;
-            tokio::spawn(file::watch(path.clone(), args.backend.as_str().to_string(), move |nodes| {
+            tokio::spawn(file::watch(path.clone(), args.backend, move |nodes| {
                 let map: BTreeMap<String, NodeInfo> = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
                 publish(&map, true)
             }));

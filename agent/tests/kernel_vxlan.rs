@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use weir_agent::dataplane::{DeviceAction, Kernel};
+use weir_agent::dataplane::{DeviceAction, DeviceFix, Kernel};
 use weir_agent::model::PeerSet;
 
 #[test]
@@ -35,7 +35,7 @@ fn device_is_created_adopted_and_recreated() {
             let adopted = k.ensure_device(&spec).await.unwrap();
             assert_eq!(adopted.ifindex, first.ifindex);
             assert!(
-                matches!(&adopted.action, DeviceAction::Adopted { fixed } if fixed.iter().any(|f| f.contains("mtu")))
+                matches!(&adopted.action, DeviceAction::Adopted { fixed } if fixed.iter().any(|f| matches!(f, DeviceFix::Mtu { was: Some(1300), now: 1450 })))
             );
             assert_eq!(json("ip -j link show weir.1")[0]["mtu"], 1450);
             let again = k.ensure_device(&spec).await.unwrap();

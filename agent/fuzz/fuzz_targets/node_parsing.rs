@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = text.parse::<Mac>();
-        if let Ok(list) = file::parse(text, "vxlan") {
+        if let Ok(list) = file::parse(text, Backend::Vxlan) {
             nodes.extend(list);
         }
     }

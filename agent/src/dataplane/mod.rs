@@ -64,9 +64,9 @@ pub struct DeviceStatus {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceAction {
-    /// The device matched; nothing or only MTU/MAC/up/addresses were fixed.
+    /// The device matched; nothing or only what `DeviceFix` lists was fixed.
     Adopted {
-        fixed: Vec<String>,
+        fixed: Vec<DeviceFix>,
     },
     Created,
     Recreated {
@@ -74,11 +74,37 @@ pub enum DeviceAction {
     },
 }
 
+/// A setting of an adopted device that was put right in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceFix {
+    Mtu { was: Option<u32>, now: u32 },
+    Mac { was: Option<Mac>, now: Mac },
+    Up,
+    AddressAdded(ipnet::IpNet),
+    AddressRemoved(ipnet::IpNet),
+}
+
+impl fmt::Display for DeviceFix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let or_none = |v: Option<String>| v.unwrap_or_else(|| "none".into());
+        match self {
+            DeviceFix::Mtu { was, now } => write!(f, "mtu {}->{now}", or_none(was.map(|m| m.to_string()))),
+            DeviceFix::Mac { was, now } => write!(f, "address {}->{now}", or_none(was.map(|m| m.to_string()))),
+            DeviceFix::Up => write!(f, "up"),
+            DeviceFix::AddressAdded(net) => write!(f, "address +{net}"),
+            DeviceFix::AddressRemoved(net) => write!(f, "address -{net}"),
+        }
+    }
+}
+
 impl fmt::Display for DeviceAction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DeviceAction::Adopted { fixed } if fixed.is_empty() => write!(f, "adopted unchanged"),
-            DeviceAction::Adopted { fixed } => write!(f, "adopted, fixed {}", fixed.join(", ")),
+            DeviceAction::Adopted { fixed } => {
+                let fixed: Vec<String> = fixed.iter().map(|x| x.to_string()).collect();
+                write!(f, "adopted, fixed {}", fixed.join(", "))
+            }
             DeviceAction::Created => write!(f, "created"),
             DeviceAction::Recreated { reason } => write!(f, "recreated: {reason}"),
         }

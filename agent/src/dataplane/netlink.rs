@@ -18,14 +18,11 @@ use tracing::info;
 use super::batch::{Batcher, encode_op};
 use super::device::{FoundDevice, FoundKind};
 use super::{AF_BRIDGE, AF_INET, AF_INET6};
-use super::{DeviceAction, DeviceKind, DeviceSpec, DeviceStatus, Kernel, KernelError, OpResult};
+use super::{DeviceAction, DeviceFix, DeviceKind, DeviceSpec, DeviceStatus, Kernel, KernelError, OpResult};
 use crate::model::Mac;
 use crate::plan::{KernelState, Op, ROUTE_PROTOCOL};
 
-const ENOENT: i32 = 2;
-const ESRCH: i32 = 3;
-const ENODEV: i32 = 19;
-const EOPNOTSUPP: i32 = 95;
+use libc::{ENODEV, ENOENT, EOPNOTSUPP, ESRCH};
 
 pub struct NetlinkKernel {
     handle: Handle,
@@ -210,20 +207,20 @@ impl NetlinkKernel {
         })
     }
 
-    async fn fix_link(&self, spec: &DeviceSpec, found: &FoundDevice) -> Result<Vec<String>, KernelError> {
+    async fn fix_link(&self, spec: &DeviceSpec, found: &FoundDevice) -> Result<Vec<DeviceFix>, KernelError> {
         let mut fixed = Vec::new();
         let mut b = LinkUnspec::new_with_index(found.ifindex);
         if found.mtu != Some(spec.mtu) {
-            fixed.push(format!("mtu {:?}->{}", found.mtu, spec.mtu));
+            fixed.push(DeviceFix::Mtu { was: found.mtu, now: spec.mtu });
             b = b.mtu(spec.mtu);
         }
         let ethernet = matches!(spec.kind, DeviceKind::Vxlan { .. });
         if let Some(mac) = spec.mac.filter(|m| ethernet && found.mac != Some(*m)) {
-            fixed.push(format!("address {:?}->{mac}", found.mac));
+            fixed.push(DeviceFix::Mac { was: found.mac, now: mac });
             b = b.address(mac.0.to_vec());
         }
         if !found.up {
-            fixed.push("up".into());
+            fixed.push(DeviceFix::Up);
         }
         if !fixed.is_empty() {
             let msg = b.up().build();
@@ -237,7 +234,7 @@ impl NetlinkKernel {
         Ok(fixed)
     }
 
-    async fn sync_addresses(&self, spec: &DeviceSpec, ifindex: u32) -> Result<Vec<String>, KernelError> {
+    async fn sync_addresses(&self, spec: &DeviceSpec, ifindex: u32) -> Result<Vec<DeviceFix>, KernelError> {
         let mut present = Vec::new();
         let mut stale = Vec::new();
         let mut addrs = self.handle.address().get().set_link_index_filter(ifindex).execute();
@@ -254,7 +251,7 @@ impl NetlinkKernel {
             if spec.addresses.contains(&net) {
                 present.push(net);
             } else if !is_link_local(&ip) {
-                stale.push(msg);
+                stale.push((net, msg));
             }
         }
         let mut fixed = Vec::new();
@@ -266,10 +263,10 @@ impl NetlinkKernel {
                 .execute()
                 .await
                 .map_err(|e| to_kernel_error(format!("ip addr replace {net} dev {}", spec.name), e))?;
-            fixed.push(format!("address +{net}"));
+            fixed.push(DeviceFix::AddressAdded(*net));
         }
-        for msg in stale {
-            fixed.push(format!("address -{:?}", msg.attributes.first()));
+        for (net, msg) in stale {
+            fixed.push(DeviceFix::AddressRemoved(net));
             self.handle
                 .address()
                 .del(msg)

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::validate::{ANN_BACKEND, ANN_PUBLIC_IP, ANN_VNI, ANN_VTEP_MAC, NodeInfo};
 use crate::metrics::{Metrics, labels};
+use crate::model::Backend;
 pub use weir_common::nodes::trim;
 
 pub fn internal_ips(node: &Node) -> Vec<IpAddr> {
@@ -141,10 +142,10 @@ fn chrono_now() -> String {
 pub fn weir_annotations(
     public_ip: IpAddr,
     mac: Option<String>,
-    backend: &str,
+    backend: Backend,
     vni: u32,
 ) -> Vec<(&'static str, String)> {
-    let mut v = vec![(ANN_PUBLIC_IP, public_ip.to_string()), (ANN_BACKEND, backend.to_string())];
+    let mut v = vec![(ANN_PUBLIC_IP, public_ip.to_string()), (ANN_BACKEND, backend.as_str().to_string())];
     if let Some(mac) = mac {
         v.push((ANN_VTEP_MAC, mac));
         v.push((ANN_VNI, vni.to_string()));
