@@ -12,13 +12,13 @@ use k8s_openapi::api::core::v1::Node;
 use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher;
 use kube_lease_manager::LeaseManagerBuilder;
 use serde_json::json;
 use tracing::{info, warn};
 use weir_common::http::{self, Response};
 
-use weir_common::nodes::{NodeInfo, Rejection};
+use weir_common::nodes::{Change, NodeIndex, NodeInfo, Rejection};
 
 use crate::alloc::{Allocator, Pool};
 use crate::cli::Args;
@@ -99,11 +99,11 @@ struct State {
     alloc: Allocator,
     /// What each Node holds, from the list and from our own successful patches.
     held: BTreeMap<String, Vec<IpNet>>,
-    nodes: BTreeMap<String, NodeInfo>,
+    index: NodeIndex,
     quarantine: Vec<(Vec<IpNet>, Instant)>,
+    /// Nodes that found the pool full; tried again once a Node is deleted.
     exhausted: BTreeSet<String>,
     verdicts: Verdicts,
-    synced: bool,
 }
 
 /// A Node's pod CIDRs, those that parse; the peer rules report the others.
@@ -115,77 +115,79 @@ async fn lead(api: Api<Node>, alloc: Allocator, verdicts: Verdicts, metrics: Arc
     let mut st = State {
         alloc,
         held: BTreeMap::new(),
-        nodes: BTreeMap::new(),
+        index: NodeIndex::default(),
         quarantine: Vec::new(),
         exhausted: BTreeSet::new(),
         verdicts,
-        synced: false,
     };
-    let mut relist: Option<BTreeMap<String, NodeInfo>> = None;
     let stream =
         weir_common::watch::with_backoff(watcher::watcher(api.clone(), watcher::Config::default())).ready_chunks(1024);
     futures::pin_mut!(stream);
     while let Some(batch) = stream.next().await {
-        let mut need: Vec<String> = Vec::new();
-        // Whether any Node's weir fields changed, so the peer rules must run again.
-        let mut changed = false;
+        // Whether any Node's weir fields changed, so the peer rules must run
+        // again; whether a deleted Node freed CIDRs for those that found the
+        // pool full.
+        let (mut changed, mut freed) = (false, false);
         for ev in batch {
-            match ev {
-                Ok(Event::Init) => relist = Some(BTreeMap::new()),
-                Ok(Event::InitApply(n)) => {
-                    let v = weir_common::nodes::trim(&n);
-                    relist.get_or_insert_with(BTreeMap::new).insert(v.name.clone(), v);
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    warn!(error = %e, "node watch failed; retrying");
+                    continue;
                 }
-                Ok(Event::InitDone) => {
-                    st.nodes = relist.take().unwrap_or_default();
-                    rebuild(&mut st);
-                    st.synced = true;
-                    changed = true;
-                    need.extend(st.nodes.values().filter(|v| v.pod_cidrs.is_empty()).map(|v| v.name.clone()));
-                }
-                Ok(Event::Apply(n)) => {
-                    let v = weir_common::nodes::trim(&n);
-                    let held = cidrs(&v);
-                    if !held.is_empty() {
-                        let known = st.held.get(&v.name);
-                        if known != Some(&held) {
-                            if let Some(old) = known.cloned() {
-                                st.alloc.release(&old);
-                            }
-                            st.alloc.mark(&held);
-                            st.held.insert(v.name.clone(), held);
-                        }
-                    } else if !st.held.contains_key(&v.name) {
-                        need.push(v.name.clone());
-                    }
-                    changed |= st.nodes.get(&v.name) != Some(&v);
-                    st.nodes.insert(v.name.clone(), v);
-                }
-                Ok(Event::Delete(n)) => {
-                    let name = n.metadata.name.clone().unwrap_or_default();
-                    changed |= st.nodes.remove(&name).is_some();
-                    st.exhausted.remove(&name);
-                    if let Some(cidrs) = st.held.remove(&name) {
+            };
+            match st.index.apply(ev) {
+                Some(Change::Relisted) => rebuild(&mut st),
+                Some(Change::Changed { name, .. }) => track(&mut st, &name),
+                Some(Change::Deleted(node)) => {
+                    st.exhausted.remove(&node.name);
+                    if let Some(cidrs) = st.held.remove(&node.name) {
                         st.alloc.release(&cidrs);
                         metrics.releases.inc();
-                        info!(node = %name, cidrs = ?cidrs, "node deleted; pod CIDRs released");
-                        // Capacity freed: nodes that found the pool full get another try.
-                        need.extend(st.exhausted.iter().cloned());
+                        info!(node = %node.name, cidrs = ?cidrs, "node deleted; pod CIDRs released");
+                        freed = true;
                     }
                 }
-                Err(e) => warn!(error = %e, "node watch failed; retrying"),
+                None => continue,
             }
+            changed = true;
         }
-        if st.synced && !need.is_empty() {
-            need.sort();
-            need.dedup();
+        if !st.index.is_complete() {
+            continue;
+        }
+        // Every Node still without pod CIDRs, each batch: one whose patch
+        // had an unknown outcome, or that found the pool full, gets another
+        // try without waiting for its own next change.
+        let need: Vec<String> = st
+            .index
+            .nodes()
+            .values()
+            .filter(|n| n.pod_cidrs.is_empty() && !st.held.contains_key(&n.name))
+            .filter(|n| freed || !st.exhausted.contains(&n.name))
+            .map(|n| n.name.clone())
+            .collect();
+        if !need.is_empty() {
             allocate(&api, &mut st, need, &metrics, &recorder).await;
         }
-        if st.synced && changed {
+        if changed {
             judge(&mut st, &metrics, &recorder).await;
         }
         update_pool_metrics(&st, &metrics);
     }
+}
+
+/// Takes note of the pod CIDRs a changed Node holds, whoever set them.
+fn track(st: &mut State, name: &str) {
+    let Some(node) = st.index.nodes().get(name) else { return };
+    let held = cidrs(node);
+    if held.is_empty() || st.held.get(name) == Some(&held) {
+        return;
+    }
+    if let Some(old) = st.held.remove(name) {
+        st.alloc.release(&old);
+    }
+    st.alloc.mark(&held);
+    st.held.insert(name.to_string(), held);
 }
 
 /// Rebuilds the map from the list: everything any Node holds is used, plus
@@ -193,7 +195,7 @@ async fn lead(api: Api<Node>, alloc: Allocator, verdicts: Verdicts, metrics: Arc
 fn rebuild(st: &mut State) {
     st.alloc.clear();
     st.held.clear();
-    for v in st.nodes.values() {
+    for v in st.index.nodes().values() {
         let held = cidrs(v);
         if !held.is_empty() {
             st.alloc.mark(&held);
@@ -205,7 +207,7 @@ fn rebuild(st: &mut State) {
         st.alloc.mark(cidrs);
     }
     info!(
-        nodes = st.nodes.len(),
+        nodes = st.index.nodes().len(),
         held = st.held.len(),
         quarantined = st.quarantine.len(),
         "allocation map rebuilt from a full list"
@@ -215,7 +217,7 @@ fn rebuild(st: &mut State) {
 async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: &Metrics, recorder: &Recorder) {
     let mut planned = Vec::new();
     for name in names {
-        if st.held.contains_key(&name) || !st.nodes.contains_key(&name) {
+        if st.held.contains_key(&name) || !st.index.nodes().contains_key(&name) {
             continue;
         }
         match st.alloc.allocate() {
@@ -280,7 +282,7 @@ async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: 
 /// Runs the peer rules over every Node, as the agents do, and reports each
 /// new rejection as a Warning Event on its Node.
 async fn judge(st: &mut State, metrics: &Metrics, recorder: &Recorder) {
-    let (report, counts) = st.verdicts.judge(st.nodes.values(), Instant::now());
+    let (report, counts) = st.verdicts.judge(st.index.nodes().values(), Instant::now());
     for (kind, n) in counts.conflicts {
         metrics.conflicts.with_label_values(&[kind]).set(n);
     }
@@ -300,7 +302,10 @@ async fn report_rejection(recorder: &Recorder, r: &Rejection) {
 async fn publish(recorder: &Recorder, node: &str, type_: EventType, reason: &str, action: &str, note: &str) {
     let mut obj = Node::default();
     obj.metadata.name = Some(node.to_string());
-    let reference = obj.object_ref(&());
+    let mut reference = obj.object_ref(&());
+    // A Node's events carry its name as uid, as the kubelet's do: that is
+    // what `kubectl describe node` looks them up by.
+    reference.uid = Some(node.to_string());
     let ev = KEvent { type_, reason: reason.into(), note: Some(note.into()), action: action.into(), secondary: None };
     if let Err(e) = recorder.publish(&ev, &reference).await {
         warn!(%node, error = %e, "cannot publish event");

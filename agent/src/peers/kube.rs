@@ -17,6 +17,7 @@ use super::validate::{ANN_BACKEND, ANN_PUBLIC_IP, ANN_VNI, ANN_VTEP_MAC, NodeInf
 use crate::metrics::{Metrics, labels};
 use crate::model::Backend;
 pub use weir_common::nodes::trim;
+use weir_common::nodes::{Change, NodeIndex};
 
 pub fn internal_ips(node: &Node) -> Vec<IpAddr> {
     node.status
@@ -27,16 +28,15 @@ pub fn internal_ips(node: &Node) -> Vec<IpAddr> {
 }
 
 /// Watches all Nodes forever. `on_change(nodes, complete)` is called once per
-/// batch of events; `complete` is true once a full list has been seen, and
-/// each re-list replaces the whole map so vanished nodes disappear.
+/// batch of events that changed something weir reads; `complete` is true
+/// once a full list has been seen, and each re-list replaces the whole map so
+/// vanished nodes disappear (`weir_common::nodes::NodeIndex`).
 pub async fn watch_nodes(
     api: Api<Node>,
     metrics: Arc<Metrics>,
     mut on_change: impl FnMut(&BTreeMap<String, NodeInfo>, bool),
 ) {
-    let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
-    let mut relist: Option<BTreeMap<String, NodeInfo>> = None;
-    let mut complete = false;
+    let mut index = NodeIndex::default();
     let stream = weir_common::watch::with_backoff(watcher::watcher(api, watcher::Config::default())).ready_chunks(4096);
     futures::pin_mut!(stream);
     // Validating the whole set costs milliseconds at thousands of nodes, so a
@@ -70,34 +70,16 @@ pub async fn watch_nodes(
                 Event::InitDone => "init_done",
             };
             metrics.kube_watch_events.with_label_values(&[kind]).inc();
-            match ev {
-                Event::Init => relist = Some(BTreeMap::new()),
-                Event::InitApply(n) => {
-                    let info = trim(&n);
-                    relist.get_or_insert_with(BTreeMap::new).insert(info.name.clone(), info);
+            let first_list = !index.is_complete();
+            if let Some(change) = index.apply(ev) {
+                if change == Change::Relisted && first_list {
+                    info!(nodes = index.nodes().len(), "initial node list complete");
                 }
-                Event::InitDone => {
-                    nodes = relist.take().unwrap_or_default();
-                    if !complete {
-                        info!(nodes = nodes.len(), "initial node list complete");
-                    }
-                    complete = true;
-                    pending = true;
-                }
-                Event::Apply(n) => {
-                    let info = trim(&n);
-                    if nodes.get(&info.name) != Some(&info) {
-                        nodes.insert(info.name.clone(), info);
-                        pending = true;
-                    }
-                }
-                Event::Delete(n) => {
-                    pending |= nodes.remove(n.metadata.name.as_deref().unwrap_or_default()).is_some();
-                }
+                pending = true;
             }
         }
         if pending && last_publish.elapsed() >= MIN_GAP {
-            on_change(&nodes, complete);
+            on_change(index.nodes(), index.is_complete());
             pending = false;
             last_publish = Instant::now();
         }
