@@ -5,8 +5,8 @@
 //! it sits at 30 s, and the first answer from the returning server is often a
 //! 410 (the watch's resource version left the history while it was away).
 //! That error costs another full backoff before the re-list it asks for, so a
-//! Node added right after the outage waited ~55 s to be seen (measured in the
-//! lab, e2e `test_apiserver_down_60s...`). Here a 410 resets the backoff: the
+//! Node added right after the outage waited most of a minute to be seen (the
+//! lab's e2e `test_apiserver_down_60s...`). Here a 410 resets the backoff: the
 //! server has answered, and the re-list follows at once. Every other error
 //! still backs off, so a struggling server is not hammered, and a fleet of
 //! agents reaches its re-lists spread by the same jitter that spread its
