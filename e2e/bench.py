@@ -54,28 +54,12 @@ def create_fakes(ks, with_cidr=True, chunk=500, addresses=True):
         if not addresses:
             continue
         # status (addresses) is a subresource; the API ignores it on create
-        api_script = _status_script([it["metadata"]["name"] for it in items])
-        lab.sh(["python3", "-c", api_script], ns=lab.CP_NS)
+        load("addresses", *[it["metadata"]["name"] for it in items])
 
 
-def _client_prelude():
-    pki = lab.STATE / "pki"
-    return ("import http.client, ssl, json, time, sys\n"
-            f"ctx = ssl.create_default_context(cafile={str(pki / 'ca.crt')!r})\n"
-            f"ctx.load_cert_chain({str(pki / 'admin.crt')!r}, {str(pki / 'admin.key')!r})\n"
-            f"c = http.client.HTTPSConnection({lab.CP_IP!r}, 6443, context=ctx, timeout=30)\n"
-            "def req(method, path, body, ctype='application/json'):\n"
-            "    c.request(method, path, body=json.dumps(body), headers={'Content-Type': ctype})\n"
-            "    r = c.getresponse(); data = r.read()\n"
-            "    if r.status >= 300: raise SystemExit(f'{method} {path}: {r.status} {data[:200]}')\n")
-
-
-def _status_script(names):
-    return _client_prelude() + (
-        f"for n in {names!r}:\n"
-        "    k = int(n.split('-')[1]); ip = f'198.19.{k // 256}.{k % 256}'\n"
-        "    req('PATCH', f'/api/v1/nodes/{n}/status', {'status': {'addresses': [{'type': 'InternalIP', 'address': ip}]}},"
-        " 'application/merge-patch+json')\n")
+def load(*args):
+    """Runs e2e/bench_load.py inside the control-plane namespace; returns its output."""
+    return lab.sh(["python3", str(lab.E2E / "bench_load.py"), *map(str, args)], ns=lab.CP_NS)
 
 
 def delete_fakes():
@@ -123,20 +107,7 @@ def bench_join(joins=50, n_nodes=10):
         p = subprocess.Popen(["ip", "-n", lab.node_ns(i), "-ts", "monitor", "route"], stdout=subprocess.PIPE, text=True)
         monitors.append(p)
     time.sleep(0.5)
-    script = _client_prelude() + (
-        f"for k in range(60000, 60000 + {joins}):\n"
-        "    hi, lo = k // 256, k % 256\n"
-        "    ip = f'198.19.{hi % 256}.{lo}'\n"
-        "    node = {'apiVersion': 'v1', 'kind': 'Node', 'metadata': {'name': f'join-{k}', 'labels': {'weir-bench': 'fake'},\n"
-        "        'annotations': {'weir.dev/public-ip': ip, 'weir.dev/vtep-mac': f'0e:fb:00:00:{hi % 256:02x}:{lo:02x}',\n"
-        "                        'weir.dev/backend': 'vxlan'}},\n"
-        "        'spec': {'podCIDR': f'10.{250 + (k - 60000) // 256}.{(k - 60000) % 256}.0/24',\n"
-        "                 'podCIDRs': [f'10.{250 + (k - 60000) // 256}.{(k - 60000) % 256}.0/24']}}\n"
-        "    t0 = time.time()\n"
-        "    req('POST', '/api/v1/nodes', node)\n"
-        "    print(f'{k} {t0:.6f}', flush=True)\n"
-        "    time.sleep(0.3)\n")
-    out = lab.sh(["python3", "-c", script], ns=lab.CP_NS)
+    out = load("join", joins)
     t0 = {int(a): float(b) for a, b in (ln.split() for ln in out.splitlines())}
     time.sleep(2)
     seen = {}  # (node, cidr) -> time
@@ -177,19 +148,9 @@ def bench_memory(levels=(0, 1000, 5000)):
         rows.append(f"{level} nodes: RSS {rss:.1f} MB, initial-sync CPU {cpu1 - cpu0:.2f} s ({time.time() - t:.1f} s wall)")
     # 100 Node updates/s for 10 s: status heartbeats, as kubelets send them.
     names = [f"fake-{k:05d}" for k in range(min(created, 1000))]
-    script = _client_prelude() + (
-        f"names = {names!r}\n"
-        "start = time.time(); n = 0\n"
-        "while time.time() - start < 10:\n"
-        "    name = names[n % len(names)]; n += 1\n"
-        "    now = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())\n"
-        "    req('PATCH', f'/api/v1/nodes/{name}/status', {'status': {'conditions': [{'type': 'Ready', 'status': 'True',"
-        " 'reason': 'KubeletReady', 'lastHeartbeatTime': now, 'lastTransitionTime': now}]}}, 'application/merge-patch+json')\n"
-        "    time.sleep(max(0, start + n / 100 - time.time()))\n"
-        "print(n)\n")
     cpu0, _ = agent_proc(1)
     t = time.time()
-    sent = int(lab.sh(["python3", "-c", script], ns=lab.CP_NS).strip())
+    sent = int(load("heartbeats", *names).strip())
     cpu1, rss = agent_proc(1)
     wall = time.time() - t
     rows.append(f"{sent / wall:.0f} Node updates/s for {wall:.0f} s at {created} nodes: agent CPU {100 * (cpu1 - cpu0) / wall:.1f}%, RSS {rss:.1f} MB")
@@ -344,7 +305,7 @@ def agent_cpu(pid):
 
 
 def metric_from(ns, key):
-    text = lab.sh(["python3", "-c", "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9478/metrics').read().decode())"], ns=ns)
+    text = lab.ns_get(ns, "http://127.0.0.1:9478/metrics")[1]
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(key))
 
 
@@ -478,44 +439,17 @@ def profile_throughput(dst):
 def bench_controller(n=1000):
     """1,000 Node objects written as fast as the API takes them (16 parallel
     connections), then the time until every one has pod CIDRs."""
-    script = _client_prelude().replace("c = http.client", "mk = lambda: http.client").replace(
-        "def req(method", "c = mk()\ndef req(method") + (
-        "import threading\n"
-        f"names = [f'ctl-{{k:05d}}' for k in range({n})]\n"
-        "def worker(chunk):\n"
-        "    conn = mk()\n"
-        "    for name in chunk:\n"
-        "        body = {'apiVersion': 'v1', 'kind': 'Node', 'metadata': {'name': name, 'labels': {'weir-bench': 'fake'}}}\n"
-        "        conn.request('POST', '/api/v1/nodes', body=json.dumps(body), headers={'Content-Type': 'application/json'})\n"
-        "        r = conn.getresponse(); r.read()\n"
-        "t0 = time.time()\n"
-        "threads = [threading.Thread(target=worker, args=(names[i::16],)) for i in range(16)]\n"
-        "[t.start() for t in threads]; [t.join() for t in threads]\n"
-        "t1 = time.time()\n"
-        "while True:\n"
-        "    c.request('GET', '/api/v1/nodes?labelSelector=weir-bench%3Dfake'); items = json.loads(c.getresponse().read())['items']\n"
-        "    done = sum(1 for it in items if it['metadata']['name'].startswith('ctl-') and it.get('spec', {}).get('podCIDRs'))\n"
-        f"    if done >= {n}: break\n"
-        "    time.sleep(0.1)\n"
-        "print(f'{t1 - t0:.2f} {time.time() - t0:.2f}')\n")
-    written, total = lab.sh(["python3", "-c", script], ns=lab.CP_NS).split()
+    written, total = load("burst", n).split()
     report("controller", f"{n} Nodes written with 16 parallel clients in {written} s; all allocated {total} s after the "
                          f"first write ({float(total) - float(written):.2f} s after the last)")
 
 
 def main(only=None):
     want = set(only or ["B1", "B2", "B3", "B4", "B5", "B6", "controller"])
-    if "B5-trace" in want:
-        # Needs no cluster: two namespaces and a release agent.
-        import bench_trace
-        lab.PROFILE = "release"
-        lab.ensure_weir_built()
-        bench_trace.bench_ondemand_trace()
-        want.discard("B5-trace")
-        if not want:
-            return
     if want & {"B1", "B2"}:
         bench_dataplane()
+    if not want - {"B1", "B2"}:
+        return
     lab.down()
     lab.CLUSTER_CIDR = BIG_CLUSTER_CIDR
     lab.PROFILE = "release"

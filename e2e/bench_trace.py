@@ -90,3 +90,9 @@ def bench_ondemand_trace(trials=60):
         if col:
             parts.append(f"{name}: median {statistics.median(col):.0f} us (p10 {bench.pct(col, 10):.0f}, p90 {bench.pct(col, 90):.0f})")
     bench.report("B5-trace", "; ".join(parts))
+
+
+def main():
+    lab.PROFILE = "release"
+    lab.ensure_weir_built()
+    bench_ondemand_trace()

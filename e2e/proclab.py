@@ -641,21 +641,23 @@ def summary():
     return "\n".join(lines)
 
 
+NSCLIENT = E2E / "nsclient.py"
+
+
+def ns_get(ns, url, body=None):
+    """(status, body) of a GET (a POST with `body`) from inside namespace ns."""
+    argv = ["python3", str(NSCLIENT), "post" if body is not None else "get", url]
+    out = json.loads(sh(argv, ns=ns, input=body if body is not None else ""))
+    return out["status"], out["body"]
+
+
 def api_request(kubeconfig_path, method, path, body=None, content_type="application/merge-patch+json"):
     """A raw API request with a kubeconfig's token, from the control-plane namespace
     (kubectl patch first GETs the object, which the agent's RBAC does not allow)."""
-    cfg = json.loads(Path(kubeconfig_path).read_text())
-    token = cfg["users"][0]["user"]["token"]
-    script = (
-        "import http.client, ssl, sys, json\n"
-        f"ctx = ssl.create_default_context(cafile={str(STATE / 'pki' / 'ca.crt')!r})\n"
-        f"c = http.client.HTTPSConnection({CP_IP!r}, 6443, context=ctx, timeout=10)\n"
-        f"c.request({method!r}, {path!r}, body=sys.stdin.read() or None, headers={{'Authorization': 'Bearer {token}', 'Content-Type': {content_type!r}}})\n"
-        "r = c.getresponse(); print(json.dumps({'status': r.status, 'body': r.read().decode()}))\n"
-    )
-    out = sh(["python3", "-c", script], ns=CP_NS, input=json.dumps(body) if body is not None else "")
-    res = json.loads(out)
-    return res["status"], res["body"]
+    token = json.loads(Path(kubeconfig_path).read_text())["users"][0]["user"]["token"]
+    argv = ["python3", str(NSCLIENT), "api", method, path, "--token", token, "--ctype", content_type]
+    out = json.loads(sh(argv, ns=CP_NS, input=json.dumps(body) if body is not None else ""))
+    return out["status"], out["body"]
 
 
 def set_mode(mode, extra_env=None, nodes_=None):

@@ -1,0 +1,42 @@
+"""What every part of the lab shares: its selectors and state, where a node
+keeps its files, and the wait every part uses. The lab's lower layer is
+proclab (processes, namespaces, certificates, the API server)."""
+
+import json
+import time
+
+from proclab import STATE, netns_list, running
+
+SERVICE_CIDR = "10.96.0.0/16"
+AGENT_SELECTOR = "app.kubernetes.io/name=weir-agent"
+CONTROLLER_SELECTOR = "app.kubernetes.io/name=weir-controller"
+POD_LABEL = "weir-lab=pod"
+HOST_RECORD = STATE / "host-mountpoints.json"
+
+
+def settings():
+    """What `lab up` was asked for (backend, mode, dns)."""
+    p = STATE / "settings.json"
+    return json.loads(p.read_text()) if p.exists() else {"backend": "vxlan", "mode": "full"}
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+
+
+def node_dir(i):
+    return STATE / "nodes" / f"node-{i}"
+
+
+def holder(i):
+    """The pid of the process that holds node i's mount namespace."""
+    return running(f"node-{i}-holder")
+
+
+def nodes():
+    return sorted(int(n.split("-")[-1]) for n in netns_list() if n.startswith("weir-node-"))

@@ -1,0 +1,35 @@
+"""kube-apiserver, kube-controller-manager and kube-scheduler in the control-plane namespace."""
+
+import proclab
+from proclab import BIN, CP_NS, STATE, spawn
+
+
+def start_apiserver():
+    pki = STATE / "pki"
+    proclab.start_apiserver(
+        authorization="Node,RBAC",
+        admission="NamespaceLifecycle,ServiceAccount,NodeRestriction,ValidatingAdmissionPolicy",
+        extra_flags=[f"--kubelet-client-certificate={pki}/kubelet-client.crt",
+                     f"--kubelet-client-key={pki}/kubelet-client.key",
+                     f"--kubelet-certificate-authority={pki}/ca.crt",
+                     # Otherwise `kubectl logs` resolves the node's name through DNS.
+                     "--kubelet-preferred-address-types=InternalIP,Hostname"])
+
+
+def start_controller_manager():
+    pki = STATE / "pki"
+    kc = STATE / "controller-manager.kubeconfig"
+    spawn("controller-manager", CP_NS, [
+        str(BIN / "kube-controller-manager"), f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+        f"--authorization-kubeconfig={kc}", "--bind-address=127.0.0.1", "--leader-elect=false",
+        f"--service-account-private-key-file={pki}/sa.key", f"--root-ca-file={pki}/ca.crt",
+        "--use-service-account-credentials=true",
+        # weir-controller, not kube-controller-manager, allocates pod CIDRs.
+        "--allocate-node-cidrs=false", "--v=1"])
+
+
+def start_scheduler():
+    kc = STATE / "scheduler.kubeconfig"
+    spawn("scheduler", CP_NS, [str(BIN / "kube-scheduler"), f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+                               f"--authorization-kubeconfig={kc}", "--bind-address=127.0.0.1",
+                               "--leader-elect=false", "--v=1"])

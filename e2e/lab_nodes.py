@@ -1,0 +1,118 @@
+"""Real nodes: each its namespaces, cgroup root, containerd, kubelet and kube-proxy (see nodes.py)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import nodes as rt
+from proclab import BIN, CLUSTER_CIDR, NS, STATE, attach, kubectl, netns_list, node_ip, node_ns, sh, spawn, stop
+from lab_base import HOST_RECORD, SERVICE_CIDR, holder, node_dir, settings, wait_for
+from lab_pki import node_pki
+from lab_images import DNS_IP, image_dir
+
+
+def in_node(i, argv, **kw):
+    """Runs argv inside node i (its network, mount and UTS namespaces)."""
+    return sh([*rt.enter(holder(i)), *argv], **kw)
+
+
+def node_spawn(i, name, argv):
+    spawn(f"node-{i}-{name}", None, [*rt.enter(holder(i)), *argv])
+
+
+def start_node_daemons(i):
+    d = node_dir(i)
+    node_spawn(i, "containerd", ["containerd", "--config", str(d / "containerd.toml")])
+    deadline = time.time() + 30
+    while subprocess.run([*rt.enter(holder(i)), "ctr", "-a", rt.CTR_SOCK, "version"], capture_output=True).returncode:
+        if time.time() > deadline:
+            raise RuntimeError(f"node-{i}: containerd did not start; see {STATE}/logs/node-{i}-containerd.log")
+        time.sleep(0.2)
+    for tar in sorted(image_dir().glob("*.tar")):
+        rt.ctr(holder(i), "images", "import", str(tar))
+    node_spawn(i, "kubelet", [str(BIN / "kubelet"), f"--config={d / 'kubelet.yaml'}",
+                              f"--kubeconfig={d / 'kubelet.kubeconfig'}", f"--hostname-override=node-{i}",
+                              f"--node-ip={node_ip(i)}", "--v=1"])
+    node_spawn(i, "proxy", [str(BIN / "kube-proxy"), f"--config={d / 'kube-proxy.yaml'}", "--v=1"])
+
+
+def add_node(i):
+    """A real node: its namespaces, cgroup root, containerd, kubelet and
+    kube-proxy. The kubelet registers the Node; the DaemonSet then runs the
+    agent there."""
+    ns = node_ns(i)
+    attach(ns, "eth0", node_ip(i))
+    for key in ("net.ipv4.ip_forward=1", "net.bridge.bridge-nf-call-iptables=1"):
+        sh(["sysctl", "-qw", key], ns=ns)
+    # hostNetwork clients of a ClusterIP (the agent's in-cluster config) need
+    # a route for the first lookup; kube-proxy's DNAT then rewrites it.
+    sh(["ip", "-n", ns, "route", "replace", SERVICE_CIDR, "dev", "eth0"])
+    d = node_dir(i)
+    d.mkdir(parents=True, exist_ok=True)
+    rt.ensure_host_mountpoints(HOST_RECORD)
+    rt.ensure_cgroups(i)
+    pki = node_pki(i)
+    rt.containerd_config(d)
+    rt.kubelet_config(i, node_ip(i), d, pki, cluster_dns=DNS_IP if settings().get("dns") else None)
+    rt.kube_proxy_config(i, d, STATE / "kube-proxy.kubeconfig", CLUSTER_CIDR)
+    (d / "holder.sh").write_text(rt.holder_script(i, d))
+    spawn(f"node-{i}-holder", None, ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--mount", "--uts",
+                                     "--propagation", "private", "sh", str(d / "holder.sh")])
+    deadline = time.time() + 10
+    while sh(["readlink", f"/proc/{holder(i)}/exe"], check=False).strip() != shutil.which("sleep"):
+        if time.time() > deadline:
+            raise RuntimeError(f"node-{i}: mount namespace set-up failed; see {STATE}/logs/node-{i}-holder.log")
+        time.sleep(0.05)
+    start_node_daemons(i)
+
+
+def stop_node_daemons(i, keep_pods=False):
+    """Stops kubelet, kube-proxy and containerd. With keep_pods the
+    containers and their shims go on running, as across a kubelet and
+    containerd restart on a real node."""
+    for name in ("proxy", "kubelet", "containerd"):
+        stop(f"node-{i}-{name}")
+    if keep_pods:
+        return
+    rt.remove_cgroups(i)
+    h = holder(i)
+    if h:
+        mnt = os.readlink(f"/proc/{h}/ns/mnt")
+        for pid in [p for p in os.listdir("/proc") if p.isdigit() and int(p) != h]:
+            try:
+                if os.readlink(f"/proc/{pid}/ns/mnt") == mnt:
+                    os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def remove_node(i):
+    kubectl("delete", "pods", "-A", "--field-selector", f"spec.nodeName=node-{i}", "--force", "--grace-period=0",
+            "--wait=false", check=False)
+    stop_node_daemons(i)
+    stop(f"node-{i}-holder", sig=signal.SIGKILL)
+    rt.remove_cgroups(i)
+    kubectl("delete", "node", f"node-{i}", "--ignore-not-found", "--wait=false")
+    if node_ns(i) in netns_list():
+        sh(["ip", "netns", "del", node_ns(i)])
+    shutil.rmtree(node_dir(i), ignore_errors=True)
+
+
+
+
+
+
+def node_ready(i):
+    out = kubectl("get", "node", f"node-{i}", "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+                  check=False)
+    return out.strip() == "True"
+
+
+def wait_cni_config(i, timeout=120):
+    """The agent's conflist, once it is in the node's /etc/cni/net.d."""
+    path = node_dir(i) / "fs" / "etc-cni-net.d" / "10-weir.conflist"
+    wait_for(path.exists, timeout, f"node-{i}: the agent's CNI config (see its agent's log, `kubectl logs -n {NS}`)")
+    return json.loads(path.read_text())
