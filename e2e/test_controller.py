@@ -50,9 +50,7 @@ def controller_metric(name):
     out = ""
     for p in lab.pods_in(lab.NS, lab.CONTROLLER_SELECTOR):
         if p["status"].get("hostIP") and p["status"].get("phase") == "Running":
-            url = f"http://{p['status']['hostIP']}:9479/metrics"
-            out += lab.sh(["python3", "-c", f"import urllib.request;print(urllib.request.urlopen({url!r}).read().decode())"],
-                          ns=lab.CP_NS, check=False)
+            out += lab.ns_get(lab.CP_NS, f"http://{p['status']['hostIP']}:9479/metrics")[1]
     total = 0.0
     for line in out.splitlines():
         if line.startswith(name):
@@ -168,3 +166,28 @@ def test_dual_stack_allocation(fakes):
         lab.stop("controller-ds")
         lab.kubectl("scale", "-n", lab.NS, "deploy/weir-controller", "--replicas=2")
         wait_controllers()
+
+
+def test_a_shared_vtep_mac_raises_an_event_on_the_younger_node_while_the_leader_holds(fakes):
+    """Conflicts are found as they appear, not only when a leader (re)lists,
+    and `kubectl describe node` shows why the Node is ignored."""
+    # Fresh names: an Event outlives its Node, and an earlier run's would match.
+    run = int(time.time()) % 100000
+    old, young = f"fake-mac-old-{run}", f"fake-mac-young-{run}"
+    before = controller_metric('weir_controller_conflicts{kind="vtep-mac"}')
+    for name in (old, young):
+        make_nodes([name])
+        lab.kubectl("annotate", "node", name, "--overwrite", "weir.dev/backend=vxlan",
+                    "weir.dev/vtep-mac=0e:00:00:00:77:77", f"weir.dev/public-ip=198.18.0.{77 if name == old else 78}")
+        time.sleep(1.1)  # creation times are in seconds; the older Node must be older
+
+    def events(name):
+        return lab.kubectl("describe", "node", name).split("Events:")[-1]
+    deadline = time.time() + 15
+    while time.time() < deadline and not ("WeirPeerRejected" in events(young) and
+                                          controller_metric('weir_controller_conflicts{kind="vtep-mac"}') > before):
+        time.sleep(0.5)
+    shown = events(young)
+    assert "WeirPeerRejected" in shown and "weir.dev/vtep-mac" in shown and old in shown, shown
+    assert controller_metric('weir_controller_conflicts{kind="vtep-mac"}') >= before + 1
+    assert "WeirPeerRejected" not in events(old), "the older Node keeps its MAC and gets no Event"

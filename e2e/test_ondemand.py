@@ -10,6 +10,7 @@ import pytest
 
 import lablib as lab
 from test_lab import agent_get, background_ping, loss_of, node_info, wait
+from test_monitoring import assert_fresh_agent_exports_every_readme_series
 from test_operability import metrics
 
 
@@ -111,3 +112,7 @@ def test_restart_keeps_entries_and_connectivity(ondemand):
     sent, recv = loss_of(proc)
     assert sent == recv, f"{sent - recv} of {sent} lost across an on-demand restart"
     assert neighs(1) == installed, "entries adopted, not flushed"
+
+
+def test_a_freshly_started_agent_exports_every_readme_series(ondemand):
+    assert_fresh_agent_exports_every_readme_series(3)

@@ -7,14 +7,17 @@ import signal
 import lablib as lab
 from test_lab import agent_get, ip_json, wait
 
-STUB_PODMONITOR_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-    "metadata": {"name": "podmonitors.monitoring.coreos.com"},
-    "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
-             "names": {"plural": "podmonitors", "singular": "podmonitor", "kind": "PodMonitor"},
-             "versions": [{"name": "v1", "served": True, "storage": True,
-                           "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
-}
+def stub_crd(plural, kind):
+    """A CRD of the Prometheus Operator's group that accepts any object."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+        "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+                 "names": {"plural": plural, "singular": kind.lower(), "kind": kind},
+                 "versions": [{"name": "v1", "served": True, "storage": True,
+                               "schema": {"openAPIV3Schema": {"type": "object",
+                                                              "x-kubernetes-preserve-unknown-fields": True}}}]},
+    }
 
 
 def test_api_server_accepts_every_manifest(cluster):
@@ -22,11 +25,15 @@ def test_api_server_accepts_every_manifest(cluster):
     for kind in ("daemonset.apps/weir-agent", "deployment.apps/weir-controller", "validatingadmissionpolicy",
                  "clusterrole.rbac.authorization.k8s.io/weir-agent", "configmap/weir-config", "service/weir-metrics"):
         assert kind in out, out
-    # The monitoring overlay needs the Prometheus Operator's CRD; a stub stands in for it.
-    lab.kubectl("apply", "-f", "-", input=json.dumps(STUB_PODMONITOR_CRD))
-    wait(lambda: "podmonitors" in lab.kubectl("api-resources", "--api-group=monitoring.coreos.com"), 30, "CRD established")
+    # The monitoring overlay needs the Prometheus Operator's CRDs; stubs stand in for them.
+    crds = [stub_crd("podmonitors", "PodMonitor"), stub_crd("prometheusrules", "PrometheusRule")]
+    lab.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": crds}))
+    wait(lambda: "prometheusrules" in lab.kubectl("api-resources", "--api-group=monitoring.coreos.com"), 30,
+         "CRDs established")
     out = lab.kubectl("apply", "-k", str(lab.ROOT / "manifests" / "monitoring"))
-    assert "podmonitor.monitoring.coreos.com/weir" in out and "configmap/weir-grafana-dashboard" in out
+    for kind in ("podmonitor.monitoring.coreos.com/weir", "prometheusrule.monitoring.coreos.com/weir",
+                 "configmap/weir-grafana-dashboard"):
+        assert kind in out, out
 
 
 def test_agents_run_with_the_manifest_service_account(cluster):
@@ -54,8 +61,7 @@ def test_policy_denies_another_nodes_annotations(cluster):
 
 
 def metrics(i):
-    out = lab.sh(["python3", "-c", "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9478/metrics').read().decode())"],
-                 ns=lab.node_ns(i))
+    out = lab.ns_get(lab.node_ns(i), "http://127.0.0.1:9478/metrics")[1]
     values = {}
     for line in out.splitlines():
         if line and not line.startswith("#"):
