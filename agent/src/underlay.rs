@@ -59,7 +59,7 @@ async fn default_route_ifindex(h: &Handle) -> anyhow::Result<Option<u32>> {
     let mut routes = h.route().get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()).execute();
     while let Some(r) = routes.try_next().await? {
         if r.header.destination_prefix_length == 0
-            && r.header.table == 254
+            && r.header.table == crate::dataplane::wire::RT_TABLE_MAIN
             && let Some(oif) = r.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Oif(i) => Some(*i),
                 _ => None,

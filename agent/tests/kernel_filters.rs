@@ -10,7 +10,7 @@ use common::*;
 use libc::{RTM_DELNEIGH, RTM_GETNEIGH, RTM_NEWNEIGH};
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 use weir_agent::dataplane::{AF_BRIDGE, FilterRule, filter_notifications};
-use weir_agent::ondemand::answer::encode_answer;
+use weir_agent::ondemand::responder::encode_answer;
 
 fn subscriber(rules: &[FilterRule]) -> Socket {
     let mut sock = Socket::new(NETLINK_ROUTE).unwrap();

@@ -7,6 +7,7 @@ pub mod events;
 pub mod fake;
 pub mod filter;
 pub mod netlink;
+pub mod wire;
 
 use std::fmt;
 

@@ -15,8 +15,9 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkIpIp, LinkUnspec, LinkVxlan};
 use tracing::info;
 
-use super::batch::{Batcher, encode_op};
+use super::batch::Batcher;
 use super::device::{FoundDevice, FoundKind};
+use super::wire::encode_op;
 use super::{AF_BRIDGE, AF_INET, AF_INET6};
 use super::{DeviceAction, DeviceFix, DeviceKind, DeviceSpec, DeviceStatus, Kernel, KernelError, OpResult};
 use crate::model::Mac;

@@ -7,16 +7,15 @@
 
 use std::net::IpAddr;
 
-use netlink_packet_core::{NetlinkBuffer, NlasIterator};
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::neighbour::NeighbourHeader;
 
+use crate::dataplane::wire;
 use crate::model::Mac;
 
 use libc::{NDA_DST, NDA_LLADDR, RTM_GETNEIGH};
 
 const NEIGHBOUR_HEADER_LEN: usize = 12;
-const NLA_HEADER_LEN: usize = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Miss {
@@ -38,24 +37,11 @@ pub enum Parsed {
 
 /// Splits a datagram into messages and classifies each, without allocating.
 /// Misses on devices other than `ifindex` are ignored.
-pub fn parse_datagram(mut buf: &[u8], ifindex: u32) -> impl Iterator<Item = Parsed> + '_ {
-    std::iter::from_fn(move || {
-        if buf.len() < 16 {
-            return None;
-        }
-        let msg = match NetlinkBuffer::new_checked(buf) {
-            Ok(m) => m,
-            Err(e) => {
-                buf = &[];
-                return Some(Parsed::Malformed(format!("netlink header: {e}")));
-            }
-        };
-        let parsed =
-            if msg.message_type() == RTM_GETNEIGH { classify(msg.payload(), ifindex) } else { Parsed::Ignored };
-        // Messages are 4-byte aligned within a datagram.
-        let step = (msg.length() as usize + 3) & !3;
-        buf = &buf[step.min(buf.len())..];
-        Some(parsed)
+pub fn parse_datagram(buf: &[u8], ifindex: u32) -> impl Iterator<Item = Parsed> + '_ {
+    wire::messages(buf).map(move |m| match m {
+        Ok(m) if m.kind == RTM_GETNEIGH => classify(m.payload, ifindex),
+        Ok(_) => Parsed::Ignored,
+        Err(e) => Parsed::Malformed(e),
     })
 }
 
@@ -71,10 +57,7 @@ fn classify(payload: &[u8], ifindex: u32) -> Parsed {
     // parser covers every attribute kind, a large cold function to page in
     // while the first packet waits, for the two shapes a miss can have.
     let (mut dst, mut lladdr) = (None, None);
-    for nla in NlasIterator::new(&payload[NEIGHBOUR_HEADER_LEN..]).filter_map(Result::ok) {
-        let (kind, end) = (nla.kind(), usize::from(nla.length()));
-        // The value, borrowed from the datagram rather than from `nla`.
-        let value = nla.into_inner().get(NLA_HEADER_LEN..end).unwrap_or_default();
+    for (kind, value) in wire::attributes(payload, NEIGHBOUR_HEADER_LEN) {
         match kind {
             NDA_DST => dst = Some(value),
             NDA_LLADDR => lladdr = Some(value),

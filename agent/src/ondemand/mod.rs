@@ -6,7 +6,6 @@
 //! lifetime: the engine keeps them while the peer exists, sweeps them when it
 //! goes, and an optional idle timeout removes the unused ones.
 
-pub mod answer;
 pub mod miss;
 pub mod responder;
 

@@ -15,6 +15,7 @@
 //! its packet instead of queuing it.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,13 +23,13 @@ use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use super::answer::encode_answer;
 use super::miss::{Miss, Parsed, parse_datagram};
 use super::{ActiveSet, MissTable};
-use crate::dataplane::FilterRule;
-use crate::dataplane::batch::acks;
 use crate::dataplane::events::KernelEvent;
+use crate::dataplane::wire;
+use crate::dataplane::{AF_BRIDGE, FilterRule};
 use crate::metrics::{Metrics, labels};
+use crate::model::Mac;
 
 pub struct Responder {
     pub table: watch::Receiver<Arc<MissTable>>,
@@ -95,6 +96,25 @@ struct Session {
     /// Answers sent and not yet acked: seq of the answer's last request ->
     /// kind and when its miss arrived.
     pending: HashMap<u32, (&'static str, Instant)>,
+}
+
+/// Appends the answer to a miss: the fdb entry (VTEP MAC -> underlay) and,
+/// for an L3 miss, the neighbour (gateway -> VTEP MAC), in that order, numbered
+/// from `seq + 1`. Only the last asks for an ack; errors come back anyway.
+/// Returns the seq of the last request.
+pub fn encode_answer(
+    out: &mut Vec<u8>,
+    ifindex: u32,
+    vtep: Mac,
+    underlay: IpAddr,
+    gateway: Option<IpAddr>,
+    seq: u32,
+) -> u32 {
+    let fdb_seq = seq.wrapping_add(1);
+    wire::push_neighbour(out, ifindex, AF_BRIDGE, vtep, underlay, fdb_seq, true, gateway.is_none());
+    let Some(ip) = gateway else { return fdb_seq };
+    wire::push_neighbour(out, ifindex, wire::family(&ip), vtep, ip, fdb_seq.wrapping_add(1), true, true);
+    fdb_seq.wrapping_add(1)
 }
 
 impl Responder {
@@ -211,7 +231,8 @@ impl Responder {
             if s.writer.recv(&mut s.ack_buf, libc::MSG_DONTWAIT).is_err() {
                 break;
             }
-            for (ack_seq, errno) in acks(&s.ack_buf) {
+            let acks = wire::messages(&s.ack_buf).filter_map(Result::ok).filter_map(|m| Some((m.seq, m.error()?)));
+            for (ack_seq, errno) in acks {
                 // An error on the fdb write comes with seq - 1 of its answer.
                 let key = if s.pending.contains_key(&ack_seq) { ack_seq } else { ack_seq.wrapping_add(1) };
                 let Some((kind, started)) = s.pending.remove(&key) else { continue };
