@@ -20,12 +20,12 @@ def settings():
     return json.loads(p.read_text()) if p.exists() else {"backend": "vxlan", "mode": "full"}
 
 
-def wait_for(cond, timeout, what):
+def wait_for(cond, timeout, what, step=0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if cond():
             return
-        time.sleep(0.5)
+        time.sleep(step)
     raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
 
 

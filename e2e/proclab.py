@@ -623,24 +623,6 @@ def down():
         shutil.rmtree(STATE, ignore_errors=True)
 
 
-def summary():
-    lines = []
-    info = json.loads(kubectl("get", "nodes", "-o", "json"))
-    lines.append(f"{'NODE':<10} {'UNDERLAY':<14} {'PODCIDR':<16} {'VTEP MAC':<18} AGENT")
-    for n in info["items"]:
-        name = n["metadata"]["name"]
-        ann = n["metadata"].get("annotations", {})
-        i = int(name.split("-")[-1])
-        lines.append(f"{name:<10} {ann.get('weir.dev/public-ip', '-'):<14} {','.join(n['spec'].get('podCIDRs', ['-'])):<16} "
-                     f"{ann.get('weir.dev/vtep-mac', '-'):<18} {'running' if running(name) else 'stopped'}"
-                     f"  metrics: ip netns exec {node_ns(i)} curl -s localhost:9478/metrics")
-    lines.append("")
-    lines.append(f"{'POD':<16} IP")
-    for ns, ip in pods().items():
-        lines.append(f"{ns:<16} {ip}")
-    return "\n".join(lines)
-
-
 NSCLIENT = E2E / "nsclient.py"
 
 

@@ -32,12 +32,11 @@ def node_info(name):
 
 
 def wait(cond, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """lab.wait_for, failing the test rather than erroring it on a timeout."""
+    try:
+        lab.wait_for(cond, timeout, what, step=0.2)
+    except RuntimeError as e:
+        raise AssertionError(str(e)) from None
 
 
 def background_ping(src, ip, seconds, interval=0.1):

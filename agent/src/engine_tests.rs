@@ -7,31 +7,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::*;
 use crate::dataplane::fake::{Call, FakeKernel};
-use crate::dataplane::{DeviceKind, DeviceSpec};
+use crate::model::fixtures::{device, peer};
 use crate::model::{Backend, Mac, Peer, PeerSet, gateway_of};
 use crate::ondemand::{ActiveSet, MissTable};
 use crate::plan::Op;
-
-fn peer(n: u8) -> Peer {
-    Peer {
-        name: format!("node-{n}"),
-        underlay_ip: format!("198.18.0.{}", 10 + n).parse().unwrap(),
-        vtep_mac: format!("0e:00:00:00:00:{n:02x}").parse().unwrap(),
-        pod_cidrs: vec![format!("10.244.{n}.0/24").parse().unwrap()],
-    }
-}
-
-fn device() -> DeviceSpec {
-    DeviceSpec {
-        name: "weir.1".into(),
-        kind: DeviceKind::Vxlan { vni: 1, port: 8472, on_demand: false },
-        local: "198.18.0.11".parse().unwrap(),
-        underlay_ifindex: 2,
-        mtu: 1450,
-        mac: None,
-        addresses: vec!["10.244.1.0/32".parse().unwrap()],
-    }
-}
 
 fn engine_with(kernel: &FakeKernel, on_demand: Option<OnDemand>) -> (Engine<FakeKernel>, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());

@@ -78,132 +78,94 @@ pub struct Metrics {
     pub ready: IntGauge,
 }
 
-fn opts(name: &str, help: &str) -> Opts {
-    Opts::new(name, help)
+/// Constructors that register what they build, so each metric is named once.
+struct Builder(Registry);
+
+impl Builder {
+    fn add<T: prometheus::core::Collector + Clone + 'static>(&self, metric: prometheus::Result<T>) -> T {
+        let metric = metric.expect("valid metric definition");
+        self.0.register(Box::new(metric.clone())).expect("metric names are unique");
+        metric
+    }
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::with_opts(Opts::new(name, help)))
+    }
+    fn gauges(&self, name: &str, help: &str, label: &str) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), &[label]))
+    }
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::with_opts(Opts::new(name, help)))
+    }
+    fn counters(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels))
+    }
+    fn histogram(&self, name: &str, help: &str) -> Histogram {
+        self.add(Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec())))
+    }
+    fn histograms(&self, name: &str, help: &str, label: &str) -> HistogramVec {
+        self.add(HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), &[label]))
+    }
 }
+
+/// From 50 µs (a miss answer) to 2.5 s (a full sync of thousands of peers).
+const LATENCY_BUCKETS: [f64; 15] =
+    [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 impl Metrics {
     pub fn new() -> Self {
-        let latency_buckets = vec![
-            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        ];
+        let b = Builder(Registry::new());
         let m = Metrics {
-            registry: Registry::new(),
-            fdb_entries: IntGauge::with_opts(opts(
-                "weir_fdb_entries",
-                "fdb entries weir owns on its device, as read from the kernel",
-            ))
-            .unwrap(),
-            neigh_entries: IntGauge::with_opts(opts(
-                "weir_neigh_entries",
-                "Permanent neighbour entries on weir's device, as read from the kernel",
-            ))
-            .unwrap(),
-            routes: IntGauge::with_opts(opts(
-                "weir_routes",
-                "Routes carrying weir's protocol, as read from the kernel",
-            ))
-            .unwrap(),
-            peers: IntGaugeVec::new(opts("weir_peers", "Remote nodes by state"), &["state"]).unwrap(),
-            l2miss: IntCounterVec::new(opts("weir_l2miss_total", "L2MISS notifications by result"), &["result"])
-                .unwrap(),
-            l3miss: IntCounterVec::new(opts("weir_l3miss_total", "L3MISS notifications by result"), &["result"])
-                .unwrap(),
-            miss_resolve_seconds: Histogram::with_opts(
-                HistogramOpts::new("weir_miss_resolve_seconds", "Time from a miss received to its entries acked")
-                    .buckets(latency_buckets.clone()),
-            )
-            .unwrap(),
-            reconcile_seconds: Histogram::with_opts(
-                HistogramOpts::new("weir_reconcile_seconds", "Duration of one reconcile pass")
-                    .buckets(latency_buckets.clone()),
-            )
-            .unwrap(),
-            reconcile_total: IntCounterVec::new(
-                opts("weir_reconcile_total", "Reconcile passes by result"),
-                &["result"],
-            )
-            .unwrap(),
-            netlink_ops: IntCounterVec::new(
-                opts("weir_netlink_ops_total", "Netlink writes by op, object and result"),
+            fdb_entries: b.gauge("weir_fdb_entries", "fdb entries weir owns on its device, as read from the kernel"),
+            neigh_entries: b
+                .gauge("weir_neigh_entries", "Permanent neighbour entries on weir's device, as read from the kernel"),
+            routes: b.gauge("weir_routes", "Routes carrying weir's protocol, as read from the kernel"),
+            peers: b.gauges("weir_peers", "Remote nodes by state", "state"),
+            l2miss: b.counters("weir_l2miss_total", "L2MISS notifications by result", &["result"]),
+            l3miss: b.counters("weir_l3miss_total", "L3MISS notifications by result", &["result"]),
+            miss_resolve_seconds: b
+                .histogram("weir_miss_resolve_seconds", "Time from a miss received to its entries acked"),
+            reconcile_seconds: b.histogram("weir_reconcile_seconds", "Duration of one reconcile pass"),
+            reconcile_total: b.counters("weir_reconcile_total", "Reconcile passes by result", &["result"]),
+            netlink_ops: b.counters(
+                "weir_netlink_ops_total",
+                "Netlink writes by op, object and result",
                 &["op", "object", "result"],
-            )
-            .unwrap(),
-            netlink_enobufs: IntCounter::with_opts(opts(
+            ),
+            netlink_enobufs: b.counter(
                 "weir_netlink_enobufs_total",
                 "Netlink notification sockets that overflowed and forced a full resync",
-            ))
-            .unwrap(),
-            drift_repaired: IntCounterVec::new(
-                opts("weir_drift_repaired_total", "Kernel entries found changed behind weir's back and put back"),
+            ),
+            drift_repaired: b.counters(
+                "weir_drift_repaired_total",
+                "Kernel entries found changed behind weir's back and put back",
                 &["object"],
-            )
-            .unwrap(),
-            peer_rejected: IntCounterVec::new(
-                opts("weir_peer_rejected_total", "Nodes skipped because a field failed validation"),
+            ),
+            peer_rejected: b.counters(
+                "weir_peer_rejected_total",
+                "Nodes skipped because a field failed validation",
                 &["reason"],
-            )
-            .unwrap(),
-            kube_watch_events: IntCounterVec::new(
-                opts("weir_kube_watch_events_total", "Node watch events by type"),
-                &["type"],
-            )
-            .unwrap(),
-            build_info: IntGaugeVec::new(
-                opts("weir_build_info", "Always 1; labels carry the build"),
+            ),
+            kube_watch_events: b.counters("weir_kube_watch_events_total", "Node watch events by type", &["type"]),
+            build_info: b.add(IntGaugeVec::new(
+                Opts::new("weir_build_info", "Always 1; labels carry the build"),
                 &["version", "backend", "mode"],
-            )
-            .unwrap(),
-            cni_writes: IntCounter::with_opts(opts(
-                "weir_cni_config_writes_total",
-                "Times the CNI config or subnet.env was rewritten",
-            ))
-            .unwrap(),
-            device_recreated: IntCounter::with_opts(opts(
-                "weir_device_recreated_total",
-                "Times the overlay device had to be created again",
-            ))
-            .unwrap(),
-            phase_seconds: HistogramVec::new(
-                HistogramOpts::new("weir_reconcile_phase_seconds", "Time spent per reconcile phase")
-                    .buckets(latency_buckets),
-                &["phase"],
-            )
-            .unwrap(),
-            firewall_sync: IntCounterVec::new(
-                opts("weir_firewall_sync_total", "Applications of the nftables table inet weir by result"),
+            )),
+            cni_writes: b.counter("weir_cni_config_writes_total", "Times the CNI config or subnet.env was rewritten"),
+            device_recreated: b
+                .counter("weir_device_recreated_total", "Times the overlay device had to be created again"),
+            phase_seconds: b.histograms("weir_reconcile_phase_seconds", "Time spent per reconcile phase", "phase"),
+            firewall_sync: b.counters(
+                "weir_firewall_sync_total",
+                "Applications of the nftables table inet weir by result",
                 &["result"],
-            )
-            .unwrap(),
-            tunnel_dropped: IntGauge::with_opts(opts(
+            ),
+            tunnel_dropped: b.gauge(
                 "weir_tunnel_dropped_packets",
                 "Tunnel packets dropped because they came from no known node (read from the nft counter)",
-            ))
-            .unwrap(),
-            ready: IntGauge::with_opts(opts("weir_agent_ready", "1 while /readyz answers 200")).unwrap(),
+            ),
+            ready: b.gauge("weir_agent_ready", "1 while /readyz answers 200"),
+            registry: b.0,
         };
-        let r = &m.registry;
-        r.register(Box::new(m.fdb_entries.clone())).unwrap();
-        r.register(Box::new(m.neigh_entries.clone())).unwrap();
-        r.register(Box::new(m.routes.clone())).unwrap();
-        r.register(Box::new(m.peers.clone())).unwrap();
-        r.register(Box::new(m.l2miss.clone())).unwrap();
-        r.register(Box::new(m.l3miss.clone())).unwrap();
-        r.register(Box::new(m.miss_resolve_seconds.clone())).unwrap();
-        r.register(Box::new(m.reconcile_seconds.clone())).unwrap();
-        r.register(Box::new(m.reconcile_total.clone())).unwrap();
-        r.register(Box::new(m.netlink_ops.clone())).unwrap();
-        r.register(Box::new(m.netlink_enobufs.clone())).unwrap();
-        r.register(Box::new(m.drift_repaired.clone())).unwrap();
-        r.register(Box::new(m.peer_rejected.clone())).unwrap();
-        r.register(Box::new(m.kube_watch_events.clone())).unwrap();
-        r.register(Box::new(m.build_info.clone())).unwrap();
-        r.register(Box::new(m.cni_writes.clone())).unwrap();
-        r.register(Box::new(m.device_recreated.clone())).unwrap();
-        r.register(Box::new(m.phase_seconds.clone())).unwrap();
-        r.register(Box::new(m.firewall_sync.clone())).unwrap();
-        r.register(Box::new(m.tunnel_dropped.clone())).unwrap();
-        r.register(Box::new(m.ready.clone())).unwrap();
         m.export_known_labels();
         m
     }

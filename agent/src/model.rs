@@ -44,3 +44,32 @@ impl PeerSet {
 pub fn gateway_of(cidr: &IpNet) -> IpAddr {
     cidr.network()
 }
+
+/// Fixtures the unit tests share.
+#[cfg(test)]
+pub mod fixtures {
+    use super::Peer;
+
+    /// Node n: underlay 198.18.0.(10+n), MAC 0e:00:00:00:00:0n, pod CIDR 10.244.n.0/24.
+    pub fn peer(n: u8) -> Peer {
+        Peer {
+            name: format!("node-{n}"),
+            underlay_ip: format!("198.18.0.{}", 10 + n).parse().unwrap(),
+            vtep_mac: format!("0e:00:00:00:00:{n:02x}").parse().unwrap(),
+            pod_cidrs: vec![format!("10.244.{n}.0/24").parse().unwrap()],
+        }
+    }
+
+    /// The overlay device of node 1, as the tests' engine sets it up.
+    pub fn device() -> crate::dataplane::DeviceSpec {
+        crate::dataplane::DeviceSpec {
+            name: "weir.1".into(),
+            kind: crate::dataplane::DeviceKind::Vxlan { vni: 1, port: 8472, on_demand: false },
+            local: "198.18.0.11".parse().unwrap(),
+            underlay_ifindex: 2,
+            mtu: 1450,
+            mac: None,
+            addresses: vec!["10.244.1.0/32".parse().unwrap()],
+        }
+    }
+}

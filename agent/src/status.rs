@@ -127,12 +127,7 @@ mod tests {
     use super::*;
 
     fn peer() -> Peer {
-        Peer {
-            name: "node-2".into(),
-            underlay_ip: "198.18.0.12".parse().unwrap(),
-            vtep_mac: "0e:00:00:00:00:02".parse().unwrap(),
-            pod_cidrs: vec!["10.244.2.0/24".parse().unwrap()],
-        }
+        crate::model::fixtures::peer(2)
     }
 
     fn synced() -> KernelState {

@@ -81,14 +81,9 @@ fn an_unwritable_accept_ra_stops_the_agent_naming_it() {
 /// before the engine's repair could, and are counted.
 #[test]
 fn real_l3_and_l2_misses_are_answered_and_counted() {
-    if !can_create_netns() {
-        eprintln!("SKIP real_l3_and_l2_misses_are_answered_and_counted: needs root");
-        return;
-    }
-    let (na, nb) = node_pair("weir-miss");
-    let (a, b) = (na.0.clone(), nb.0.clone());
-    let dir = temp_dir("weir-miss");
-    std::fs::write(dir.join("peers.yaml"), PEERS).unwrap();
+    let Some(p) = pair("real_l3_and_l2_misses_are_answered_and_counted", "weir-miss", Some(PEERS)) else { return };
+    // `p` holds the namespaces until the test ends.
+    let (a, b, dir) = (p.a.clone(), p.b.clone(), p.dir.clone());
     let _agent_a = spawn_agent(&a, "node-a", "ua", &dir, "on-demand");
     let _agent_b = spawn_agent(&b, "node-b", "ub", &dir, "full");
     wait_until(Duration::from_secs(20), "routes on both nodes", || {

@@ -174,12 +174,9 @@ fn hand_deleted_entries_and_device_are_repaired_within_a_second() {
 
 #[test]
 fn two_nodes_ping_through_the_entries_weir_wrote() {
-    if !can_create_netns() {
-        eprintln!("SKIP two_nodes_ping_through_the_entries_weir_wrote: needs root");
-        return;
-    }
-    let (na, nb) = node_pair("weir-kt");
-    let (a, b) = (na.0.clone(), nb.0.clone());
+    let Some(p) = pair("two_nodes_ping_through_the_entries_weir_wrote", "weir-kt", None) else { return };
+    // `p` holds the namespaces until the test ends.
+    let (a, b) = (p.a.clone(), p.b.clone());
 
     let node =
         |ns: String, local: &'static str, cidr: &'static str, peer: weir_agent::model::Peer, mac: &'static str| {

@@ -34,14 +34,9 @@ fn firewall_admits(ns: &str, ip: &str) -> bool {
 
 #[test]
 fn two_agents_from_a_peers_file_ping_and_follow_edits() {
-    if !can_create_netns() {
-        eprintln!("SKIP two_agents_from_a_peers_file_ping_and_follow_edits: needs root");
-        return;
-    }
-    let (na, nb) = node_pair("weir-pf");
-    let (a, b) = (na.0.clone(), nb.0.clone());
-    let dir = temp_dir("weir-pf");
-    std::fs::write(dir.join("peers.yaml"), PEERS).unwrap();
+    let Some(p) = pair("two_agents_from_a_peers_file_ping_and_follow_edits", "weir-pf", Some(PEERS)) else { return };
+    // `p` holds the namespaces until the test ends.
+    let (a, b, dir) = (p.a.clone(), p.b.clone(), p.dir.clone());
 
     let _agent_a = spawn_agent(&a, "node-a", "ua", &dir);
     let _agent_b = spawn_agent(&b, "node-b", "ub", &dir);

@@ -94,15 +94,7 @@ mod tests {
     use super::*;
 
     fn spec() -> DeviceSpec {
-        DeviceSpec {
-            name: "weir.1".into(),
-            kind: DeviceKind::Vxlan { vni: 1, port: 8472, on_demand: false },
-            local: "198.18.0.11".parse().unwrap(),
-            underlay_ifindex: 2,
-            mtu: 1450,
-            mac: None,
-            addresses: vec![],
-        }
+        DeviceSpec { addresses: vec![], ..crate::model::fixtures::device() }
     }
 
     fn found() -> FoundDevice {

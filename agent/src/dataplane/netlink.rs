@@ -225,12 +225,7 @@ impl NetlinkKernel {
         }
         if !fixed.is_empty() {
             let msg = b.up().build();
-            self.handle
-                .link()
-                .set(msg)
-                .execute()
-                .await
-                .map_err(|e| to_kernel_error(format!("ip link set {}", spec.name), e))?;
+            request(format!("ip link set {}", spec.name), self.handle.link().set(msg).execute()).await?;
         }
         Ok(fixed)
     }
@@ -257,23 +252,13 @@ impl NetlinkKernel {
         }
         let mut fixed = Vec::new();
         for net in spec.addresses.iter().filter(|n| !present.contains(n)) {
-            self.handle
-                .address()
-                .add(ifindex, net.addr(), net.prefix_len())
-                .replace()
-                .execute()
-                .await
-                .map_err(|e| to_kernel_error(format!("ip addr replace {net} dev {}", spec.name), e))?;
+            let add = self.handle.address().add(ifindex, net.addr(), net.prefix_len()).replace().execute();
+            request(format!("ip addr replace {net} dev {}", spec.name), add).await?;
             fixed.push(DeviceFix::AddressAdded(*net));
         }
         for (net, msg) in stale {
             fixed.push(DeviceFix::AddressRemoved(net));
-            self.handle
-                .address()
-                .del(msg)
-                .execute()
-                .await
-                .map_err(|e| to_kernel_error(format!("ip addr del dev {}", spec.name), e))?;
+            request(format!("ip addr del {net} dev {}", spec.name), self.handle.address().del(msg).execute()).await?;
         }
         Ok(fixed)
     }
@@ -290,12 +275,7 @@ impl Kernel for NetlinkKernel {
             Some(f) => match spec.incompatibility(f) {
                 Some(reason) => {
                     info!(device = %spec.name, %reason, "recreating incompatible device");
-                    self.handle
-                        .link()
-                        .del(f.ifindex)
-                        .execute()
-                        .await
-                        .map_err(|e| to_kernel_error(format!("ip link del {}", spec.name), e))?;
+                    request(format!("ip link del {}", spec.name), self.handle.link().del(f.ifindex).execute()).await?;
                     self.create(spec).await?;
                     DeviceAction::Recreated { reason }
                 }
@@ -425,7 +405,7 @@ pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool, KernelErro
         Err(e) if errno(&e) == ENODEV => return Ok(false),
         Err(e) => return Err(to_kernel_error(format!("ip link show {name}"), e)),
     };
-    handle.link().del(index).execute().await.map_err(|e| to_kernel_error(format!("ip link del {name}"), e))?;
+    request(format!("ip link del {name}"), handle.link().del(index).execute()).await?;
     Ok(true)
 }
 
@@ -441,6 +421,15 @@ pub(crate) fn errno(e: &rtnetlink::Error) -> i32 {
         rtnetlink::Error::NetlinkError(m) => -m.raw_code(),
         _ => 0,
     }
+}
+
+/// Awaits one rtnetlink request; a failure names it as the iproute2
+/// command an operator would type.
+async fn request(
+    what: String,
+    request: impl std::future::Future<Output = Result<(), rtnetlink::Error>>,
+) -> Result<(), KernelError> {
+    request.await.map_err(|e| to_kernel_error(what, e))
 }
 
 fn to_kernel_error(what: String, e: rtnetlink::Error) -> KernelError {

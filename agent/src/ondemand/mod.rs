@@ -201,12 +201,9 @@ mod tests {
     use super::*;
 
     fn node2() -> Peer {
-        Peer {
-            name: "node-2".into(),
-            underlay_ip: "198.18.0.12".parse().unwrap(),
-            vtep_mac: "0e:00:00:00:00:02".parse().unwrap(),
-            pod_cidrs: vec!["10.244.2.0/24".parse().unwrap(), "fd00:10:244:2::/64".parse().unwrap()],
-        }
+        let mut p = crate::model::fixtures::peer(2);
+        p.pod_cidrs.push("fd00:10:244:2::/64".parse().unwrap());
+        p
     }
 
     #[test]

@@ -73,6 +73,29 @@ pub fn node_pair(prefix: &str) -> (NamedNetns, NamedNetns) {
     (na, nb)
 }
 
+/// What most two-node tests start from: the pair, their names, and a fresh
+/// directory (holding `peers.yaml` when `peers` is given). None, after
+/// printing the SKIP line the suite's summary counts, when not root.
+pub struct Pair {
+    _namespaces: (NamedNetns, NamedNetns),
+    pub a: String,
+    pub b: String,
+    pub dir: std::path::PathBuf,
+}
+
+pub fn pair(test: &str, prefix: &str, peers: Option<&str>) -> Option<Pair> {
+    if !can_create_netns() {
+        eprintln!("SKIP {test}: needs root");
+        return None;
+    }
+    let (na, nb) = node_pair(prefix);
+    let dir = temp_dir(prefix);
+    if let Some(peers) = peers {
+        std::fs::write(dir.join("peers.yaml"), peers).unwrap();
+    }
+    Some(Pair { a: na.0.clone(), b: nb.0.clone(), _namespaces: (na, nb), dir })
+}
+
 /// A fresh per-process directory under the system temp dir.
 pub fn temp_dir(prefix: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
