@@ -94,19 +94,17 @@ impl Probes {
 /// Binds the listener and serves `/metrics`, `/healthz`, `/readyz` and
 /// `/status` from now on.
 pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>, probes: Arc<Probes>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let router: http::Router = Arc::new(move |path| match path {
+    http::bind_and_serve(addr, move |path| match path {
         "/metrics" => {
             metrics.ready.set(i64::from(probes.readyz().code == 200));
-            Response { code: 200, content_type: weir_common::metrics::CONTENT_TYPE, body: metrics.render() }
+            Response::metrics(metrics.render())
         }
         "/healthz" => probes.healthz(),
         "/readyz" => probes.readyz(),
         "/status" => probes.status(),
         _ => Response::text(404, "not found\n"),
-    });
-    tokio::spawn(http::serve(listener, router));
-    Ok(())
+    })
+    .await
 }
 
 #[cfg(test)]

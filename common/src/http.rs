@@ -24,6 +24,24 @@ impl Response {
 
 pub type Router = Arc<dyn Fn(&str) -> Response + Send + Sync>;
 
+impl Response {
+    /// A /metrics page in Prometheus' text format.
+    pub fn metrics(text: String) -> Self {
+        Response { code: 200, content_type: crate::metrics::CONTENT_TYPE, body: text }
+    }
+}
+
+/// Binds `addr` now (so a probe never meets a refused connection once this
+/// returns) and serves `route` from a task.
+pub async fn bind_and_serve(
+    addr: std::net::SocketAddr,
+    route: impl Fn(&str) -> Response + Send + Sync + 'static,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tokio::spawn(serve(listener, Arc::new(route)));
+    Ok(())
+}
+
 pub async fn serve(listener: TcpListener, router: Router) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {

@@ -337,14 +337,11 @@ fn pools(args: &Args) -> anyhow::Result<Vec<Pool>> {
 }
 
 async fn serve_http(args: &Args, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("bind {}", args.metrics_addr))?;
-    let router: http::Router = Arc::new(move |path| match path {
-        "/metrics" => Response { code: 200, content_type: weir_common::metrics::CONTENT_TYPE, body: metrics.render() },
+    http::bind_and_serve(args.metrics_addr, move |path| match path {
+        "/metrics" => Response::metrics(metrics.render()),
         "/healthz" | "/readyz" => Response::text(200, "ok\n"),
         _ => Response::text(404, "not found\n"),
-    });
-    tokio::spawn(http::serve(listener, router));
-    Ok(())
+    })
+    .await
+    .with_context(|| format!("bind {}", args.metrics_addr))
 }
