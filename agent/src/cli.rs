@@ -95,6 +95,11 @@ pub struct RunArgs {
     /// On-demand mode: receive buffer of the miss socket, in bytes.
     #[arg(long, default_value_t = 8 << 20, env = "WEIR_MISS_RCVBUF", global = true)]
     pub miss_rcvbuf: usize,
+    /// Route pod traffic to peers on this node's underlay subnet directly
+    /// through the underlay, unencapsulated; only other peers use the tunnel
+    /// (flannel's DirectRouting, Calico's CrossSubnet).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "WEIR_DIRECT_ROUTING", global = true)]
+    pub direct_routing: bool,
     /// Manage the nftables table `inet weir` (masquerade, tunnel ingress filter).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "WEIR_FIREWALL", global = true)]
     pub firewall: bool,

@@ -43,7 +43,8 @@ fn status(args: &RunArgs, s: &StatusArgs) -> anyhow::Result<ExitCode> {
             anyhow::Ok((ifindex, k.dump(ifindex).await?))
         })
     })?;
-    let mut report = crate::status::compare(record.backend, args.mode, &record.peers, &kernel, ifindex);
+    let mut report =
+        crate::status::compare(record.backend, args.mode, record.direct.as_ref(), &record.peers, &kernel, ifindex);
     if let Some(misses) = agent.as_ref().and_then(|a| a["last_miss_seconds"].as_object()) {
         for row in &mut report.peers {
             row.last_miss_seconds = misses.get(&row.node).and_then(|v| v.as_u64());

@@ -25,6 +25,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 pub struct EngineConfig {
     pub backend: Backend,
     pub device: DeviceSpec,
+    /// Direct routing to peers on this node's underlay subnet.
+    pub direct: Option<plan::Direct>,
     pub resync_interval: Duration,
     /// Set in on-demand mode: fdb and neighbour entries only for active peers.
     pub on_demand: Option<OnDemand>,
@@ -146,7 +148,7 @@ impl<K: Kernel> Engine<K> {
             merged.peers.extend(next.peers);
             merged
         };
-        self.desired = plan::desired_state(self.cfg.backend, self.peers.peers.values());
+        self.desired = plan::desired_state(self.cfg.backend, self.cfg.direct.as_ref(), self.peers.peers.values());
         self.generation += 1;
         if let Some(od) = &self.cfg.on_demand {
             od.table.send_replace(Arc::new(MissTable::new(self.ifindex, self.peers.peers.values(), &od.active)));
@@ -175,7 +177,7 @@ impl<K: Kernel> Engine<K> {
             }
         }
         let active = self.peers.peers.values().filter(|p| od.active.contains(&p.name));
-        let subset = plan::desired_state(self.cfg.backend, active);
+        let subset = plan::desired_state(self.cfg.backend, self.cfg.direct.as_ref(), active);
         Some(DesiredState { fdb: subset.fdb, neigh: subset.neigh, routes: self.desired.routes.clone() })
     }
 

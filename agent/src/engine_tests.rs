@@ -17,6 +17,7 @@ fn engine_with(kernel: &FakeKernel, on_demand: Option<OnDemand>) -> (Engine<Fake
     let cfg = EngineConfig {
         backend: Backend::Vxlan,
         device: device(),
+        direct: None,
         resync_interval: Duration::from_secs(3600),
         on_demand,
     };

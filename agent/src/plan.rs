@@ -25,29 +25,79 @@ pub struct DesiredState {
     pub fdb: BTreeMap<Mac, IpAddr>,
     /// `ip neigh replace GW dev weir.N lladdr MAC nud permanent`
     pub neigh: BTreeMap<IpAddr, Mac>,
-    /// `ip route replace CIDR via GW dev weir.N onlink proto 87`
-    pub routes: BTreeMap<IpNet, IpAddr>,
+    /// `ip route replace CIDR via GW dev weir.N onlink proto 87`, or with
+    /// direct routing `ip route replace CIDR via PEER dev UNDERLAY proto 87`
+    pub routes: BTreeMap<IpNet, RouteTo>,
+}
+
+/// A route's next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteTo {
+    pub gateway: IpAddr,
+    pub dev: Dev,
+}
+
+/// The device a route leaves by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Dev {
+    /// weir's VXLAN or IPIP device (its ifindex is the engine's).
+    Overlay,
+    /// The underlay interface with this ifindex: direct routing.
+    Underlay(u32),
+}
+
+impl RouteTo {
+    /// The ifindex the route leaves by, given the overlay device's.
+    pub fn oif(&self, overlay: u32) -> u32 {
+        match self.dev {
+            Dev::Overlay => overlay,
+            Dev::Underlay(ifindex) => ifindex,
+        }
+    }
+}
+
+/// Direct routing (`--direct-routing`): a peer whose underlay address lies in
+/// `subnet` (this node's underlay subnet) is reached through the underlay
+/// interface `ifindex`, unencapsulated, for the pod CIDRs of its underlay's
+/// family. Its other pod CIDRs still go through the overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Direct {
+    pub subnet: IpNet,
+    pub ifindex: u32,
+}
+
+impl Direct {
+    fn reaches(&self, peer: &Peer, cidr: &IpNet) -> bool {
+        self.subnet.contains(&peer.underlay_ip) && cidr.addr().is_ipv4() == peer.underlay_ip.is_ipv4()
+    }
 }
 
 /// Builds the desired state of validated peers. The peer rules
 /// (`weir_common::nodes`) have already given every MAC, underlay IP and pod
 /// CIDR to one node only.
-pub fn desired_state<'a>(backend: Backend, peers: impl IntoIterator<Item = &'a Peer>) -> DesiredState {
+pub fn desired_state<'a>(
+    backend: Backend,
+    direct: Option<&Direct>,
+    peers: impl IntoIterator<Item = &'a Peer>,
+) -> DesiredState {
     let mut desired = DesiredState::default();
     for peer in peers {
-        match backend {
-            Backend::Vxlan => {
-                desired.fdb.insert(peer.vtep_mac, peer.underlay_ip);
-                for cidr in &peer.pod_cidrs {
-                    let gw = gateway_of(cidr);
-                    desired.neigh.insert(gw, peer.vtep_mac);
-                    desired.routes.insert(*cidr, gw);
-                }
+        for cidr in &peer.pod_cidrs {
+            if let Some(d) = direct.filter(|d| d.reaches(peer, cidr)) {
+                desired.routes.insert(*cidr, RouteTo { gateway: peer.underlay_ip, dev: Dev::Underlay(d.ifindex) });
+                continue;
             }
-            Backend::Ipip => {
-                for cidr in peer.pod_cidrs.iter().filter(|c| c.addr().is_ipv4()) {
-                    desired.routes.insert(*cidr, peer.underlay_ip);
+            match backend {
+                Backend::Vxlan => {
+                    let gw = gateway_of(cidr);
+                    desired.fdb.insert(peer.vtep_mac, peer.underlay_ip);
+                    desired.neigh.insert(gw, peer.vtep_mac);
+                    desired.routes.insert(*cidr, RouteTo { gateway: gw, dev: Dev::Overlay });
                 }
+                Backend::Ipip if cidr.addr().is_ipv4() => {
+                    desired.routes.insert(*cidr, RouteTo { gateway: peer.underlay_ip, dev: Dev::Overlay });
+                }
+                Backend::Ipip => {}
             }
         }
     }
@@ -85,20 +135,21 @@ pub enum Op {
     PutFdb { mac: Mac, dst: IpAddr },
     PutNeigh { ip: IpAddr, mac: Mac },
     PutNexthop { id: u32, gateway: IpAddr },
-    PutRoute { dst: IpNet, gateway: IpAddr, nhid: Option<u32> },
+    PutRoute { dst: IpNet, to: RouteTo, nhid: Option<u32> },
     DelRoute { dst: IpNet, gateway: IpAddr },
     DelNexthop { id: u32, gateway: IpAddr },
     DelNeigh { ip: IpAddr, mac: Mac },
     DelFdb { mac: Mac, dst: IpAddr },
 }
 
-/// The nexthop object id weir uses for an IPv4 gateway: the address itself,
-/// so ids are stable across restarts and need no bookkeeping. IPv6 routes keep
-/// a plain gateway (the per-gateway cost that nexthops avoid is IPv4's fib_info).
-pub fn nexthop_id(gateway: &IpAddr) -> Option<u32> {
-    match gateway {
-        IpAddr::V4(v4) => Some(u32::from(*v4)).filter(|id| *id != 0),
-        IpAddr::V6(_) => None,
+/// The nexthop object id weir uses for an IPv4 gateway on the overlay: the
+/// address itself, so ids are stable across restarts and need no
+/// bookkeeping. IPv6 routes keep a plain gateway (the per-gateway cost that
+/// nexthops avoid is IPv4's fib_info), and so do direct routes.
+pub fn nexthop_id(to: &RouteTo) -> Option<u32> {
+    match (to.gateway, to.dev) {
+        (IpAddr::V4(v4), Dev::Overlay) => Some(u32::from(v4)).filter(|id| *id != 0),
+        _ => None,
     }
 }
 
@@ -156,8 +207,11 @@ impl fmt::Display for Op {
             Op::PutRoute { dst, nhid: Some(id), .. } => {
                 write!(f, "ip route replace {dst} nhid {id} proto {ROUTE_PROTOCOL}")
             }
-            Op::PutRoute { dst, gateway, nhid: None } => {
+            Op::PutRoute { dst, to: RouteTo { gateway, dev: Dev::Overlay }, nhid: None } => {
                 write!(f, "ip route replace {dst} via {gateway} onlink proto {ROUTE_PROTOCOL}")
+            }
+            Op::PutRoute { dst, to: RouteTo { gateway, dev: Dev::Underlay(i) }, nhid: None } => {
+                write!(f, "ip route replace {dst} via {gateway} dev <ifindex {i}> proto {ROUTE_PROTOCOL}")
             }
             Op::DelRoute { dst, gateway } => write!(f, "ip route del {dst} via {gateway}"),
         }
@@ -180,19 +234,22 @@ pub fn diff(desired: &DesiredState, kernel: &KernelState, ifindex: u32, sweep: b
         }
     }
     let mut nexthops_put = BTreeSet::new();
-    for (&dst, &gateway) in &desired.routes {
+    for (&dst, &to) in &desired.routes {
         if kernel.foreign_routes.contains(&dst) {
             continue;
         }
-        let nhid = kernel.nexthops.as_ref().and(nexthop_id(&gateway));
+        let gateway = to.gateway;
+        // Direct routes are plain routes: nexthop objects are the overlay's.
+        let nhid = kernel.nexthops.as_ref().and(nexthop_id(&to));
         if let (Some(id), Some(nhs)) = (nhid, &kernel.nexthops)
             && nhs.get(&id) != Some(&(gateway, ifindex))
             && nexthops_put.insert(id)
         {
             ops.push(Op::PutNexthop { id, gateway });
         }
-        if kernel.routes.get(&dst) != Some(&(gateway, ifindex)) || kernel.route_nhid.get(&dst).copied() != nhid {
-            ops.push(Op::PutRoute { dst, gateway, nhid });
+        if kernel.routes.get(&dst) != Some(&(gateway, to.oif(ifindex))) || kernel.route_nhid.get(&dst).copied() != nhid
+        {
+            ops.push(Op::PutRoute { dst, to, nhid });
         }
     }
     if sweep {

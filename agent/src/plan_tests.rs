@@ -12,8 +12,12 @@ fn peer(name: &str, ip: &str, mac: &str, cidr: &str) -> Peer {
     }
 }
 
+fn overlay(gateway: &str) -> RouteTo {
+    RouteTo { gateway: gateway.parse().unwrap(), dev: Dev::Overlay }
+}
+
 fn desired(peers: &[Peer]) -> DesiredState {
-    desired_state(Vxlan, peers)
+    desired_state(Vxlan, None, peers)
 }
 
 /// The kernel state after a plan was applied exactly.
@@ -21,7 +25,7 @@ fn applied(d: &DesiredState) -> KernelState {
     KernelState {
         fdb: d.fdb.iter().map(|(m, ip)| (*m, *ip)).collect(),
         neigh: d.neigh.clone(),
-        routes: d.routes.iter().map(|(c, g)| (*c, (*g, IF))).collect(),
+        routes: d.routes.iter().map(|(c, to)| (*c, (to.gateway, to.oif(IF)))).collect(),
         foreign_routes: Default::default(),
         fdb_idle: Default::default(),
         route_nhid: Default::default(),
@@ -45,7 +49,7 @@ fn new_peer_gets_fdb_then_neigh_then_route() {
         vec![
             Op::PutFdb { mac, dst: "198.18.0.11".parse().unwrap() },
             Op::PutNeigh { ip: "10.244.1.0".parse().unwrap(), mac },
-            Op::PutRoute { dst: "10.244.1.0/24".parse().unwrap(), gateway: "10.244.1.0".parse().unwrap(), nhid: None },
+            Op::PutRoute { dst: "10.244.1.0/24".parse().unwrap(), to: overlay("10.244.1.0"), nhid: None },
         ]
     );
 }
@@ -149,9 +153,9 @@ fn entries_not_in_the_owned_dump_are_never_deleted() {
 
 #[test]
 fn ipip_needs_only_routes_via_the_peer_underlay() {
-    let d = desired_state(Ipip, &[a()]);
+    let d = desired_state(Ipip, None, &[a()]);
     assert!(d.fdb.is_empty() && d.neigh.is_empty());
-    assert_eq!(d.routes.get(&"10.244.1.0/24".parse().unwrap()), Some(&"198.18.0.11".parse().unwrap()));
+    assert_eq!(d.routes.get(&"10.244.1.0/24".parse().unwrap()), Some(&overlay("198.18.0.11")));
 }
 
 #[test]
@@ -168,8 +172,8 @@ fn dual_stack_peer_gets_one_neigh_and_route_per_family() {
 /// The kernel state after applying with nexthop objects.
 fn applied_nh(d: &DesiredState) -> KernelState {
     let mut k = applied(d);
-    k.nexthops = Some(d.routes.values().map(|g| (nexthop_id(g).unwrap(), (*g, IF))).collect());
-    k.route_nhid = d.routes.iter().map(|(c, g)| (*c, nexthop_id(g).unwrap())).collect();
+    k.nexthops = Some(d.routes.values().map(|to| (nexthop_id(to).unwrap(), (to.gateway, IF))).collect());
+    k.route_nhid = d.routes.iter().map(|(c, to)| (*c, nexthop_id(to).unwrap())).collect();
     k
 }
 
@@ -178,9 +182,16 @@ fn with_nexthop_objects_routes_name_a_nexthop_created_first() {
     let empty = KernelState { nexthops: Some(Default::default()), ..Default::default() };
     let ops = diff(&desired(&[a()]), &empty, IF, true);
     let gw: IpAddr = "10.244.1.0".parse().unwrap();
-    let id = nexthop_id(&gw).unwrap();
+    let id = nexthop_id(&RouteTo { gateway: gw, dev: Dev::Overlay }).unwrap();
     assert_eq!(ops[2], Op::PutNexthop { id, gateway: gw });
-    assert_eq!(ops[3], Op::PutRoute { dst: "10.244.1.0/24".parse().unwrap(), gateway: gw, nhid: Some(id) });
+    assert_eq!(
+        ops[3],
+        Op::PutRoute {
+            dst: "10.244.1.0/24".parse().unwrap(),
+            to: RouteTo { gateway: gw, dev: Dev::Overlay },
+            nhid: Some(id)
+        }
+    );
     assert!(diff(&desired(&[a()]), &applied_nh(&desired(&[a()])), IF, true).is_empty());
 }
 
@@ -199,4 +210,58 @@ fn classic_routes_are_converted_when_nexthops_appear() {
     k.nexthops = Some(Default::default());
     let ops = diff(&d, &k, IF, true);
     assert!(matches!(ops[..], [Op::PutNexthop { .. }, Op::PutRoute { nhid: Some(_), .. }]), "{ops:?}");
+}
+
+const UNDERLAY: u32 = 2;
+
+fn direct() -> Direct {
+    Direct { subnet: "198.18.0.0/24".parse().unwrap(), ifindex: UNDERLAY }
+}
+
+#[test]
+fn direct_routing_reaches_same_subnet_peers_unencapsulated() {
+    let far = peer("node-3", "198.18.1.13", "0e:00:00:00:00:03", "10.244.3.0/24");
+    let d = desired_state(Vxlan, Some(&direct()), &[a(), far]);
+    assert_eq!(
+        d.routes.get(&"10.244.1.0/24".parse().unwrap()),
+        Some(&RouteTo { gateway: "198.18.0.11".parse().unwrap(), dev: Dev::Underlay(UNDERLAY) })
+    );
+    assert!(!d.fdb.contains_key(&a().vtep_mac) && !d.neigh.contains_key(&"10.244.1.0".parse().unwrap()));
+    assert_eq!(d.routes.get(&"10.244.3.0/24".parse().unwrap()), Some(&overlay("10.244.3.0")), "another subnet tunnels");
+    let k = applied(&d);
+    assert_eq!(k.routes.get(&"10.244.1.0/24".parse().unwrap()), Some(&("198.18.0.11".parse().unwrap(), UNDERLAY)));
+    assert!(diff(&d, &k, IF, true).is_empty(), "a direct route in place needs nothing");
+    // Direct routes use no nexthop object, even where the kernel has them.
+    let mut with_nh = applied(&d);
+    with_nh.nexthops = Some(Default::default());
+    let ops = diff(&d, &with_nh, IF, true);
+    assert!(
+        ops.iter().all(|op| !matches!(op, Op::PutRoute { to: RouteTo { dev: Dev::Underlay(_), .. }, .. })),
+        "{ops:?}"
+    );
+}
+
+#[test]
+fn a_peer_moving_between_subnets_switches_kind_route_first() {
+    let tunnelled = desired(&[a()]);
+    let k = applied(&tunnelled);
+    let now_direct = desired_state(Vxlan, Some(&direct()), &[a()]);
+    let ops = diff(&now_direct, &k, IF, true);
+    // The route is replaced in place (no moment without one), then the
+    // overlay's entries go.
+    assert!(matches!(ops[0], Op::PutRoute { to: RouteTo { dev: Dev::Underlay(UNDERLAY), .. }, .. }), "{ops:?}");
+    assert!(matches!(ops[1..], [Op::DelNeigh { .. }, Op::DelFdb { .. }]), "{ops:?}");
+    // And back: fdb and neighbour before the route that needs them.
+    let back = diff(&tunnelled, &applied(&now_direct), IF, true);
+    assert!(matches!(back[..], [Op::PutFdb { .. }, Op::PutNeigh { .. }, Op::PutRoute { .. }]), "{back:?}");
+}
+
+#[test]
+fn direct_routing_keeps_other_family_pod_cidrs_on_the_overlay() {
+    let mut dual = a();
+    dual.pod_cidrs.push("fd00:10:244:1::/64".parse().unwrap());
+    let d = desired_state(Vxlan, Some(&direct()), &[dual]);
+    assert_eq!(d.routes.get(&"10.244.1.0/24".parse().unwrap()).unwrap().dev, Dev::Underlay(UNDERLAY));
+    assert_eq!(d.routes.get(&"fd00:10:244:1::/64".parse().unwrap()), Some(&overlay("fd00:10:244:1::")));
+    assert!(d.fdb.contains_key(&a().vtep_mac), "the IPv6 CIDR still needs the tunnel");
 }

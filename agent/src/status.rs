@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::model::{Backend, Mac, Mode, Peer};
-use crate::plan::{self, KernelState};
+use crate::plan::{self, Direct, KernelState};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PeerRow {
@@ -45,23 +45,31 @@ impl Report {
 /// Compares each peer's entries with the kernel. In on-demand mode fdb and
 /// neighbour entries come and go with traffic, so only their correctness,
 /// not their presence, is checked.
-pub fn compare(backend: Backend, mode: Mode, peers: &[Peer], kernel: &KernelState, ifindex: u32) -> Report {
+pub fn compare(
+    backend: Backend,
+    mode: Mode,
+    direct: Option<&Direct>,
+    peers: &[Peer],
+    kernel: &KernelState,
+    ifindex: u32,
+) -> Report {
     let mut report = Report::default();
-    let all = plan::desired_state(backend, peers);
+    let all = plan::desired_state(backend, direct, peers);
     for peer in peers {
-        let want = plan::desired_state(backend, std::slice::from_ref(peer));
+        let want = plan::desired_state(backend, direct, std::slice::from_ref(peer));
         let on_demand = mode == Mode::OnDemand;
-        let fdb = (backend == Backend::Vxlan).then(|| {
+        // A peer reached directly has no fdb or neighbour entry to check.
+        let fdb = (!want.fdb.is_empty()).then(|| {
             want.fdb.iter().all(|(m, ip)| {
                 kernel.fdb.contains(&(*m, *ip)) || (on_demand && !kernel.fdb.iter().any(|(km, _)| km == m))
             })
         });
-        let neigh = (backend == Backend::Vxlan).then(|| {
+        let neigh = (!want.neigh.is_empty()).then(|| {
             want.neigh
                 .iter()
                 .all(|(ip, m)| kernel.neigh.get(ip) == Some(m) || (on_demand && !kernel.neigh.contains_key(ip)))
         });
-        let route = want.routes.iter().all(|(c, gw)| kernel.routes.get(c) == Some(&(*gw, ifindex)));
+        let route = want.routes.iter().all(|(c, to)| kernel.routes.get(c) == Some(&(to.gateway, to.oif(ifindex))));
         report.peers.push(PeerRow {
             node: peer.name.clone(),
             pod_cidrs: peer.pod_cidrs.clone(),
@@ -131,11 +139,11 @@ mod tests {
     }
 
     fn synced() -> KernelState {
-        let d = plan::desired_state(Backend::Vxlan, &[peer()]);
+        let d = plan::desired_state(Backend::Vxlan, None, &[peer()]);
         KernelState {
             fdb: d.fdb.iter().map(|(m, i)| (*m, *i)).collect(),
             neigh: d.neigh.clone(),
-            routes: d.routes.iter().map(|(c, g)| (*c, (*g, 5))).collect(),
+            routes: d.routes.iter().map(|(c, to)| (*c, (to.gateway, to.oif(5)))).collect(),
             foreign_routes: Default::default(),
             fdb_idle: Default::default(),
             route_nhid: Default::default(),
@@ -145,7 +153,7 @@ mod tests {
 
     #[test]
     fn in_sync_is_clean() {
-        let r = compare(Backend::Vxlan, Mode::Full, &[peer()], &synced(), 5);
+        let r = compare(Backend::Vxlan, Mode::Full, None, &[peer()], &synced(), 5);
         assert!(!r.drift(), "{}", table(&r));
     }
 
@@ -153,12 +161,12 @@ mod tests {
     fn a_missing_route_or_stale_entry_is_drift() {
         let mut k = synced();
         k.routes.clear();
-        let r = compare(Backend::Vxlan, Mode::Full, &[peer()], &k, 5);
+        let r = compare(Backend::Vxlan, Mode::Full, None, &[peer()], &k, 5);
         assert!(r.drift());
         assert!(table(&r).contains("MISSING"));
         let mut k = synced();
         k.neigh.insert("10.244.9.0".parse().unwrap(), "0e:00:00:00:00:09".parse().unwrap());
-        assert_eq!(compare(Backend::Vxlan, Mode::Full, &[peer()], &k, 5).stale.len(), 1);
+        assert_eq!(compare(Backend::Vxlan, Mode::Full, None, &[peer()], &k, 5).stale.len(), 1);
     }
 
     #[test]
@@ -166,7 +174,7 @@ mod tests {
         let mut k = synced();
         k.fdb.clear();
         k.neigh.clear();
-        assert!(!compare(Backend::Vxlan, Mode::OnDemand, &[peer()], &k, 5).drift());
-        assert!(compare(Backend::Vxlan, Mode::Full, &[peer()], &k, 5).drift());
+        assert!(!compare(Backend::Vxlan, Mode::OnDemand, None, &[peer()], &k, 5).drift());
+        assert!(compare(Backend::Vxlan, Mode::Full, None, &[peer()], &k, 5).drift());
     }
 }

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
+use ipnet::IpNet;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::RouteAttribute;
@@ -14,6 +15,8 @@ pub struct Underlay {
     pub ifname: String,
     pub ifindex: u32,
     pub ip: IpAddr,
+    /// The subnet `ip` is on (its address's prefix on the interface).
+    pub subnet: IpNet,
     pub mtu: u32,
 }
 
@@ -21,7 +24,13 @@ struct Iface {
     name: String,
     index: u32,
     mtu: u32,
-    addrs: Vec<IpAddr>,
+    addrs: Vec<IpNet>,
+}
+
+impl Iface {
+    fn has(&self, ip: IpAddr) -> bool {
+        self.addrs.iter().any(|a| a.addr() == ip)
+    }
 }
 
 async fn interfaces(h: &Handle) -> anyhow::Result<Vec<Iface>> {
@@ -47,9 +56,10 @@ async fn interfaces(h: &Handle) -> anyhow::Result<Vec<Iface>> {
         if let (Some(ip), Some(i)) = (ip, out.iter_mut().find(|i| i.index == a.header.index))
             && !ip.is_loopback()
             && !matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
-            && !i.addrs.contains(&ip)
+            && !i.has(ip)
+            && let Ok(net) = IpNet::new(ip, a.header.prefix_len)
         {
-            i.addrs.push(ip);
+            i.addrs.push(net);
         }
     }
     Ok(out)
@@ -72,7 +82,8 @@ async fn default_route_ifindex(h: &Handle) -> anyhow::Result<Option<u32>> {
 }
 
 fn pick(i: &Iface, ip: IpAddr) -> Underlay {
-    Underlay { ifname: i.name.clone(), ifindex: i.index, ip, mtu: i.mtu }
+    let subnet = i.addrs.iter().find(|a| a.addr() == ip).map_or_else(|| IpNet::from(ip), IpNet::trunc);
+    Underlay { ifname: i.name.clone(), ifindex: i.index, ip, subnet, mtu: i.mtu }
 }
 
 /// `node_ips` are the Node's InternalIPs, the last resort.
@@ -83,7 +94,7 @@ pub async fn select(
     node_ips: &[IpAddr],
 ) -> anyhow::Result<Underlay> {
     let ifaces = interfaces(h).await?;
-    let owner = |ip: IpAddr| ifaces.iter().find(|i| i.addrs.contains(&ip));
+    let owner = |ip: IpAddr| ifaces.iter().find(|i| i.has(ip));
     if let Some(ip) = public_ip {
         let i = owner(ip).ok_or_else(|| anyhow::anyhow!("--public-ip {ip} is not an address of any interface"))?;
         return Ok(pick(i, ip));
@@ -99,14 +110,14 @@ pub async fn select(
             }
         };
         let i = found.ok_or_else(|| anyhow::anyhow!("--iface {pattern:?} matches no interface with an address"))?;
-        let ip = *i.addrs.first().ok_or_else(|| anyhow::anyhow!("interface {} has no address", i.name))?;
+        let ip = i.addrs.first().ok_or_else(|| anyhow::anyhow!("interface {} has no address", i.name))?.addr();
         return Ok(pick(i, ip));
     }
     if let Some(idx) = default_route_ifindex(h).await?
         && let Some(i) = ifaces.iter().find(|i| i.index == idx)
-        && let Some(ip) = i.addrs.iter().find(|a| a.is_ipv4()).or(i.addrs.first())
+        && let Some(ip) = i.addrs.iter().find(|a| a.addr().is_ipv4()).or(i.addrs.first())
     {
-        return Ok(pick(i, *ip));
+        return Ok(pick(i, ip.addr()));
     }
     for ip in node_ips {
         if let Some(i) = owner(*ip) {

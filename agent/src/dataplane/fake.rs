@@ -104,8 +104,8 @@ impl FakeState {
             Op::DelNexthop { id, .. } => {
                 e.nexthops.as_mut().map(|n| n.remove(&id));
             }
-            Op::PutRoute { dst, gateway, nhid } => {
-                e.routes.insert(dst, (gateway, ifindex));
+            Op::PutRoute { dst, to, nhid } => {
+                e.routes.insert(dst, (to.gateway, to.oif(ifindex)));
                 match nhid {
                     Some(id) => e.route_nhid.insert(dst, id),
                     None => e.route_nhid.remove(&dst),

@@ -24,7 +24,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use super::{AF_BRIDGE, AF_INET, AF_INET6};
 use crate::model::Mac;
-use crate::plan::{Op, ROUTE_PROTOCOL};
+use crate::plan::{Dev, Op, ROUTE_PROTOCOL, RouteTo};
 
 pub const NLMSG_NOOP: u16 = libc::NLMSG_NOOP as u16;
 pub const NLMSG_ERROR: u16 = libc::NLMSG_ERROR as u16;
@@ -276,7 +276,8 @@ pub fn push_neighbour(
     }
 }
 
-fn route(ifindex: u32, dst: IpNet, gateway: IpAddr, nhid: Option<u32>, for_delete: bool) -> RouteMessage {
+/// What identifies one of weir's routes: its prefix, table and protocol.
+fn route_key(dst: IpNet) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header.address_family = if dst.addr().is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
     m.header.destination_prefix_length = dst.prefix_len();
@@ -285,15 +286,21 @@ fn route(ifindex: u32, dst: IpNet, gateway: IpAddr, nhid: Option<u32>, for_delet
     m.header.scope = RouteScope::Universe;
     m.header.kind = RouteType::Unicast;
     m.attributes.push(RouteAttribute::Destination(RouteAddress::from(dst.network())));
-    if for_delete {
-        return m;
-    }
+    m
+}
+
+fn route(overlay: u32, dst: IpNet, to: RouteTo, nhid: Option<u32>) -> RouteMessage {
+    let mut m = route_key(dst);
     match nhid {
         Some(id) => m.attributes.push(RouteAttribute::NhId(id)),
         None => {
-            m.header.flags = netlink_packet_route::route::RouteFlags::Onlink;
-            m.attributes.push(RouteAttribute::Gateway(RouteAddress::from(gateway)));
-            m.attributes.push(RouteAttribute::Oif(ifindex));
+            // The overlay's gateway (the peer's pod CIDR address) is on no
+            // link's subnet; a direct route's (the peer itself) is.
+            if to.dev == Dev::Overlay {
+                m.header.flags = netlink_packet_route::route::RouteFlags::Onlink;
+            }
+            m.attributes.push(RouteAttribute::Gateway(RouteAddress::from(to.gateway)));
+            m.attributes.push(RouteAttribute::Oif(to.oif(overlay)));
         }
     }
     m
@@ -338,12 +345,8 @@ pub fn encode_op(ifindex: u32, op: &Op) -> Vec<u8> {
         Op::DelNeigh { ip, mac } => push_neighbour(&mut out, ifindex, family(&ip), mac, ip, 0, false, false),
         Op::PutNexthop { id, gateway } => out = nexthop(true, ifindex, id, &gateway),
         Op::DelNexthop { id, gateway } => out = nexthop(false, ifindex, id, &gateway),
-        Op::PutRoute { dst, gateway, nhid } => {
-            out = encode(R::NewRoute(route(ifindex, dst, gateway, nhid, false)), PUT)
-        }
-        Op::DelRoute { dst, gateway } => {
-            out = encode(R::DelRoute(route(ifindex, dst, gateway, None, true)), NLM_F_REQUEST)
-        }
+        Op::PutRoute { dst, to, nhid } => out = encode(R::NewRoute(route(ifindex, dst, to, nhid)), PUT),
+        Op::DelRoute { dst, .. } => out = encode(R::DelRoute(route_key(dst)), NLM_F_REQUEST),
     }
     out
 }
@@ -374,7 +377,16 @@ mod tests {
         let ops = [
             Op::PutFdb { mac, dst: "198.18.0.1".parse().unwrap() },
             Op::PutNeigh { ip: "fd00::".parse().unwrap(), mac },
-            Op::PutRoute { dst: "10.244.2.0/24".parse().unwrap(), gateway: "10.244.2.0".parse().unwrap(), nhid: None },
+            Op::PutRoute {
+                dst: "10.244.2.0/24".parse().unwrap(),
+                to: RouteTo { gateway: "10.244.2.0".parse().unwrap(), dev: Dev::Overlay },
+                nhid: None,
+            },
+            Op::PutRoute {
+                dst: "10.244.3.0/24".parse().unwrap(),
+                to: RouteTo { gateway: "198.18.0.13".parse().unwrap(), dev: Dev::Underlay(2) },
+                nhid: None,
+            },
             Op::DelRoute { dst: "10.244.2.0/24".parse().unwrap(), gateway: "10.244.2.0".parse().unwrap() },
             Op::DelNexthop { id: 9, gateway: "10.244.2.0".parse().unwrap() },
         ];

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use super::validate::{NodeInfo, Skip, Validator};
 use crate::metrics::{Metrics, labels};
 use crate::model::{Backend, Peer, PeerSet};
+use crate::plan::Direct;
 
 /// Written to the run dir whenever the accepted peers change.
 pub const PEERS_FILE: &str = "peers.json";
@@ -18,12 +19,17 @@ pub const PEERS_FILE: &str = "peers.json";
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct PeersRecord {
     pub backend: Backend,
+    /// Direct routing, as the agent runs it (`weir-agent status` expects
+    /// what it expects).
+    #[serde(default)]
+    pub direct: Option<Direct>,
     pub peers: Vec<Peer>,
     pub rejected: Vec<String>,
 }
 
 pub fn publisher(
     validator: Validator,
+    direct: Option<Direct>,
     tx: watch::Sender<PeerSet>,
     metrics: Arc<Metrics>,
     record_path: PathBuf,
@@ -52,7 +58,7 @@ pub fn publisher(
         }
         metrics.peers.with_label_values(&[labels::REJECTED]).set(out.rejected.len() as i64);
         metrics.peers.with_label_values(&[labels::PENDING]).set(out.skipped.len() as i64);
-        let record = PeersRecord { backend: validator.backend, peers: out.peers, rejected: rejections };
+        let record = PeersRecord { backend: validator.backend, direct, peers: out.peers, rejected: rejections };
         let json = serde_json::to_string(&record).expect("peers serialise");
         if let Err(e) = crate::cni::write_if_changed(&record_path, &json) {
             warn!(path = %record_path.display(), error = %e, "cannot record peers for `weir-agent status`");

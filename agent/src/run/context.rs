@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::model::{Backend, Mac, Mode};
 use crate::peers::validate::NodeInfo;
 use crate::peers::{file, kube as kube_peers};
+use crate::plan::Direct;
 use crate::underlay::{self, Underlay};
 
 /// What the agent knows about its own node before it can program anything.
@@ -39,6 +40,7 @@ pub struct Context {
     pub underlay: Underlay,
     pub mtu: u32,
     pub device: DeviceSpec,
+    pub direct: Option<Direct>,
 }
 
 impl Context {
@@ -87,7 +89,11 @@ impl Context {
             Err(e) => warn!(error = %e, "first device set-up failed; the engine will retry"),
             Ok(_) => {}
         }
-        Ok((Context { args, node_name, metrics, probes, nodes_api, own, underlay, mtu, device }, kernel))
+        let direct = args.direct_routing.then_some(Direct { subnet: underlay.subnet, ifindex: underlay.ifindex });
+        if let Some(d) = &direct {
+            info!(subnet = %d.subnet, iface = %underlay.ifname, "direct routing to peers on the underlay subnet");
+        }
+        Ok((Context { args, node_name, metrics, probes, nodes_api, own, underlay, mtu, device, direct }, kernel))
     }
 }
 

@@ -48,6 +48,7 @@ pub fn start_engine(ctx: &Context, kernel: NetlinkKernel) -> anyhow::Result<Runn
     let cfg = EngineConfig {
         backend: args.backend,
         device: ctx.device.clone(),
+        direct: ctx.direct,
         resync_interval: args.resync_interval,
         on_demand,
     };
@@ -163,7 +164,8 @@ pub fn start_peer_source(ctx: &Context, peers: watch::Sender<PeerSet>) {
         ctx.node_name.clone(),
         ctx.own.pod_cidrs.clone(),
     );
-    let mut publish = publish::publisher(validator, peers, ctx.metrics.clone(), args.run_dir.join(publish::PEERS_FILE));
+    let record = args.run_dir.join(publish::PEERS_FILE);
+    let mut publish = publish::publisher(validator, ctx.direct, peers, ctx.metrics.clone(), record);
     match (&ctx.nodes_api, &args.peers_file) {
         (Some(api), _) => {
             tokio::spawn(kube_peers::watch_nodes(api.clone(), ctx.metrics.clone(), publish));

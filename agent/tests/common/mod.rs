@@ -153,6 +153,7 @@ pub fn engine(spec: DeviceSpec) -> (Engine<NetlinkKernel>, tokio::sync::watch::R
     let cfg = EngineConfig {
         backend: Backend::Vxlan,
         device: spec,
+        direct: None,
         resync_interval: Duration::from_secs(60),
         on_demand: None,
     };

@@ -92,6 +92,20 @@ pub fn clip(v: &str) -> String {
     if v.len() > 64 { format!("{}…({} bytes)", &v[..v.floor_char_boundary(64)], v.len()) } else { v.to_string() }
 }
 
+/// IPv6 addresses a peer may not use as its underlay address or pod gateway:
+/// link-local ones mean nothing off their own link, and v4-mapped ones are
+/// IPv4 in disguise (they would slip past the family checks).
+fn unroutable_v6(ip: &IpAddr) -> Option<&'static str> {
+    let IpAddr::V6(v6) = ip else { return None };
+    if v6.segments()[0] & 0xffc0 == 0xfe80 {
+        Some("IPv6 link-local")
+    } else if v6.to_ipv4_mapped().is_some() {
+        Some("IPv4-mapped IPv6 address")
+    } else {
+        None
+    }
+}
+
 /// What the nodes taken so far hold; a later node may not hold it again.
 #[derive(Default)]
 struct Held {
@@ -165,6 +179,9 @@ impl Rules {
         if ip.is_loopback() || ip.is_multicast() || ip.is_unspecified() || ip == IpAddr::from([255, 255, 255, 255]) {
             return Err(reject(ANN_PUBLIC_IP, ip_text, "loopback, multicast, broadcast or unspecified", None));
         }
+        if let Some(reason) = unroutable_v6(&ip) {
+            return Err(reject(ANN_PUBLIC_IP, ip_text, reason, None));
+        }
         if !n.addresses.is_empty() && !n.addresses.iter().any(|a| a.parse::<IpAddr>().ok() == Some(ip)) {
             return Err(reject(ANN_PUBLIC_IP, ip_text, "not one of the Node's status.addresses", None));
         }
@@ -196,11 +213,14 @@ impl Rules {
             if cidr != cidr.trunc() {
                 return Err(reject(FIELD_POD_CIDRS, text, "host bits set", None));
             }
-            if !self.cluster_cidrs.is_empty()
-                && !self.cluster_cidrs.iter().any(|c| c.contains(&cidr))
-                && self.cluster_cidrs.iter().any(|c| c.addr().is_ipv4() == cidr.addr().is_ipv4())
-            {
+            // Another family than the cluster's ranges is outside them too: a
+            // dual-stack cluster lists a range of each family.
+            if !self.cluster_cidrs.is_empty() && !self.cluster_cidrs.iter().any(|c| c.contains(&cidr)) {
                 return Err(reject(FIELD_POD_CIDRS, text, "outside --cluster-cidr", None));
+            }
+            // The CIDR's network address is the gateway peers route to.
+            if let Some(reason) = unroutable_v6(&cidr.network()) {
+                return Err(reject(FIELD_POD_CIDRS, text, reason, None));
             }
             if let Some((_, owner)) = held.cidrs.overlap(&cidr) {
                 let owner = owner.to_string();

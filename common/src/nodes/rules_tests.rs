@@ -181,3 +181,41 @@ fn pending_and_other_backend_nodes_are_skipped_not_rejected() {
     assert_eq!(out.skipped.get("node-2"), Some(&Skip::Pending));
     assert_eq!(out.skipped.get("node-3"), Some(&Skip::OtherBackend("ipip".into())));
 }
+
+#[test]
+fn hostile_ipv6_values_are_rejected_naming_the_field() {
+    let dual = Rules {
+        backend: Some(Backend::Vxlan),
+        underlay_is_v4: Some(false),
+        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap(), "fd00:10:244::/56".parse().unwrap()],
+        local: None,
+    };
+    let v6 = |ip: &str, cidr: &str| NodeInfo {
+        name: "node-6".into(),
+        public_ip: Some(ip.into()),
+        vtep_mac: Some("0e:00:00:00:00:06".into()),
+        backend: Some("vxlan".into()),
+        pod_cidrs: vec![cidr.into()],
+        ..Default::default()
+    };
+    for (node, field, reason) in [
+        (v6("fe80::6", "fd00:10:244:6::/64"), ANN_PUBLIC_IP, "link-local"),
+        (v6("::ffff:198.18.0.6", "fd00:10:244:6::/64"), ANN_PUBLIC_IP, "IPv4-mapped"),
+        (v6("fd00:198:18::6", "fd00:99::/64"), FIELD_POD_CIDRS, "outside --cluster-cidr"),
+        (v6("fd00:198:18::6", "::ffff:10.244.6.0/120"), FIELD_POD_CIDRS, "outside --cluster-cidr"),
+    ] {
+        let out = dual.validate([&node]);
+        assert_eq!(out.rejected.len(), 1, "{node:?}");
+        let r = &out.rejected[0];
+        assert_eq!(r.field, field, "{r}");
+        assert!(r.reason.contains(reason), "{r}");
+    }
+    // A link-local pod CIDR inside a (careless) cluster range is still refused.
+    let careless = Rules { cluster_cidrs: vec!["fe80::/10".parse().unwrap()], ..dual };
+    let out = careless.validate([&v6("fd00:198:18::6", "fe80::/64")]);
+    assert!(out.rejected[0].reason.contains("link-local"), "{}", out.rejected[0]);
+    // An IPv6 pod CIDR in a cluster that lists only IPv4 is outside it.
+    let v4_only = Rules { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], ..careless };
+    let out = v4_only.validate([&v6("fd00:198:18::6", "fd00:10:244:6::/64")]);
+    assert!(out.rejected[0].reason.contains("outside"), "{}", out.rejected[0]);
+}
