@@ -50,7 +50,9 @@ pub mod labels {
     pub const FIREWALL_RESULTS: [&str; 3] = [SUCCESS, REPAIRED, ERROR];
     pub const REPAIRED: &str = "repaired";
 
-    pub const PHASES: [&str; 3] = [DEVICE, "dump", "apply"];
+    pub const PHASES: [&str; 4] = [DEVICE, "dump", "apply", CHANGE];
+    /// Writing the entries of the peers a Node event changed.
+    pub const CHANGE: &str = "change";
 }
 
 pub struct Metrics {

@@ -126,6 +126,25 @@ pub struct KernelState {
     pub fdb_idle: BTreeMap<Mac, std::time::Duration>,
 }
 
+impl KernelState {
+    /// The kernel as it stands once `desired` has been applied on the device
+    /// `ifindex` (with nexthop objects where the kernel has them).
+    pub fn as_applied(desired: &DesiredState, ifindex: u32, nexthops: bool) -> KernelState {
+        let nexthop_of = |to: &RouteTo| nexthop_id(to).filter(|_| nexthops);
+        KernelState {
+            fdb: desired.fdb.iter().map(|(m, ip)| (*m, *ip)).collect(),
+            neigh: desired.neigh.clone(),
+            routes: desired.routes.iter().map(|(c, to)| (*c, (to.gateway, to.oif(ifindex)))).collect(),
+            route_nhid: desired.routes.iter().filter_map(|(c, to)| nexthop_of(to).map(|id| (*c, id))).collect(),
+            nexthops: nexthops.then(|| {
+                desired.routes.values().filter_map(|to| nexthop_of(to).map(|id| (id, (to.gateway, ifindex)))).collect()
+            }),
+            foreign_routes: Default::default(),
+            fdb_idle: Default::default(),
+        }
+    }
+}
+
 /// One netlink write. Variants are declared in the order they must be applied:
 /// for a new peer the fdb entry exists before the neighbour that points at its
 /// MAC, and the neighbour before the route that uses it, so the kernel never has

@@ -133,6 +133,27 @@ impl Batcher {
         kernel_result(errno, out)
     }
 
+    /// The route a lookup of `addr` matches, whatever its table; None where
+    /// nothing routes it.
+    pub fn route_for(&mut self, addr: std::net::IpAddr) -> std::io::Result<Option<RawRoute>> {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        self.sock.send_to(&wire::fib_match_request(addr, seq), &SocketAddr::new(0, 0), 0)?;
+        let mut found = Ok(None);
+        self.read_until(|m| {
+            if m.seq != seq {
+                return false;
+            }
+            found = match m.error() {
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH) => Ok(None),
+                Some(errno) => Err(std::io::Error::from_raw_os_error(errno)),
+                None => Ok(wire::parse_route(m.payload)),
+            };
+            true
+        })?;
+        found
+    }
+
     /// Dumps the nexthop objects: None if the kernel has no nexthop support.
     pub fn dump_nexthops(&mut self) -> std::io::Result<Option<Vec<Nexthop>>> {
         let mut out = Vec::new();

@@ -22,6 +22,7 @@ pub enum Call {
     EnsureDevice,
     Dump,
     ForeignRoutes,
+    ForeignAmong(Vec<IpNet>),
     Apply(Vec<Op>),
 }
 
@@ -150,6 +151,12 @@ impl Kernel for FakeKernel {
         let mut s = self.state();
         s.calls.push(Call::ForeignRoutes);
         Ok(s.foreign.clone())
+    }
+
+    async fn foreign_among(&mut self, prefixes: &[IpNet]) -> Result<BTreeSet<IpNet>, KernelError> {
+        let mut s = self.state();
+        s.calls.push(Call::ForeignAmong(prefixes.to_vec()));
+        Ok(prefixes.iter().filter(|p| s.foreign.contains(p)).copied().collect())
     }
 
     async fn apply(&mut self, ifindex: u32, ops: &[Op]) -> Vec<OpResult> {

@@ -125,6 +125,12 @@ pub trait Kernel {
     /// Prefixes somebody else routes in the main table; only asked for when
     /// weir is about to add routes, since it costs a full route dump.
     async fn foreign_routes(&mut self) -> Result<std::collections::BTreeSet<ipnet::IpNet>, KernelError>;
+    /// Of `prefixes`, those somebody else routes in the main table: one
+    /// lookup each, for the few prefixes a Node event adds.
+    async fn foreign_among(
+        &mut self,
+        prefixes: &[ipnet::IpNet],
+    ) -> Result<std::collections::BTreeSet<ipnet::IpNet>, KernelError>;
     /// Apply ops in phase order; ops within one phase are pipelined. A
     /// delete of an entry that is already gone succeeds: the goal is reached.
     async fn apply(&mut self, ifindex: u32, ops: &[Op]) -> Vec<OpResult>;

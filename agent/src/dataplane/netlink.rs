@@ -17,7 +17,7 @@ use tracing::info;
 
 use super::batch::Batcher;
 use super::device::{FoundDevice, FoundKind};
-use super::wire::encode_op;
+use super::wire::{RT_TABLE_MAIN, encode_op};
 use super::{AF_BRIDGE, AF_INET, AF_INET6};
 use super::{DeviceAction, DeviceFix, DeviceKind, DeviceSpec, DeviceStatus, Kernel, KernelError, OpResult};
 use crate::model::Mac;
@@ -370,6 +370,24 @@ impl Kernel for NetlinkKernel {
                 out.extend(
                     b.dump_routes(family, None)?.into_iter().filter(|r| r.protocol != ROUTE_PROTOCOL).map(|r| r.dst),
                 );
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn foreign_among(&mut self, prefixes: &[IpNet]) -> Result<BTreeSet<IpNet>, KernelError> {
+        let prefixes = prefixes.to_vec();
+        self.with_batcher(move |b| {
+            let mut out = BTreeSet::new();
+            for p in prefixes {
+                if let Some(r) = b.route_for(p.network())?
+                    && r.dst == p
+                    && r.table == u32::from(RT_TABLE_MAIN)
+                    && r.protocol != ROUTE_PROTOCOL
+                {
+                    out.insert(p);
+                }
             }
             Ok(out)
         })

@@ -39,6 +39,7 @@ const NHA_ID: u16 = 1;
 const NHA_OIF: u16 = 5;
 const NHA_GATEWAY: u16 = 6;
 const RTNH_F_ONLINK: u32 = 4;
+const RTM_F_FIB_MATCH: u32 = 0x2000;
 
 const HEADER_LEN: usize = 16;
 const NEIGHBOUR_HEADER_LEN: usize = 12;
@@ -232,6 +233,18 @@ fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
 pub fn dump_request(kind: u16, body: &[u8], seq: u32) -> Vec<u8> {
     let mut req = header(HEADER_LEN + body.len(), kind, NLM_F_REQUEST | NLM_F_DUMP as u16, seq).to_vec();
     req.extend_from_slice(body);
+    req
+}
+
+/// `ip route get fibmatch ADDR`: which route a lookup of `addr` matches.
+/// Strict checking wants the header's table, protocol, scope and type zero.
+pub fn fib_match_request(addr: IpAddr, seq: u32) -> Vec<u8> {
+    let full = if addr.is_ipv4() { 32 } else { 128 };
+    let mut body = vec![family(&addr), full, 0, 0, 0, 0, 0, 0];
+    body.extend_from_slice(&RTM_F_FIB_MATCH.to_ne_bytes());
+    attr(&mut body, RTA_DST, &ip_bytes(&addr));
+    let mut req = header(HEADER_LEN + body.len(), libc::RTM_GETROUTE, NLM_F_REQUEST, seq).to_vec();
+    req.extend_from_slice(&body);
     req
 }
 

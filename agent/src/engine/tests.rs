@@ -216,3 +216,106 @@ async fn on_demand_answers_of_a_restarted_agent_are_kept() {
     assert_eq!(holds(&k, &peer(2)), (true, true, true));
     assert!(active.contains("node-2"));
 }
+
+/// The calls a Node event cost, after a first full pass.
+fn calls_after(k: &FakeKernel, from: usize) -> Vec<Call> {
+    k.state().calls[from..].to_vec()
+}
+
+#[tokio::test]
+async fn a_node_event_writes_only_its_own_entries_and_dumps_nothing() {
+    let k = FakeKernel::default();
+    let (mut e, metrics) = engine(&k);
+    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    e.reconcile().await.unwrap();
+    let from = k.state().calls.len();
+    e.set_peers(PeerSet::complete([peer(2), peer(3), peer(4)]));
+    let r = e.apply_changes().await.unwrap();
+    let calls = calls_after(&k, from);
+    assert_eq!(
+        calls,
+        vec![
+            Call::ForeignAmong(peer(4).pod_cidrs.clone()),
+            Call::Apply(vec![
+                Op::PutFdb { mac: peer(4).vtep_mac, dst: peer(4).underlay_ip },
+                Op::PutNeigh { ip: gateway_of(&peer(4).pod_cidrs[0]), mac: peer(4).vtep_mac },
+                Op::PutRoute {
+                    dst: peer(4).pod_cidrs[0],
+                    to: crate::plan::RouteTo {
+                        gateway: gateway_of(&peer(4).pod_cidrs[0]),
+                        dev: crate::plan::Dev::Overlay
+                    },
+                    nhid: None,
+                },
+            ]),
+        ]
+    );
+    assert_eq!((r.writes, r.failures), (3, 0));
+    assert_eq!(holds(&k, &peer(4)), (true, true, true));
+    assert_eq!(metrics.routes.get(), 3, "the route gauge follows the change without a dump");
+    // Removing a peer deletes its entries alone.
+    let from = k.state().calls.len();
+    e.set_peers(PeerSet::complete([peer(2), peer(4)]));
+    e.apply_changes().await.unwrap();
+    let writes: Vec<Op> = calls_after(&k, from)
+        .into_iter()
+        .flat_map(|c| match c {
+            Call::Apply(ops) => ops,
+            other => panic!("{other:?} for a removal"),
+        })
+        .collect();
+    assert_eq!(writes.len(), 3, "{writes:?}");
+    assert!(writes.iter().all(|op| op.is_delete()));
+    assert_eq!(holds(&k, &peer(3)), (false, false, false));
+    // And the next full pass has nothing to do: the kernel is as desired.
+    assert_eq!(e.reconcile().await.unwrap().writes, 0);
+}
+
+#[tokio::test]
+async fn changes_before_anything_was_applied_take_a_full_pass() {
+    let k = FakeKernel::default();
+    let (mut e, _) = engine(&k);
+    e.set_peers(PeerSet::complete([peer(2)]));
+    e.apply_changes().await.unwrap();
+    assert_eq!(k.count(|c| matches!(c, Call::Dump)), 2, "a full pass (dump, apply, dump)");
+    assert_eq!(holds(&k, &peer(2)), (true, true, true));
+}
+
+#[tokio::test]
+async fn a_node_event_leaves_a_foreign_route_alone() {
+    let k = FakeKernel::default();
+    let (mut e, _) = engine(&k);
+    e.set_peers(PeerSet::complete([peer(2)]));
+    e.reconcile().await.unwrap();
+    k.state().foreign.insert(peer(5).pod_cidrs[0]);
+    e.set_peers(PeerSet::complete([peer(2), peer(5)]));
+    e.apply_changes().await.unwrap();
+    assert_eq!(holds(&k, &peer(5)), (true, true, false));
+}
+
+#[tokio::test]
+async fn on_demand_a_node_event_writes_the_route_of_an_inactive_peer_only() {
+    let k = FakeKernel::default();
+    let (od, active) = on_demand(Duration::from_secs(3600));
+    let (mut e, _) = engine_with(&k, Some(od));
+    e.set_peers(PeerSet::complete([peer(2)]));
+    active.mark("node-2");
+    e.reconcile().await.unwrap();
+    let from = k.state().calls.len();
+    let mut moved = peer(2);
+    moved.underlay_ip = "198.18.0.99".parse().unwrap();
+    e.set_peers(PeerSet::complete([moved.clone(), peer(3)]));
+    e.apply_changes().await.unwrap();
+    let writes: Vec<Op> = calls_after(&k, from)
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Apply(ops) => Some(ops),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(writes.contains(&Op::PutFdb { mac: moved.vtep_mac, dst: moved.underlay_ip }), "{writes:?}");
+    assert!(writes.iter().any(|op| matches!(op, Op::PutRoute { dst, .. } if *dst == peer(3).pod_cidrs[0])));
+    assert!(!writes.iter().any(|op| matches!(op, Op::PutFdb { mac, .. } if *mac == peer(3).vtep_mac)), "{writes:?}");
+    assert_eq!(holds(&k, &moved), (true, true, true));
+}

@@ -80,6 +80,10 @@ pub struct Engine<K> {
     /// also moves with traffic). Work found for the same target is drift.
     applied_generation: Option<u64>,
     applied_on_demand: Option<DesiredState>,
+    /// Peers changed since entries were last written (`change.rs`).
+    changes: change::Changes,
+    /// Whether the last dump found nexthop objects (kernels since 5.3).
+    nexthops_supported: bool,
     ifindex: u32,
     consecutive_failures: u32,
     status: watch::Sender<EngineStatus>,
@@ -98,6 +102,8 @@ impl<K: Kernel> Engine<K> {
             generation: 0,
             applied_generation: None,
             applied_on_demand: None,
+            changes: Default::default(),
+            nexthops_supported: false,
             ifindex: 0,
             consecutive_failures: 0,
             status,
@@ -139,6 +145,7 @@ impl<K: Kernel> Engine<K> {
                 info!(node = %name, "peer removed");
             }
         }
+        self.note_changes(&next);
         // Until the set is complete, keep what is known and add to it, so a
         // partial listing never shrinks the desired state.
         self.peers = if next.complete {
@@ -251,8 +258,11 @@ impl<K: Kernel> Engine<K> {
             s.vtep_mac = device.mac;
         });
 
+        // A full pass covers every change noted so far.
+        self.changes.clear();
         let t = Instant::now();
         let mut kernel = self.kernel.dump(self.ifindex).await?;
+        self.nexthops_supported = kernel.nexthops.is_some();
         self.metrics.phase_seconds.with_label_values(&["dump"]).observe(t.elapsed().as_secs_f64());
         let on_demand = self.on_demand_desired(&kernel);
         let desired = on_demand.as_ref().unwrap_or(&self.desired);
@@ -371,11 +381,20 @@ impl<K: Kernel> Engine<K> {
             loop {
                 tokio::select! {
                     changed = peers.changed(), if peers_open => {
-                        if changed.is_ok() {
-                            self.set_peers(peers.borrow_and_update().clone());
-                            break;
+                        if changed.is_err() {
+                            peers_open = false;
+                            continue;
                         }
-                        peers_open = false;
+                        self.set_peers(peers.borrow_and_update().clone());
+                        // The change alone, at once; a full pass only if that failed.
+                        match self.apply_changes().await {
+                            Ok(r) if r.failures == 0 && self.retry_delay().is_none() => self.heartbeat.beat(),
+                            Ok(_) => break,
+                            Err(e) => {
+                                warn!(error = %e, "applying a peer change failed; full pass");
+                                break;
+                            }
+                        }
                     }
                     _ = resync.tick() => break,
                     _ = heartbeat.tick() => self.heartbeat.beat(),
@@ -408,6 +427,7 @@ impl<K: Kernel> Engine<K> {
     }
 }
 
+mod change;
+
 #[cfg(test)]
-#[path = "engine_tests.rs"]
 mod tests;
