@@ -2,22 +2,15 @@
 keeps its files, and the wait every part uses. The lab's lower layer is
 proclab (processes, namespaces, certificates, the API server)."""
 
-import json
 import time
 
-from proclab import STATE, netns_list, running
+from proclab import STATE, netns_list, running, settings  # noqa: F401  (settings: what `lab up` was asked for)
 
 SERVICE_CIDR = "10.96.0.0/16"
 AGENT_SELECTOR = "app.kubernetes.io/name=weir-agent"
 CONTROLLER_SELECTOR = "app.kubernetes.io/name=weir-controller"
 POD_LABEL = "weir-lab=pod"
 HOST_RECORD = STATE / "host-mountpoints.json"
-
-
-def settings():
-    """What `lab up` was asked for (backend, mode, dns)."""
-    p = STATE / "settings.json"
-    return json.loads(p.read_text()) if p.exists() else {"backend": "vxlan", "mode": "full"}
 
 
 def wait_for(cond, timeout, what, step=0.5):

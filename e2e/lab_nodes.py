@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import nodes as rt
-from proclab import BIN, CLUSTER_CIDR, NS, STATE, attach, kubectl, netns_list, node_ip, node_ns, sh, spawn, stop
+from proclab import BIN, CLUSTER_CIDR, CLUSTER_CIDR6, NS, STATE, attach, kubectl, netns_list, node_ip, node_ns, sh, spawn, stop
 from lab_base import HOST_RECORD, SERVICE_CIDR, holder, node_dir, settings, wait_for
 from lab_pki import node_pki
 from lab_images import DNS_IP, image_dir
@@ -45,7 +45,10 @@ def add_node(i):
     agent there."""
     ns = node_ns(i)
     attach(ns, "eth0", node_ip(i))
-    for key in ("net.ipv4.ip_forward=1", "net.bridge.bridge-nf-call-iptables=1"):
+    keys = ["net.ipv4.ip_forward=1", "net.bridge.bridge-nf-call-iptables=1"]
+    if settings().get("dual_stack"):
+        keys += ["net.ipv6.conf.all.forwarding=1", "net.bridge.bridge-nf-call-ip6tables=1"]
+    for key in keys:
         sh(["sysctl", "-qw", key], ns=ns)
     # hostNetwork clients of a ClusterIP (the agent's in-cluster config) need
     # a route for the first lookup; kube-proxy's DNAT then rewrites it.
@@ -57,7 +60,8 @@ def add_node(i):
     pki = node_pki(i)
     rt.containerd_config(d)
     rt.kubelet_config(i, node_ip(i), d, pki, cluster_dns=DNS_IP if settings().get("dns") else None)
-    rt.kube_proxy_config(i, d, STATE / "kube-proxy.kubeconfig", CLUSTER_CIDR)
+    cluster = CLUSTER_CIDR + (f",{CLUSTER_CIDR6}" if settings().get("dual_stack") else "")
+    rt.kube_proxy_config(i, d, STATE / "kube-proxy.kubeconfig", cluster)
     (d / "holder.sh").write_text(rt.holder_script(i, d))
     spawn(f"node-{i}-holder", None, ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--mount", "--uts",
                                      "--propagation", "private", "sh", str(d / "holder.sh")])

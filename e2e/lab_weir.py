@@ -5,7 +5,7 @@ import os
 import subprocess
 
 import nodes as rt
-from proclab import BIN, CLUSTER_CIDR, CP_NS, NODE_MASK, NS, ROOT, STATE, kubeconfig, kubectl
+from proclab import BIN, CLUSTER_CIDR, CLUSTER_CIDR6, CP_NS, NODE_MASK, NS, ROOT, STATE, kubeconfig, kubectl
 from lab_base import AGENT_SELECTOR, holder, node_dir, nodes, settings, wait_for
 
 
@@ -13,8 +13,11 @@ def write_overlay(settings):
     """The lab's overlay of manifests/: what a user's would change."""
     d = STATE / "overlay"
     d.mkdir(parents=True, exist_ok=True)
-    literals = [f"WEIR_CLUSTER_CIDR={CLUSTER_CIDR}", f"WEIR_NODE_CIDR_MASK_SIZE_IPV4={NODE_MASK}"]
+    cluster = CLUSTER_CIDR + (f",{CLUSTER_CIDR6}" if settings.get("dual_stack") else "")
+    literals = [f"WEIR_CLUSTER_CIDR={cluster}", f"WEIR_NODE_CIDR_MASK_SIZE_IPV4={NODE_MASK}"]
     literals += [f"WEIR_{k.upper()}={v}" for k, v in settings.items() if k in ("backend", "mode")]
+    if settings.get("direct_routing"):
+        literals.append("WEIR_DIRECT_ROUTING=true")
     (d / "kustomization.yaml").write_text("\n".join([
         "apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization",
         f"resources: [{os.path.relpath(ROOT / 'manifests', d)}]",

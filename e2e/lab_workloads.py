@@ -60,6 +60,16 @@ def pods():
     return dict(sorted(out.items()))
 
 
+def pods6():
+    """Running lab pods' IPv6 addresses (dual-stack labs): name -> address."""
+    out = {}
+    for p in pods_in("default", POD_LABEL):
+        v6 = [a["ip"] for a in p["status"].get("podIPs") or [] if ":" in a["ip"]]
+        if p["status"].get("phase") == "Running" and v6:
+            out[p["metadata"]["name"]] = v6[0]
+    return dict(sorted(out.items()))
+
+
 def netns_target(name):
     """The argv prefix that runs a host command in a namespace: a named
     network namespace, or a lab pod's (through its container's process)."""

@@ -20,7 +20,7 @@ import time
 import nodes as rt
 import proclab
 from proclab import (API, BIN, CACHE, CLUSTER_CIDR, CP_IP, CP_NS, E2E, NODE_MASK, NS, ROOT, STATE,  # noqa: F401
-                     UNDERLAY_NS, api_request, attach, ns_get, ensure_control_plane_binaries, ensure_packages, ensure_underlay,
+                     ROUTER_NS, UNDERLAY_NS, V6_UNDERLAY, api_request, attach, ns_get, ensure_control_plane_binaries, ensure_packages, ensure_underlay,
                      kubeconfig, kubectl, log, netns_list, node_ip, node_ns, openssl, running, spawn, start_etcd,
                      stop, wait_api)
 from lab_base import (  # noqa: F401
@@ -38,20 +38,29 @@ from lab_weir import (  # noqa: F401
 from lab_nodes import (  # noqa: F401
     in_node, node_spawn, start_node_daemons, add_node, stop_node_daemons, remove_node, node_ready, wait_cni_config)
 from lab_workloads import (  # noqa: F401
-    sh, pod_manifest, SERVICE, add_pods, add_pod, del_pod, pods, netns_target, ping, exec_ping, ping_matrix, unhealthy, wait_healthy, wait_all_pairs)
+    pods6, sh, pod_manifest, SERVICE, add_pods, add_pod, del_pod, pods, netns_target, ping, exec_ping, ping_matrix, unhealthy, wait_healthy, wait_all_pairs)
 
 # ---------------------------------------------------------------- whole lab
 
 
-def up(n_nodes=3, pods_per_node=2, backend="vxlan", mode="full", dns=False):
+def up(n_nodes=3, pods_per_node=2, backend="vxlan", mode="full", dns=False, subnets=1, direct_routing=False,
+       dual_stack=False):
+    """Everything, until every pod pings every other. `subnets=2` puts
+    odd-numbered nodes on 198.18.0.0/24 and even-numbered ones on
+    198.18.1.0/24, joined by the `weir-router` namespace; `dual_stack` gives
+    pods an IPv6 address too (fd00:10:244::/56) and the underlay IPv6
+    addresses beside its IPv4 ones."""
     if os.geteuid() != 0:
         raise SystemExit("the lab needs root (it creates network namespaces)")
+    if subnets not in (1, 2):
+        raise SystemExit(f"--subnets {subnets}: the lab builds 1 or 2 underlay subnets")
     started = time.time()
     ensure_packages()
     ensure_control_plane_binaries()
     ensure_weir_release()
     STATE.mkdir(parents=True, exist_ok=True)
-    s = {"backend": backend, "mode": mode, "dns": dns}
+    s = {"backend": backend, "mode": mode, "dns": dns, "subnets": subnets, "direct_routing": direct_routing,
+         "dual_stack": dual_stack}
     (STATE / "settings.json").write_text(json.dumps(s))
     if dns:
         ensure_coredns()

@@ -27,6 +27,8 @@ CP_NS = "weir-cp"
 CP_IP = "198.18.0.2"
 API = f"https://{CP_IP}:6443"
 CLUSTER_CIDR = os.environ.get("WEIR_LAB_CLUSTER_CIDR", "10.244.0.0/16")
+# The IPv6 range of a dual-stack lab (`lab up --dual-stack`): a /64 per node.
+CLUSTER_CIDR6 = "fd00:10:244::/56"
 NODE_MASK = int(os.environ.get("WEIR_LAB_NODE_MASK", "24"))
 DEBIAN_PACKAGES = {
     "/usr/lib/cni/bridge": "containernetworking-plugins",
@@ -42,6 +44,7 @@ DEBIAN_PACKAGES = {
     "/usr/include/stdio.h": "libc6-dev",
     "/usr/bin/curl": "curl",
     "/bin/nc.openbsd": "netcat-openbsd",
+    "/usr/bin/tcpdump": "tcpdump",
 }
 CNI_BIN = "/usr/lib/cni"
 NS = "weir-system"
@@ -69,8 +72,18 @@ def node_ns(i):
     return f"weir-node-{i}"
 
 
+def lab_shape():
+    """How many underlay subnets the lab has, and whether it is dual-stack
+    (`lab up --subnets N --dual-stack`, kept in settings.json)."""
+    s = settings()
+    return s.get("subnets", 1), s.get("dual_stack", False)
+
+
 def node_ip(i):
-    return f"198.18.0.{10 + i}"
+    """Node i's underlay address: 198.18.0.(10+i), or with two subnets,
+    odd-numbered nodes on 198.18.0.0/24 and even-numbered on 198.18.1.0/24."""
+    subnets, _ = lab_shape()
+    return f"198.18.{0 if subnets == 1 or i % 2 else 1}.{10 + i}"
 
 
 def pod_ns(i, j):
@@ -190,26 +203,49 @@ def kubeconfig(path, client_cert=None, token=None):
 # ---------------------------------------------------------------- network
 
 
+ROUTER_NS = "weir-router"
+V6_UNDERLAY = "fd00:198:18"
+
+
 def attach(ns, ifname, ip):
-    """Connects namespace `ns` to the underlay bridge with address `ip`/24."""
-    peer = f"p-{ns[-9:]}"
+    """Connects namespace `ns` to the underlay bridge of `ip`'s subnet with
+    `ip`/24 (198.18.S.x goes on brS). Dual-stack labs add fd00:198:18:S::x/64;
+    two-subnet labs route the other subnet through the router namespace."""
+    # The underlay side's name: unique per namespace, and per leg for the router.
+    peer = f"p-{ns[-9:]}" if ifname == "eth0" else f"p-{ns[-6:]}-{ifname}"
     if ns not in netns_list():
         sh(["ip", "netns", "add", ns])
         sh(["ip", "-n", ns, "link", "set", "lo", "up"])
     if sh(["ip", "-n", ns, "link", "show", ifname], check=False):
         return
+    subnet, host = int(ip.split(".")[2]), int(ip.split(".")[3])
     sh(["ip", "link", "add", ifname, "netns", ns, "type", "veth", "peer", "name", peer, "netns", UNDERLAY_NS])
-    sh(["ip", "-n", UNDERLAY_NS, "link", "set", peer, "master", "br0", "up"])
+    sh(["ip", "-n", UNDERLAY_NS, "link", "set", peer, "master", f"br{subnet}", "up"])
     sh(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname])
+    subnets, dual = lab_shape()
+    if dual:
+        sh(["ip", "-n", ns, "addr", "add", f"{V6_UNDERLAY}:{subnet}::{host}/64", "dev", ifname, "nodad"])
     sh(["ip", "-n", ns, "link", "set", ifname, "up"])
+    if subnets > 1 and ns != ROUTER_NS:
+        sh(["ip", "-n", ns, "route", "add", "198.18.0.0/15", "via", f"198.18.{subnet}.1"])
+        if dual:
+            sh(["ip", "-n", ns, "route", "add", f"{V6_UNDERLAY}::/48", "via", f"{V6_UNDERLAY}:{subnet}::1"])
 
 
 def ensure_underlay():
     if UNDERLAY_NS not in netns_list():
         sh(["ip", "netns", "add", UNDERLAY_NS])
-    if not sh(["ip", "-n", UNDERLAY_NS, "link", "show", "br0"], check=False):
-        sh(["ip", "-n", UNDERLAY_NS, "link", "add", "br0", "type", "bridge"])
-        sh(["ip", "-n", UNDERLAY_NS, "link", "set", "br0", "up"])
+    subnets, _ = lab_shape()
+    for s in range(subnets):
+        if not sh(["ip", "-n", UNDERLAY_NS, "link", "show", f"br{s}"], check=False):
+            sh(["ip", "-n", UNDERLAY_NS, "link", "add", f"br{s}", "type", "bridge"])
+            sh(["ip", "-n", UNDERLAY_NS, "link", "set", f"br{s}", "up"])
+    if subnets > 1 and ROUTER_NS not in netns_list():
+        # The router's legs are its own: r0 on br0, r1 on br1, each .1.
+        for s in range(subnets):
+            attach(ROUTER_NS, f"r{s}", f"198.18.{s}.1")
+        for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
+            sh(["sysctl", "-qw", key], ns=ROUTER_NS)
     attach(CP_NS, "eth0", CP_IP)
 
 

@@ -19,6 +19,19 @@ const PEERS: &str = "\
   podCIDRs: [10.244.2.0/24]
 ";
 
+/// The same two nodes on an IPv6-only underlay, each with an IPv4 and an
+/// IPv6 pod CIDR.
+const PEERS_V6: &str = "\
+- name: node-a
+  publicIP: fd00:198:18::1
+  vtepMAC: 0e:00:00:00:0a:0a
+  podCIDRs: [10.244.1.0/24, fd00:10:244:1::/64]
+- name: node-b
+  publicIP: fd00:198:18::2
+  vtepMAC: 0e:00:00:00:0b:0b
+  podCIDRs: [10.244.2.0/24, fd00:10:244:2::/64]
+";
+
 fn spawn_agent(ns: &str, node: &str, iface: &str, dir: &std::path::Path) -> Agent {
     spawn_agent_with(ns, node, iface, dir, &[], &[])
 }
@@ -151,5 +164,35 @@ fn on_demand_reaches_more_peers_than_gc_thresh3() {
     // The ENOBUFS that matters here is a neighbour write refused by gc_thresh3.
     assert!(!log.contains("answering a miss failed"), "a miss answer failed:\n{log}");
     assert!(!log.contains("neighbour table full"), "{log}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// VXLAN over an IPv6 underlay carries both pod families, and the tunnel
+/// filter admits the peers by their IPv6 address.
+#[test]
+fn an_ipv6_underlay_carries_ipv4_and_ipv6_pods() {
+    let Some(p) = pair("an_ipv6_underlay_carries_ipv4_and_ipv6_pods", "weir-u6", Some(PEERS_V6)) else { return };
+    // `p` holds the namespaces until the test ends.
+    let (a, b, dir) = (p.a.clone(), p.b.clone(), p.dir.clone());
+    for (ns, dev, n) in [(&a, "ua", 1), (&b, "ub", 2)] {
+        sh(&format!("ip -n {ns} -4 addr flush dev {dev} && ip -n {ns} addr add fd00:198:18::{n}/64 dev {dev} nodad"));
+        sh(&format!("ip -n {ns} addr add fd00:10:244:{n}::1/128 dev lo"));
+    }
+    let env = [("WEIR_CLUSTER_CIDR", "10.244.0.0/16,fd00:10:244::/56")];
+    let _agent_a = spawn_agent_with(&a, "node-a", "ua", &dir, &[], &env);
+    let _agent_b = spawn_agent_with(&b, "node-b", "ub", &dir, &[], &env);
+    wait_until(Duration::from_secs(20), "both families programmed, peers admitted", || {
+        sh(&format!("ip -n {a} route show proto 87")).contains("10.244.2.0/24")
+            && sh(&format!("ip -n {a} -6 route show proto 87")).contains("fd00:10:244:2::/64")
+            && sh(&format!("ip -n {b} -6 route show proto 87")).contains("fd00:10:244:1::/64")
+            && sh(&format!("ip netns exec {a} nft list set inet weir peers6")).contains("fd00:198:18::2")
+            && sh(&format!("ip netns exec {b} nft list set inet weir peers6")).contains("fd00:198:18::1")
+    });
+    let fdb = sh(&format!("bridge -n {a} fdb show dev weir.1"));
+    assert!(fdb.contains("dst fd00:198:18::2"), "the fdb entry points at the IPv6 underlay: {fdb}");
+    for (src, dst) in [("10.244.1.1", "10.244.2.1"), ("fd00:10:244:1::1", "fd00:10:244:2::1")] {
+        let out = sh(&format!("ip netns exec {a} ping -c 3 -i 0.2 -W 1 -I {src} {dst}"));
+        assert!(out.contains("3 received"), "{src} -> {dst}: {out}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
