@@ -191,3 +191,54 @@ def test_a_shared_vtep_mac_raises_an_event_on_the_younger_node_while_the_leader_
     assert "WeirPeerRejected" in shown and "weir.dev/vtep-mac" in shown and old in shown, shown
     assert controller_metric('weir_controller_conflicts{kind="vtep-mac"}') >= before + 1
     assert "WeirPeerRejected" not in events(old), "the older Node keeps its MAC and gets no Event"
+
+
+def lease_json():
+    return json.loads(lab.kubectl("get", "lease", "-n", lab.NS, "weir-controller", "-o", "json"))
+
+
+def test_reservations_of_a_leader_that_died_mid_batch_hold_for_the_next(fakes):
+    """A leader writes the CIDRs it is about to hand out on the Lease first.
+    One that dies with a patch in flight leaves them there, and its
+    successor keeps them off the market."""
+    make_nodes(["fake-probe"])
+    reserved = wait_allocated(["fake-probe"])["fake-probe"][0]
+    lab.kubectl("delete", "node", "fake-probe")
+    time.sleep(1)  # now `reserved` is the lowest free CIDR: the next one handed out
+    pending = [{"node": "fake-ghost", "cidrs": [reserved], "until": int(time.time()) + 120}]
+    lab.kubectl("annotate", "lease", "-n", lab.NS, "weir-controller", "--overwrite",
+                f"weir.dev/pending-allocations={json.dumps(pending)}")
+    old = leader()
+    cid, node = lab.container_id(old, lab.NS)
+    lab.kill_container(int(node.split("-")[-1]), cid)
+    lab.kubectl("delete", "pod", "-n", lab.NS, old, "--force", "--grace-period=0", check=False)
+    try:
+        lab.wait_for(lambda: leader() not in ("", old), 60, "another replica holding the Lease")
+        make_nodes(["fake-next"])
+        got = wait_allocated(["fake-next"], timeout=60)["fake-next"][0]
+        assert got != reserved, f"{reserved} was reserved by the previous leader and handed out again"
+    finally:
+        wait_controllers()
+
+
+def test_after_an_outage_longer_than_the_lease_a_burst_is_allocated_once(fakes):
+    """Both replicas alive through an API server outage: the leader cut off
+    stops allocating at its renew deadline, before the Lease can pass."""
+    lab.stop("apiserver")
+    try:
+        time.sleep(25)  # past the Lease's 15 s
+    finally:
+        lab.start_apiserver()
+        lab.wait_api()
+    names = [f"fake-outage-{k:02d}" for k in range(30)]
+    make_nodes(names)
+    wait_allocated(names, timeout=120)
+    assert_no_double_allocation()
+    lab.wait_for(lambda: not [p for p in reservations() if p["node"] in names], 30,
+                 "this burst's reservations cleared once every patch's outcome was known")
+
+
+def reservations():
+    """What the Lease reserves now (an earlier test's may still be live)."""
+    text = lease_json()["metadata"].get("annotations", {}).get("weir.dev/pending-allocations")
+    return json.loads(text) if text else []

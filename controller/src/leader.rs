@@ -18,16 +18,28 @@ use serde_json::json;
 use tracing::{info, warn};
 use weir_common::http::{self, Response};
 
+use k8s_openapi::api::coordination::v1::Lease;
 use weir_common::nodes::{Change, NodeIndex, NodeInfo, Rejection};
 
 use crate::alloc::{Allocator, Pool};
 use crate::cli::Args;
 use crate::metrics::Metrics;
+use crate::reservations::{self, Pending};
 use crate::verdicts::Verdicts;
 
 /// A patch whose outcome is unknown may still land; its CIDRs stay reserved
 /// this long, across rebuilds, before they may be handed out again.
 const QUARANTINE: Duration = Duration::from_secs(120);
+
+/// The Lease, as the leader checks and annotates it before each batch.
+#[derive(Clone)]
+struct LeaseRef {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    /// Renewed less than this long ago, or no allocation (see reservations).
+    renew_deadline: Duration,
+}
 const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -52,7 +64,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_namespace(&args.lease_namespace)
         .with_identity(&identity)
         .with_duration(args.lease_duration)
-        .with_grace(args.lease_duration.min(15) / 3)
+        // Renew at a third of the duration, and stop allocating at two
+        // thirds: a cut-off leader stops before the Lease can expire and pass.
+        .with_grace((args.lease_duration * 2 / 3).max(1))
         .build()
         .await
         .context("set up the Lease manager")?;
@@ -67,8 +81,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let start = || {
             let recorder = Recorder::new(client.clone(), reporter.clone());
             let verdicts = Verdicts::new(args.cluster_cidr.clone());
+            let lease = LeaseRef {
+                api: Api::namespaced(client.clone(), &args.lease_namespace),
+                name: args.lease_name.clone(),
+                identity: identity.clone(),
+                renew_deadline: Duration::from_secs((args.lease_duration * 2 / 3).max(1)),
+            };
             tokio::spawn(lead(
                 Api::all(client.clone()),
+                lease,
                 Allocator { pools: pools.clone() },
                 verdicts,
                 metrics.clone(),
@@ -100,7 +121,10 @@ struct State {
     /// What each Node holds, from the list and from our own successful patches.
     held: BTreeMap<String, Vec<IpNet>>,
     index: NodeIndex,
-    quarantine: Vec<(Vec<IpNet>, Instant)>,
+    lease: LeaseRef,
+    /// CIDRs being written, or written with an unknown outcome: kept on the
+    /// Lease too, so the next leader keeps them reserved.
+    quarantine: Vec<Pending>,
     /// Nodes that found the pool full; tried again once a Node is deleted.
     exhausted: BTreeSet<String>,
     verdicts: Verdicts,
@@ -111,12 +135,32 @@ fn cidrs(n: &NodeInfo) -> Vec<IpNet> {
     n.pod_cidrs.iter().filter_map(|c| c.parse().ok()).collect()
 }
 
-async fn lead(api: Api<Node>, alloc: Allocator, verdicts: Verdicts, metrics: Arc<Metrics>, recorder: Recorder) {
+async fn lead(
+    api: Api<Node>,
+    lease: LeaseRef,
+    alloc: Allocator,
+    verdicts: Verdicts,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+) {
+    // What the previous leader was writing stays reserved.
+    let quarantine =
+        match lease.api.get(&lease.name).await.map_err(|e| e.to_string()).and_then(|l| reservations::read(&l)) {
+            Ok(pending) => reservations::live(pending, unix_now()),
+            Err(e) => {
+                warn!(error = %e, "cannot read the reservations on the Lease; relying on the full list");
+                Vec::new()
+            }
+        };
+    if !quarantine.is_empty() {
+        info!(reserved = ?quarantine, "CIDRs a previous leader was writing stay reserved");
+    }
     let mut st = State {
         alloc,
         held: BTreeMap::new(),
         index: NodeIndex::default(),
-        quarantine: Vec::new(),
+        lease,
+        quarantine,
         exhausted: BTreeSet::new(),
         verdicts,
     };
@@ -202,9 +246,9 @@ fn rebuild(st: &mut State) {
             st.held.insert(v.name.clone(), held);
         }
     }
-    st.quarantine.retain(|(_, since)| since.elapsed() < QUARANTINE);
-    for (cidrs, _) in &st.quarantine {
-        st.alloc.mark(cidrs);
+    st.quarantine = reservations::live(std::mem::take(&mut st.quarantine), unix_now());
+    for p in &st.quarantine {
+        st.alloc.mark(&p.cidrs);
     }
     info!(
         nodes = st.index.nodes().len(),
@@ -215,6 +259,19 @@ fn rebuild(st: &mut State) {
 }
 
 async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: &Metrics, recorder: &Recorder) {
+    // Still the leader, renewed within the deadline? Checked against the
+    // Lease itself, not this replica's belief, right before writing.
+    let lease = match st.lease.api.get(&st.lease.name).await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "cannot read the Lease; not allocating");
+            return;
+        }
+    };
+    if let Err(why) = reservations::may_allocate(&lease, &st.lease.identity, st.lease.renew_deadline, unix_now()) {
+        warn!(%why, "not allocating");
+        return;
+    }
     let mut planned = Vec::new();
     for name in names {
         if st.held.contains_key(&name) || !st.index.nodes().contains_key(&name) {
@@ -242,6 +299,22 @@ async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: 
             }
         }
     }
+    if planned.is_empty() {
+        return;
+    }
+    // Written ahead: if this replica dies or loses the Lease mid-batch, its
+    // successor still keeps these CIDRs off the market.
+    let until = unix_now() + QUARANTINE.as_secs() as i64;
+    let mut pending = reservations::live(std::mem::take(&mut st.quarantine), unix_now());
+    pending.extend(planned.iter().map(|(node, cidrs)| Pending { node: node.clone(), cidrs: cidrs.clone(), until }));
+    if let Err(e) = annotate_lease(&st.lease, &pending).await {
+        warn!(error = %e, "cannot record the reservations on the Lease; not allocating");
+        for (_, cidrs) in &planned {
+            st.alloc.release(cidrs);
+        }
+        st.quarantine = pending.into_iter().filter(|p| !planned.iter().any(|(n, _)| *n == p.node)).collect();
+        return;
+    }
     let results = futures::stream::iter(planned.into_iter().map(|(name, cidrs)| {
         let api = api.clone();
         async move {
@@ -258,11 +331,13 @@ async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: 
             Ok(Ok(_)) => {
                 metrics.allocations.inc();
                 info!(node = %name, cidrs = ?cidrs, "pod CIDRs allocated");
+                pending.retain(|p| p.node != name);
                 st.held.insert(name, cidrs);
             }
             // The API server refused: nothing was written, so the CIDRs are free again.
             Ok(Err(kube::Error::Api(e))) if e.code == 404 || e.code == 422 => {
                 info!(node = %name, code = e.code, reason = %e.message, "allocation refused; CIDRs returned to the pool");
+                pending.retain(|p| p.node != name);
                 st.alloc.release(&cidrs);
             }
             other => {
@@ -272,11 +347,24 @@ async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: 
                     Ok(Err(e)) => e.to_string(),
                     _ => "timed out".into(),
                 };
-                warn!(node = %name, cidrs = ?cidrs, %error, "pod CIDR patch failed; CIDRs stay reserved until a later rebuild");
-                st.quarantine.push((cidrs, Instant::now()));
+                warn!(node = %name, cidrs = ?cidrs, %error, "pod CIDR patch failed; CIDRs stay reserved (on the Lease too)");
             }
         }
     }
+    // Best effort: a reservation left behind only expires later.
+    if let Err(e) = annotate_lease(&st.lease, &pending).await {
+        warn!(error = %e, "cannot update the reservations on the Lease");
+    }
+    st.quarantine = pending;
+}
+
+async fn annotate_lease(lease: &LeaseRef, pending: &[Pending]) -> kube::Result<()> {
+    let patch = reservations::patch(pending);
+    lease.api.patch(&lease.name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// Runs the peer rules over every Node, as the agents do, and reports each

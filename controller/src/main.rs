@@ -4,6 +4,7 @@ mod alloc;
 mod cli;
 mod leader;
 mod metrics;
+mod reservations;
 mod verdicts;
 
 fn main() -> std::process::ExitCode {
