@@ -5,6 +5,7 @@ cluster, filtered at tunnel ingress, and answered on the first packet in
 on-demand mode. The file that runs last (by name) of the variants: it
 leaves the agents in on-demand mode."""
 
+import ipaddress
 import json
 import subprocess
 
@@ -22,7 +23,7 @@ OUTSIDE, OUTSIDE_IP = "weir-outside6", "198.18.0.251"
 def v6(ip4):
     """The IPv6 underlay address beside an IPv4 one (lab: fd00:198:18:S::H)."""
     s, h = ip4.split(".")[2:]
-    return f"{lab.V6_UNDERLAY}:{s}::{h}"
+    return str(ipaddress.ip_address(f"{lab.V6_UNDERLAY}:{s}::{h}"))
 
 
 def all_pairs(addresses, count=3):
