@@ -45,6 +45,7 @@ DEBIAN_PACKAGES = {
     "/usr/bin/curl": "curl",
     "/bin/nc.openbsd": "netcat-openbsd",
     "/usr/bin/tcpdump": "tcpdump",
+    "/usr/bin/iperf3": "iperf3",  # B6 and F5
 }
 CNI_BIN = "/usr/lib/cni"
 NS = "weir-system"
