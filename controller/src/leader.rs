@@ -41,6 +41,10 @@ struct LeaseRef {
     renew_deadline: Duration,
 }
 const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a batch left Nodes without CIDRs for a reason that may pass (the
+/// Lease not yet renewed after an outage, a patch with an unknown outcome),
+/// they are tried again this soon, not at the next unrelated Node event.
+const RETRY: Duration = Duration::from_secs(1);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = weir_common::kube_client(args.kubeconfig.as_deref()).await?;
@@ -167,7 +171,16 @@ async fn lead(
     let stream =
         weir_common::watch::with_backoff(watcher::watcher(api.clone(), watcher::Config::default())).ready_chunks(1024);
     futures::pin_mut!(stream);
-    while let Some(batch) = stream.next().await {
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    loop {
+        let batch = tokio::select! {
+            batch = stream.next() => match batch {
+                Some(batch) => batch,
+                None => break,
+            },
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => Vec::new(),
+        };
+        retry_at = None;
         // Whether any Node's weir fields changed, so the peer rules must run
         // again; whether a deleted Node freed CIDRs for those that found the
         // pool full.
@@ -210,8 +223,8 @@ async fn lead(
             .filter(|n| freed || !st.exhausted.contains(&n.name))
             .map(|n| n.name.clone())
             .collect();
-        if !need.is_empty() {
-            allocate(&api, &mut st, need, &metrics, &recorder).await;
+        if !need.is_empty() && allocate(&api, &mut st, need, &metrics, &recorder).await == Outcome::TryAgain {
+            retry_at = Some(tokio::time::Instant::now() + RETRY);
         }
         if changed {
             judge(&mut st, &metrics, &recorder).await;
@@ -258,19 +271,32 @@ fn rebuild(st: &mut State) {
     );
 }
 
-async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: &Metrics, recorder: &Recorder) {
+/// Whether a batch left Nodes to try again soon.
+#[derive(PartialEq)]
+enum Outcome {
+    Done,
+    TryAgain,
+}
+
+async fn allocate(
+    api: &Api<Node>,
+    st: &mut State,
+    names: Vec<String>,
+    metrics: &Metrics,
+    recorder: &Recorder,
+) -> Outcome {
     // Still the leader, renewed within the deadline? Checked against the
     // Lease itself, not this replica's belief, right before writing.
     let lease = match st.lease.api.get(&st.lease.name).await {
         Ok(l) => l,
         Err(e) => {
             warn!(error = %e, "cannot read the Lease; not allocating");
-            return;
+            return Outcome::TryAgain;
         }
     };
     if let Err(why) = reservations::may_allocate(&lease, &st.lease.identity, st.lease.renew_deadline, unix_now()) {
         warn!(%why, "not allocating");
-        return;
+        return Outcome::TryAgain;
     }
     let mut planned = Vec::new();
     for name in names {
@@ -300,7 +326,7 @@ async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: 
         }
     }
     if planned.is_empty() {
-        return;
+        return Outcome::Done;
     }
     // Written ahead: if this replica dies or loses the Lease mid-batch, its
     // successor still keeps these CIDRs off the market.
@@ -313,7 +339,7 @@ async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: 
             st.alloc.release(cidrs);
         }
         st.quarantine = pending.into_iter().filter(|p| !planned.iter().any(|(n, _)| *n == p.node)).collect();
-        return;
+        return Outcome::TryAgain;
     }
     let results = futures::stream::iter(planned.into_iter().map(|(name, cidrs)| {
         let api = api.clone();
@@ -326,6 +352,7 @@ async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: 
     .buffer_unordered(16)
     .collect::<Vec<_>>()
     .await;
+    let mut outcome = Outcome::Done;
     for (name, cidrs, r) in results {
         match r {
             Ok(Ok(_)) => {
@@ -348,6 +375,7 @@ async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: 
                     _ => "timed out".into(),
                 };
                 warn!(node = %name, cidrs = ?cidrs, %error, "pod CIDR patch failed; CIDRs stay reserved (on the Lease too)");
+                outcome = Outcome::TryAgain;
             }
         }
     }
@@ -356,6 +384,7 @@ async fn allocate(api: &Api<Node>, st: &mut State, names: Vec<String>, metrics: 
         warn!(error = %e, "cannot update the reservations on the Lease");
     }
     st.quarantine = pending;
+    outcome
 }
 
 async fn annotate_lease(lease: &LeaseRef, pending: &[Pending]) -> kube::Result<()> {
