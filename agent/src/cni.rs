@@ -69,14 +69,22 @@ pub fn write_if_changed(path: &Path, content: &str) -> std::io::Result<bool> {
     if std::fs::read_to_string(path).ok().as_deref() == Some(content) {
         return Ok(false);
     }
+    replace_file(path, content, true)?;
+    Ok(true)
+}
+
+/// Replaces `path` through a rename, so a reader sees the old content or the
+/// new, never a torn file; `durable` also waits for the disk.
+pub fn replace_file(path: &Path, content: &str, durable: bool) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("weir")));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(content.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(true)
+    if durable {
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
