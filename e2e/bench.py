@@ -1,5 +1,6 @@
-"""`e2e/lab bench`: weir's figures B1-B6 and the controller's, each printed next
-to its baseline measured in the same run. Fake Node objects stand in for the
+"""`e2e/lab bench`: weir's figures B1-B4, B6 and B7, each printed next to its
+baseline measured in the same run (B5 is bench_ondemand.py, the controller
+bench_controller.py, F1-F7 bench_flannel.py). Fake Node objects stand in for the
 thousands: no namespace behind them, underlay IPs from 198.19.0.0/16, and no
 traffic is ever sent to them."""
 
@@ -11,13 +12,15 @@ import re
 import shutil
 import statistics
 import subprocess
-import threading
 import time
 
 import proclab as lab  # noqa: E402  (the bench keeps process agents; see BENCHMARKS.md)
+from bench_load import fake_node
 
 BIG_CLUSTER_CIDR = "10.0.0.0/8"
 results = {}
+# Distributions behind the figures, for e2e/plot_bench.py.
+raw = {}
 
 
 def report(key, text):
@@ -31,20 +34,6 @@ def pct(values, p):
 
 
 # ------------------------------------------------------------ fake nodes
-
-def fake_node(k, with_cidr=True):
-    hi, lo = k // 256, k % 256
-    ip = f"198.19.{hi}.{lo}"
-    node = {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": f"fake-{k:05d}", "labels": {"weir-bench": "fake"},
-                         "annotations": {"weir.dev/public-ip": ip, "weir.dev/vtep-mac": f"0e:fa:00:00:{hi:02x}:{lo:02x}",
-                                         "weir.dev/backend": "vxlan", "weir.dev/vni": "1"}},
-            "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
-    if with_cidr:
-        cidr = f"10.{128 + hi}.{lo}.0/24"
-        node["spec"] = {"podCIDR": cidr, "podCIDRs": [cidr]}
-    return node
-
 
 def create_fakes(ks, with_cidr=True, chunk=500, addresses=True):
     ks = list(ks)
@@ -63,7 +52,9 @@ def load(*args):
 
 
 def delete_fakes():
-    lab.kubectl("delete", "nodes", "-l", "weir-bench=fake", "--wait=false", check=False)
+    # One deletecollection request: `kubectl delete -l` issues a DELETE per
+    # Node, which took over 8 minutes for 5000.
+    lab.kubectl("delete", "--raw", "/api/v1/nodes?labelSelector=weir-bench%3Dfake", check=False)
 
 
 def agent_proc(i):
@@ -155,158 +146,6 @@ def bench_memory(levels=(0, 1000, 5000)):
     wall = time.time() - t
     rows.append(f"{sent / wall:.0f} Node updates/s for {wall:.0f} s at {created} nodes: agent CPU {100 * (cpu1 - cpu0) / wall:.1f}%, RSS {rss:.1f} MB")
     report("B4", "; ".join(rows) + " (target RSS <= 30 MB at 5,000)")
-
-
-# ------------------------------------------------------------ B5
-
-PAIR_A, PAIR_B = "weir-bench-a", "weir-bench-b"
-PEERS = """- {name: a, publicIP: 198.18.0.1, vtepMAC: "0e:00:00:00:0a:0a", podCIDRs: [10.244.1.0/24]}
-- {name: b, publicIP: 198.18.0.2, vtepMAC: "0e:00:00:00:0b:0b", podCIDRs: [10.244.2.0/24]}
-"""
-
-
-def pair_up():
-    for ns in (PAIR_A, PAIR_B):
-        lab.sh(["ip", "netns", "del", ns], check=False)
-        lab.sh(["ip", "netns", "add", ns])
-        lab.sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-    lab.sh(["ip", "link", "add", "ua", "netns", PAIR_A, "type", "veth", "peer", "name", "ub", "netns", PAIR_B])
-    for ns, dev, ip, pod in ((PAIR_A, "ua", "198.18.0.1", "10.244.1.1"), (PAIR_B, "ub", "198.18.0.2", "10.244.2.1")):
-        lab.sh(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev])
-        lab.sh(["ip", "-n", ns, "link", "set", dev, "up"])
-        lab.sh(["ip", "-n", ns, "addr", "add", f"{pod}/32", "dev", "lo"])
-    d = lab.STATE / "bench"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "peers.yaml").write_text(PEERS)
-    return d
-
-
-def pair_agent(ns, node, mode, d, extra=None):
-    env = dict(os.environ, NODE_NAME=node, WEIR_PEERS_FILE=str(d / "peers.yaml"), WEIR_MODE=mode,
-               WEIR_IFACE="ua" if node == "a" else "ub", WEIR_FIREWALL="false", WEIR_CNI_CONF_DIR=str(d / node / "cni"),
-               WEIR_RUN_DIR=str(d / node / "run"), WEIR_METRICS_ADDR="127.0.0.1:9478", **(extra or {}))
-    log = open(d / f"agent-{node}-{mode}.log", "w")
-    return subprocess.Popen(["ip", "netns", "exec", ns, str(lab.agent_binary()), "run"], env=env, stdout=log, stderr=log)
-
-
-def first_packet_penalty(trials, reset):
-    """ping -c 6 per trial; penalty = first RTT - median of the rest. Returns (penalties, lost firsts)."""
-    pen, lost = [], 0
-    for _ in range(trials):
-        reset()
-        out = subprocess.run(["ip", "netns", "exec", PAIR_A, "ping", "-c", "6", "-i", "0.02", "-W", "1", "-I", "10.244.1.1",
-                              "10.244.2.1"], capture_output=True, text=True).stdout
-        rtts = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"icmp_seq=(\d+) .*time=([\d.]+) ms", out)}
-        if 1 not in rtts:
-            lost += 1
-            continue
-        rest = [v for k, v in rtts.items() if k > 1]
-        pen.append(rtts[1] - statistics.median(rest))
-    return pen, lost
-
-
-def vxlan_by_hand(ns):
-    """Node A as the baselines need it: the miss-raising device, route and fdb entry; the neighbour is left to them."""
-    # A's VTEP MAC must be the one B has in its peers file, or B's replies never arrive.
-    cmds = ["link add weir.1 address 0e:00:00:00:0a:0a type vxlan id 1 dstport 8472 local 198.18.0.1 dev ua nolearning proxy l2miss l3miss",
-            "link set weir.1 up", "addr add 10.244.1.0/32 dev weir.1",
-            "route add 10.244.2.0/24 via 10.244.2.0 dev weir.1 onlink"]
-    for c in cmds:
-        lab.sh(["ip", "-n", ns, *c.split()])
-    # The device name has a dot, so write the file rather than use sysctl's dotted name.
-    lab.sh(["sh", "-c", "echo 3 > /proc/sys/net/ipv4/neigh/weir.1/app_solicit"], ns=ns)
-    lab.sh(["bridge", "-n", ns, "fdb", "add", "0e:00:00:00:0b:0b", "dev", "weir.1", "dst", "198.18.0.2", "self", "permanent"])
-
-
-def ondemand_agent(d):
-    """Node A in on-demand mode, its entries removed by idle GC between trials."""
-    a = pair_agent(PAIR_A, "a", "on-demand", d, {"WEIR_IDLE_TIMEOUT": "300ms", "WEIR_RESYNC_INTERVAL": "200ms"})
-    time.sleep(1.5)
-    return a
-
-
-def wait_gc():
-    """Until weir's idle GC has removed the neighbour, so the next ping starts with a miss."""
-    deadline = time.time() + 5
-    while time.time() < deadline and "10.244.2.0" in lab.sh(["ip", "-n", PAIR_A, "neigh", "show", "dev", "weir.1"]):
-        time.sleep(0.05)
-
-
-def del_neigh():
-    lab.sh(["ip", "-n", PAIR_A, "neigh", "del", "10.244.2.0", "dev", "weir.1"], check=False)
-
-
-def bench_ondemand(trials=100):
-    d = pair_up()
-    b = pair_agent(PAIR_B, "b", "full", d)
-    out = {}
-    try:
-        # Baseline 1: a shell loop over `ip monitor neigh` answering with `ip neigh replace`.
-        vxlan_by_hand(PAIR_A)
-        shell = ("stdbuf -oL ip monitor neigh | while read -r line; do case \"$line\" in *miss*10.244.2.0*|*10.244.2.0*INCOMPLETE*) "
-                 "ip neigh replace 10.244.2.0 dev weir.1 lladdr 0e:00:00:00:0b:0b nud permanent;; esac; done")
-        resp = subprocess.Popen(["ip", "netns", "exec", PAIR_A, "stdbuf", "-oL", "sh", "-c", shell], start_new_session=True)
-        time.sleep(0.5)
-        out["shell"] = first_packet_penalty(trials, del_neigh)
-        os.killpg(resp.pid, 9)
-        # Baseline 2: the resident raw-netlink responder in plain Python.
-        tool = lab.ROOT.parent / "shared" / "tools" / "miss_responder.py"
-        resp = subprocess.Popen(["ip", "netns", "exec", PAIR_A, "python3", str(tool), "weir.1", "0e:00:00:00:0b:0b", "3600"],
-                                stdout=subprocess.DEVNULL)
-        time.sleep(0.5)
-        out["python"] = first_packet_penalty(trials, del_neigh)
-        resp.kill()
-        lab.sh(["ip", "-n", PAIR_A, "link", "del", "weir.1"])
-        # weir on-demand: fdb and neighbour both installed on the miss; entries removed by idle GC between trials.
-        a = ondemand_agent(d)
-        out["weir"] = first_packet_penalty(trials, wait_gc)
-        # Miss storm: 10,000 unknown addresses on the overlay while a real peer is resolved.
-        lab.sh(["ip", "-n", PAIR_A, "route", "add", "10.99.0.0/16", "dev", "weir.1"])
-        cpu0 = agent_cpu(a.pid)
-        t = time.time()
-        storm = ("import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-                 "for i in range(10000):\n"
-                 "    try: s.sendto(b'x', (f'10.99.{i // 256}.{i % 256}', 9))\n"
-                 "    except OSError: pass\n")
-        storm_thread = threading.Thread(target=lambda: lab.sh(["python3", "-c", storm], ns=PAIR_A))
-        storm_thread.start()
-        during = first_packet_penalty(10, wait_gc)
-        storm_thread.join()
-        time.sleep(3)
-        wall = time.time() - t
-        storm_cpu = agent_cpu(a.pid) - cpu0
-        unknown = metric_from(PAIR_A, 'weir_l3miss_total{result="unknown"}')
-        a.terminate()
-        a.wait()
-    finally:
-        b.terminate()
-        b.wait()
-        for ns in (PAIR_A, PAIR_B):
-            lab.sh(["ip", "netns", "del", ns], check=False)
-    lines = []
-    med = {}
-    for name in ("shell", "python", "weir"):
-        pen, lost = out[name]
-        med[name] = statistics.median(pen) if pen else float("nan")
-        p90 = pct(pen, 90) if pen else float("nan")
-        lines.append(f"{name}: median penalty {med[name]:.3f} ms, p90 {p90:.3f} ms, first packets lost {lost}/{trials}")
-    lines.append(f"weir/python ratio {med['weir'] / med['python']:.2f}x (target <= 0.1 ms and <= 0.5x)")
-    dpen, dlost = during
-    lines.append(f"miss storm (10,000 unknown IPs): {unknown:.0f} unknown misses counted, agent CPU {storm_cpu:.2f} s over "
-                 f"{wall:.1f} s; real peer during the storm: median penalty {statistics.median(dpen) if dpen else float('nan'):.3f} ms, "
-                 f"{dlost}/10 first packets lost")
-    report("B5", "; ".join(lines))
-
-
-def agent_cpu(pid):
-    # The pid is `ip netns exec`, which execs the agent in place.
-    stat = open(f"/proc/{pid}/stat").read().split(")")[1].split()
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def metric_from(ns, key):
-    text = lab.ns_get(ns, "http://127.0.0.1:9478/metrics")[1]
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(key))
 
 
 # ------------------------------------------------------------ B6
@@ -403,6 +242,56 @@ def bench_throughput(rounds=3):
                  f"weir {n:.2f} vs hand-built {h2:.2f} Gbit/s, ratio {n / h2:.3f}x; {profile_throughput(dst)}")
 
 
+def busy_seconds():
+    """CPU seconds the whole machine spent outside idle and iowait: senders,
+    receivers and softirq alike, as all share the same two cores."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def set_direct_routing(on, nodes=(1, 2)):
+    """Restarts the agents of `nodes` with direct routing on or off; returns
+    once each routes the other's pod CIDR the new way."""
+    for i in nodes:
+        lab.stop(f"node-{i}")
+        lab.start_agent(i, extra_env={"WEIR_DIRECT_ROUTING": "true" if on else "false"})
+    want = "dev eth0" if on else "dev weir.1"
+    for i in nodes:
+        peer = nodes[1] if i == nodes[0] else nodes[0]
+        cidr = lab.kubectl("get", "node", f"node-{peer}", "-o", "jsonpath={.spec.podCIDR}").strip()
+        deadline = time.time() + 30
+        while want not in lab.sh(["ip", "-n", lab.node_ns(i), "route", "show", cidr], check=False):
+            if time.time() > deadline:
+                raise RuntimeError(f"node-{i}: route to node-{peer} not `{want}` within 30 s")
+            time.sleep(0.1)
+
+
+def bench_direct(rounds=6, seconds=5):
+    """B7: pod to pod between two nodes on one underlay subnet, direct
+    routing against VXLAN, alternating (the agents restarted in between)."""
+    dst = lab.pods()["weir-pod-2-1"]
+    runs = {"vxlan": [], "direct": []}
+    try:
+        for _ in range(rounds):
+            for kind in ("vxlan", "direct"):
+                set_direct_routing(kind == "direct")
+                time.sleep(0.5)
+                b0 = busy_seconds()
+                gbit = iperf(*WEIR_PODS, dst, seconds=seconds)
+                runs[kind].append((gbit, (busy_seconds() - b0) / (gbit * seconds)))
+    finally:
+        set_direct_routing(False)
+    raw["B7"] = runs
+    med = {k: statistics.median(g for g, _ in v) for k, v in runs.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
+    span = {k: f"{min(g for g, _ in v):.2f}-{max(g for g, _ in v):.2f}" for k, v in runs.items()}
+    report("B7", f"same-subnet pod-to-pod TCP, iperf3 {seconds} s x {rounds} interleaved: direct routing "
+                 f"{med['direct']:.2f} Gbit/s ({span['direct']}), {cpu['direct']:.3f} CPU-s per Gbit; VXLAN "
+                 f"{med['vxlan']:.2f} Gbit/s ({span['vxlan']}), {cpu['vxlan']:.3f} CPU-s per Gbit; "
+                 f"direct/VXLAN {med['direct'] / med['vxlan']:.2f}x throughput, "
+                 f"{cpu['direct'] / cpu['vxlan']:.2f}x CPU per Gbit")
+
+
 # Netfilter, conntrack, and fib lookups (which nft's `fib` expression makes; plain routing also counts).
 NETFILTER = re.compile(r"^(__nf_|__nft|nft|nf_|ipv4_conntrack|hash_conntrack|fib_)")
 
@@ -434,18 +323,8 @@ def profile_throughput(dst):
         f"{k} {g:.2f} Gbit/s with {nf:.1f} % of CPU samples in netfilter/conntrack/fib" for k, (g, nf) in shares.items())
 
 
-# ------------------------------------------------------------ controller
-
-def bench_controller(n=1000):
-    """1,000 Node objects written as fast as the API takes them (16 parallel
-    connections), then the time until every one has pod CIDRs."""
-    written, total = load("burst", n).split()
-    report("controller", f"{n} Nodes written with 16 parallel clients in {written} s; all allocated {total} s after the "
-                         f"first write ({float(total) - float(written):.2f} s after the last)")
-
-
 def main(only=None):
-    want = set(only or ["B1", "B2", "B3", "B4", "B5", "B6", "controller"])
+    want = set(only or ["B1", "B2", "B3", "B4", "B6", "B7"])
     if want & {"B1", "B2"}:
         bench_dataplane()
     if not want - {"B1", "B2"}:
@@ -457,18 +336,26 @@ def main(only=None):
     try:
         if "B6" in want:
             bench_throughput()
+        if "B7" in want:
+            bench_direct()
         if "B3" in want:
             bench_join()
         if "B4" in want:
             bench_memory()
-        if "controller" in want:
-            bench_controller()
-        delete_fakes()
-        if "B5" in want:
-            bench_ondemand()
     finally:
-        out = lab.ROOT / "e2e" / ".cache" / "bench-results.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+        save_results()
         lab.down()
+
+
+def save_results():
+    """Merges this run's figures into e2e/.cache/bench-results.json."""
+    out = lab.ROOT / "e2e" / ".cache" / "bench-results.json"
+    merged = json.loads(out.read_text()) if out.exists() else {}
+    merged.update(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1))
+    raw_out = out.with_name("bench-raw.json")
+    merged_raw = json.loads(raw_out.read_text()) if raw_out.exists() else {}
+    merged_raw.update(raw)
+    raw_out.write_text(json.dumps(merged_raw))
     print(f"\nresults written to {out}")

@@ -9,6 +9,7 @@ packet's wait into stages by the timestamps of the events on its path:
   recv() return -> sendto() of the answer enter       (weir's userspace work)
   answer sendto() enter -> ping woken by the reply    (fdb + neighbour writes, then the queued
                                                        packet's whole round trip, in that sendto)
+  ping woken -> ping running                          (waiting for a CPU again)
 
 Tracepoints add a few microseconds each, so the stages sum to more than the
 untraced penalty; they say where the time goes, not how much there is.
@@ -21,14 +22,16 @@ import subprocess
 import time
 
 import bench
+import bench_ondemand
 import proclab as lab  # noqa: E402  (the bench keeps process agents; see BENCHMARKS.md)
 
 EVENTS = "sched:sched_switch,sched:sched_waking,syscalls:sys_enter_sendto,syscalls:sys_exit_recvfrom"
-STAGES = ["miss notification", "waiting for a CPU", "weir userspace", "writes + packet round trip"]
+STAGES = ["miss notification", "waiting for a CPU", "weir userspace", "writes + packet round trip",
+          "ping waiting for a CPU"]
 
 
 def stages_of(perf_script_text, responder="weir-miss"):
-    """Per first packet, the four stage durations in microseconds."""
+    """Per first packet, the five stage durations in microseconds."""
     events = []
     for line in perf_script_text.splitlines():
         m = re.match(r"\s*(\S.*?)\s+\d+\s+\[\d+\]\s+([\d.]+):\s+(\S+):\s*(.*)", line)
@@ -38,7 +41,7 @@ def stages_of(perf_script_text, responder="weir-miss"):
     for i, (comm, t0, name, _) in enumerate(events):
         if comm != "ping" or name != "syscalls:sys_enter_sendto":
             continue
-        marks = []  # woken, running, sending, reply
+        marks = []  # woken, running, sending, reply, ping running
         for comm2, t, name2, rest in events[i + 1:]:
             if t - t0 > 3000:
                 break
@@ -53,43 +56,54 @@ def stages_of(perf_script_text, responder="weir-miss"):
                 marks.append(t)
             elif want == 3 and name2 == "sched:sched_waking" and "comm=ping" in rest:
                 marks.append(t)
+            elif want == 4 and name2 == "sched:sched_switch" and "next_comm=ping " in rest:
+                marks.append(t)
                 break
-        if len(marks) == 4:
+        if len(marks) == 5:
             points = [t0] + marks
             out.append([b - a for a, b in zip(points, points[1:])])
     return out
 
 
+def traced(name, run, responder, trials):
+    """Runs one B5 block under perf; its report line."""
+    data = lab.STATE / "bench" / f"b5-trace-{name}.data"
+    perf = subprocess.Popen(["perf", "record", "-q", "-a", "-e", EVENTS, "-o", str(data)], stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    try:
+        pen, lost = run()
+    finally:
+        perf.send_signal(2)
+        perf.wait()
+    text = subprocess.run(["perf", "script", "-i", str(data)], capture_output=True, text=True).stdout
+    per_packet = stages_of(text, responder)
+    parts = [f"{name}: {len(per_packet)} of {trials} first packets traced (median penalty under tracing "
+             f"{statistics.median(pen):.3f} ms, {lost} lost)"]
+    for k, stage in enumerate(STAGES):
+        col = sorted(p[k] for p in per_packet)
+        if col:
+            label = stage.replace("weir ", "responder ")
+            parts.append(f"{label}: median {statistics.median(col):.0f} us (p10 {bench.pct(col, 10):.0f}, "
+                         f"p90 {bench.pct(col, 90):.0f})")
+    return ", ".join(parts)
+
+
 def bench_ondemand_trace(trials=60):
+    """weir and the C responder (the same two writes), one after the other."""
     if not shutil.which("perf"):
         bench.report("B5-trace", "SKIPPED: needs `perf` (Debian: linux-perf)")
         return
-    d = bench.pair_up()
-    b = bench.pair_agent(bench.PAIR_B, "b", "full", d)
-    data = lab.STATE / "bench" / "b5-trace.data"
+    d = bench_ondemand.pair_up()
+    b = bench_ondemand.pair_agent(bench_ondemand.PAIR_B, "b", "full", d)
     try:
-        a = bench.ondemand_agent(d)
-        perf = subprocess.Popen(["perf", "record", "-q", "-a", "-e", EVENTS, "-o", str(data)], stderr=subprocess.DEVNULL)
-        time.sleep(1)
-        pen, lost = bench.first_packet_penalty(trials, bench.wait_gc)
-        perf.send_signal(2)
-        perf.wait()
-        a.terminate()
-        a.wait()
+        weir = traced("weir", lambda: bench_ondemand.weir_block(d, trials), "weir-miss", trials)
+        command, fdb_too = bench_ondemand.baselines()["c"]
+        c = traced("c", lambda: bench_ondemand.baseline_block(command, fdb_too, trials), "miss_responder", trials)
     finally:
         b.terminate()
         b.wait()
-        for ns in (bench.PAIR_A, bench.PAIR_B):
-            lab.sh(["ip", "netns", "del", ns], check=False)
-    text = subprocess.run(["perf", "script", "-i", str(data)], capture_output=True, text=True).stdout
-    per_packet = stages_of(text)
-    parts = [f"{len(per_packet)} of {trials} first packets traced (median penalty under tracing "
-             f"{statistics.median(pen):.3f} ms, {lost} lost)"]
-    for k, name in enumerate(STAGES):
-        col = sorted(p[k] for p in per_packet)
-        if col:
-            parts.append(f"{name}: median {statistics.median(col):.0f} us (p10 {bench.pct(col, 10):.0f}, p90 {bench.pct(col, 90):.0f})")
-    bench.report("B5-trace", "; ".join(parts))
+        bench_ondemand.pair_down()
+    bench.report("B5-trace", f"{weir}; {c}")
 
 
 def main():

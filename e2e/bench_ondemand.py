@@ -1,0 +1,243 @@
+"""B5: the first packet's penalty in on-demand mode, weir beside responders
+that do the same work, in interleaved blocks on one pair of namespaces.
+
+Responders (each answers the L3 miss of node A's first packet to node B):
+- shell: `ip monitor neigh` piped into `ip neigh replace` (neighbour only);
+- python-neighbour-only: ../shared/tools/miss_responder.py, neighbour only,
+  its fdb entry static (reference row: less work than weir does);
+- python: e2e/baselines/miss_responder.py, fdb entry and neighbour;
+- c: e2e/baselines/miss_responder.c, fdb entry and neighbour;
+- weir: the agent in on-demand mode;
+- weir-ipv6: the same agent, the first IPv6 packet between the same two
+  pods (answered through an NDP miss rather than ARP).
+The ones that write both entries start every trial with neither, as weir
+does after its idle GC. Penalty = first RTT - median of the next five.
+"""
+
+import os
+import re
+import statistics
+import subprocess
+import threading
+import time
+
+import proclab as lab
+import bench
+from bench import pct, report
+
+PAIR_A, PAIR_B = "weir-bench-a", "weir-bench-b"
+PEER_B_MAC, PEER_B_UNDERLAY, PEER_B_GATEWAY = "0e:00:00:00:0b:0b", "198.18.0.2", "10.244.2.0"
+PEER_B_GATEWAY6 = "fd00:10:244:2::"
+CLUSTER_CIDRS = "10.244.0.0/16,fd00:10:244::/56"
+PEERS = f"""- {{name: a, publicIP: 198.18.0.1, vtepMAC: "0e:00:00:00:0a:0a", podCIDRs: [10.244.1.0/24, "fd00:10:244:1::/64"]}}
+- {{name: b, publicIP: {PEER_B_UNDERLAY}, vtepMAC: "{PEER_B_MAC}", podCIDRs: [10.244.2.0/24, "fd00:10:244:2::/64"]}}
+"""
+# (source, destination) pod address of each family
+PODS = {4: ("10.244.1.1", "10.244.2.1"), 6: ("fd00:10:244:1::1", "fd00:10:244:2::1")}
+BASELINES = lab.ROOT / "e2e" / "baselines"
+SHARED_TOOL = lab.ROOT.parent / "shared" / "tools" / "miss_responder.py"
+
+
+def pair_up():
+    for ns in (PAIR_A, PAIR_B):
+        lab.sh(["ip", "netns", "del", ns], check=False)
+        lab.sh(["ip", "netns", "add", ns])
+        lab.sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+    lab.sh(["ip", "link", "add", "ua", "netns", PAIR_A, "type", "veth", "peer", "name", "ub", "netns", PAIR_B])
+    for ns, dev, ip, k in ((PAIR_A, "ua", "198.18.0.1", 0), (PAIR_B, "ub", PEER_B_UNDERLAY, 1)):
+        lab.sh(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev])
+        lab.sh(["ip", "-n", ns, "link", "set", dev, "up"])
+        lab.sh(["ip", "-n", ns, "addr", "add", f"{PODS[4][k]}/32", "dev", "lo"])
+        lab.sh(["ip", "-n", ns, "addr", "add", f"{PODS[6][k]}/128", "dev", "lo"])
+    d = lab.STATE / "bench"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "peers.yaml").write_text(PEERS)
+    return d
+
+
+def pair_down():
+    for ns in (PAIR_A, PAIR_B):
+        lab.sh(["ip", "netns", "del", ns], check=False)
+
+
+def pair_agent(ns, node, mode, d, extra=None):
+    env = dict(os.environ, NODE_NAME=node, WEIR_PEERS_FILE=str(d / "peers.yaml"), WEIR_MODE=mode,
+               WEIR_IFACE="ua" if node == "a" else "ub", WEIR_FIREWALL="false", WEIR_CNI_CONF_DIR=str(d / node / "cni"),
+               WEIR_RUN_DIR=str(d / node / "run"), WEIR_METRICS_ADDR="127.0.0.1:9478",
+               WEIR_CLUSTER_CIDR=CLUSTER_CIDRS, **(extra or {}))
+    log = open(d / f"agent-{node}-{mode}.log", "a")
+    return subprocess.Popen(["ip", "netns", "exec", ns, str(lab.agent_binary()), "run"], env=env, stdout=log, stderr=log)
+
+
+def first_packet_penalty(trials, reset, family=4):
+    """ping -c 6 per trial. Returns (penalties in ms, lost first packets)."""
+    pen, lost = [], 0
+    src, dst = PODS[family]
+    for _ in range(trials):
+        reset()
+        out = subprocess.run(["ip", "netns", "exec", PAIR_A, "ping", f"-{family}", "-c", "6", "-i", "0.02", "-W", "1", "-I",
+                              src, dst], capture_output=True, text=True).stdout
+        rtts = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"icmp_seq=(\d+) .*time=([\d.]+) ms", out)}
+        if 1 not in rtts:
+            lost += 1
+            continue
+        pen.append(rtts[1] - statistics.median(v for k, v in rtts.items() if k > 1))
+    return pen, lost
+
+
+def vxlan_by_hand(static_fdb):
+    """Node A's device as the baselines need it: miss-raising, with the route."""
+    cmds = ["link add weir.1 address 0e:00:00:00:0a:0a type vxlan id 1 dstport 8472 local 198.18.0.1 dev ua nolearning proxy "
+            "l2miss l3miss", "link set weir.1 up", "addr add 10.244.1.0/32 dev weir.1",
+            f"route add 10.244.2.0/24 via {PEER_B_GATEWAY} dev weir.1 onlink"]
+    for c in cmds:
+        lab.sh(["ip", "-n", PAIR_A, *c.split()])
+    # The device name has a dot, so write the file rather than use sysctl's dotted name.
+    lab.sh(["sh", "-c", "echo 3 > /proc/sys/net/ipv4/neigh/weir.1/app_solicit"], ns=PAIR_A)
+    if static_fdb:
+        lab.sh(["bridge", "-n", PAIR_A, "fdb", "add", PEER_B_MAC, "dev", "weir.1", "dst", PEER_B_UNDERLAY, "self", "permanent"])
+
+
+def forget(fdb_too):
+    def reset():
+        lab.sh(["ip", "-n", PAIR_A, "neigh", "del", PEER_B_GATEWAY, "dev", "weir.1"], check=False)
+        if fdb_too:
+            lab.sh(["bridge", "-n", PAIR_A, "fdb", "del", PEER_B_MAC, "dev", "weir.1", "self"], check=False)
+    return reset
+
+
+def ondemand_agent(d):
+    """Node A in on-demand mode, its entries removed by idle GC between trials."""
+    a = pair_agent(PAIR_A, "a", "on-demand", d, {"WEIR_IDLE_TIMEOUT": "300ms", "WEIR_RESYNC_INTERVAL": "200ms"})
+    time.sleep(1.5)
+    return a
+
+
+def wait_gc(gateway=PEER_B_GATEWAY):
+    """Until weir's idle GC has removed the neighbour and the fdb entry, so
+    the next ping starts with neither, as the baselines' trials do. Then a
+    pause, so the ping does not race the rest of the GC's pass (the
+    baselines' trials start with their responder idle too)."""
+    deadline = time.time() + 5
+    while time.time() < deadline and (
+            f"{gateway} " in lab.sh(["ip", "-n", PAIR_A, "neigh", "show", "dev", "weir.1"])
+            or PEER_B_MAC in lab.sh(["bridge", "-n", PAIR_A, "fdb", "show", "dev", "weir.1"])):
+        time.sleep(0.02)
+    time.sleep(0.03)
+
+
+def c_responder():
+    out = lab.BIN / "miss_responder"
+    src = BASELINES / "miss_responder.c"
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        lab.sh(["cc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)])
+    return out
+
+
+SHELL = ("stdbuf -oL ip monitor neigh | while read -r line; do case \"$line\" in *miss*10.244.2.0*|*10.244.2.0*INCOMPLETE*) "
+         f"ip neigh replace {PEER_B_GATEWAY} dev weir.1 lladdr {PEER_B_MAC} nud permanent;; esac; done")
+
+
+def baselines():
+    """name -> (command, whether it writes the fdb entry too)."""
+    return {
+        "shell": (["stdbuf", "-oL", "sh", "-c", SHELL], False),
+        "python-neighbour-only": (["python3", str(SHARED_TOOL), "weir.1", PEER_B_MAC, "3600"], False),
+        "python": (["python3", str(BASELINES / "miss_responder.py"), "weir.1", PEER_B_MAC, PEER_B_UNDERLAY], True),
+        "c": ([str(c_responder()), "weir.1", PEER_B_MAC, PEER_B_UNDERLAY], True),
+    }
+
+
+def baseline_block(command, fdb_too, trials):
+    vxlan_by_hand(static_fdb=not fdb_too)
+    resp = subprocess.Popen(["ip", "netns", "exec", PAIR_A, *command], stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(0.5)
+        return first_packet_penalty(trials, forget(fdb_too))
+    finally:
+        os.killpg(resp.pid, 9)
+        resp.wait()
+        lab.sh(["ip", "-n", PAIR_A, "link", "del", "weir.1"])
+
+
+def weir_block(d, trials, family=4):
+    a = ondemand_agent(d)
+    try:
+        gateway = PEER_B_GATEWAY if family == 4 else PEER_B_GATEWAY6
+        return first_packet_penalty(trials, lambda: wait_gc(gateway), family)
+    finally:
+        a.terminate()
+        a.wait()
+        # The agent never tears its device down; the next block starts clean.
+        lab.sh(["ip", "-n", PAIR_A, "link", "del", "weir.1"])
+
+
+def miss_storm(d):
+    """10,000 unknown addresses on the overlay while a real peer is resolved."""
+    a = ondemand_agent(d)
+    try:
+        lab.sh(["ip", "-n", PAIR_A, "route", "add", "10.99.0.0/16", "dev", "weir.1"])
+        cpu0, t = process_cpu(a.pid), time.time()
+        storm = ("import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                 "for i in range(10000):\n"
+                 "    try: s.sendto(b'x', (f'10.99.{i // 256}.{i % 256}', 9))\n"
+                 "    except OSError: pass\n")
+        storm_thread = threading.Thread(target=lambda: lab.sh(["python3", "-c", storm], ns=PAIR_A))
+        storm_thread.start()
+        pen, lost = first_packet_penalty(10, wait_gc)
+        storm_thread.join()
+        time.sleep(3)
+        wall, cpu = time.time() - t, process_cpu(a.pid) - cpu0
+        unknown = metric_from(PAIR_A, 'weir_l3miss_total{result="unknown"}')
+    finally:
+        a.terminate()
+        a.wait()
+    med = f"{statistics.median(pen):.3f} ms" if pen else "n/a"
+    return (f"miss storm (10,000 unknown IPs): {unknown:.0f} unknown misses counted, agent CPU {cpu:.2f} s over "
+            f"{wall:.1f} s; real peer during the storm: median penalty {med}, {lost}/10 first packets lost")
+
+
+def main(trials=100, rounds=5):
+    lab.PROFILE = "release"
+    lab.ensure_weir_built()
+    d = pair_up()
+    b = pair_agent(PAIR_B, "b", "full", d)
+    responders = baselines()
+    out = {name: ([], 0) for name in [*responders, "weir", "weir-ipv6"]}
+    try:
+        time.sleep(1)
+        for _ in range(rounds):
+            for name in out:
+                if name.startswith("weir"):
+                    pen, lost = weir_block(d, trials // rounds, 6 if name == "weir-ipv6" else 4)
+                else:
+                    pen, lost = baseline_block(*responders[name], trials // rounds)
+                out[name] = (out[name][0] + pen, out[name][1] + lost)
+        storm = miss_storm(d)
+    finally:
+        b.terminate()
+        b.wait()
+        pair_down()
+    lines, med = [], {}
+    for name, (pen, lost) in out.items():
+        med[name] = statistics.median(pen) if pen else float("nan")
+        lines.append(f"{name}: median penalty {med[name]:.3f} ms, p90 {pct(pen, 90) if pen else float('nan'):.3f} ms, "
+                     f"first packets lost {lost}/{trials}")
+    ratio = med["weir"] / med["c"]
+    met = ratio <= 1.15 and med["weir"] <= 0.1
+    lines.append(f"weir/c ratio {ratio:.2f}x, weir/python {med['weir'] / med['python']:.2f}x, "
+                 f"weir IPv6/IPv4 {med['weir-ipv6'] / med['weir']:.2f}x "
+                 f"(goal: weir <= 1.15x c and <= 0.1 ms) {'met' if met else 'missed'}")
+    bench.raw["B5"] = {name: pen for name, (pen, _) in out.items()}
+    report("B5", f"{trials} trials each, {rounds} interleaved blocks; " + "; ".join(lines) + "; " + storm)
+
+
+def process_cpu(pid):
+    # The pid is `ip netns exec`, which execs the agent in place.
+    stat = open(f"/proc/{pid}/stat").read().split(")")[1].split()
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def metric_from(ns, key):
+    text = lab.ns_get(ns, "http://127.0.0.1:9478/metrics")[1]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(key))
