@@ -141,15 +141,45 @@ pub async fn delete_table() -> Result<(), NftError> {
     nft(&["delete", "table", "inet", "weir"], None).await.map(|_| ())
 }
 
-/// Keeps the table equal to the spec for the current peers: re-applied when
-/// the peers change, re-checked every `check_every` and repaired on drift.
+/// The set changes that take the table's peers from `old` to `new`, as one
+/// nft transaction; empty when they are equal.
+pub fn element_delta(old: &BTreeSet<IpAddr>, new: &BTreeSet<IpAddr>) -> String {
+    let mut s = String::new();
+    for (set, v4) in [("peers4", true), ("peers6", false)] {
+        let list = |ips: Vec<&IpAddr>| ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+        let added: Vec<&IpAddr> = new.difference(old).filter(|i| i.is_ipv4() == v4).collect();
+        let removed: Vec<&IpAddr> = old.difference(new).filter(|i| i.is_ipv4() == v4).collect();
+        if !added.is_empty() {
+            writeln!(s, "add element {TABLE} {set} {{ {} }}", list(added)).unwrap();
+        }
+        if !removed.is_empty() {
+            writeln!(s, "delete element {TABLE} {set} {{ {} }}", list(removed)).unwrap();
+        }
+    }
+    s
+}
+
+/// What weir last wrote: the peers in the table, and the table's canonical
+/// listing when it is known.
+struct Applied {
+    peers: BTreeSet<IpAddr>,
+    canonical: Option<String>,
+}
+
+/// Keeps the table equal to the spec for the current peers. A peer change
+/// writes only the set elements that changed: with thousands of peers,
+/// listing and replacing the whole table on every Node event cost each agent
+/// a large share of a core (BENCHMARKS.md, F3). That leaves the listing
+/// unknown, so the next check (every `check_every`) replaces the whole table
+/// and lists it again; in between, checks compare the listing and repair
+/// drift.
 pub async fn run(
     base: FirewallSpec,
     mut peers: watch::Receiver<PeerSet>,
     metrics: Arc<Metrics>,
     check_every: Duration,
 ) {
-    let mut applied: Option<(String, String)> = None; // (script, canonical listing)
+    let mut applied: Option<Applied> = None;
     let mut dropped_before = 0u64; // counts carried over table replacements
     let mut tick = tokio::time::interval(check_every);
     // Until the whole peer set is known, the table a previous run left keeps
@@ -158,41 +188,88 @@ pub async fn run(
     if peers.wait_for(|p| p.complete).await.is_err() {
         return;
     }
+    let mut checking = true;
     loop {
-        let spec =
-            FirewallSpec { peers: peers.borrow().peers.values().map(|p| p.underlay_ip).collect(), ..base.clone() };
-        let script = render(&spec);
-        let listing = nft(&["-s", "list", "table", "inet", "weir"], None).await.ok();
-        let current = dropped_packets().await;
-        let drifted = matches!(&applied, Some((_, canonical)) if listing.as_deref() != Some(canonical));
-        let changed = applied.as_ref().map(|(s, _)| s) != Some(&script);
-        if drifted || changed {
-            dropped_before += current.unwrap_or(0);
-            match nft(&["-f", "-"], Some(&script)).await {
-                Ok(_) => {
-                    let canonical = nft(&["-s", "list", "table", "inet", "weir"], None).await.unwrap_or_default();
-                    if drifted && !changed {
-                        warn!("nftables table inet weir was changed or removed; restored");
-                        metrics.firewall_sync.with_label_values(&[labels::REPAIRED]).inc();
-                        metrics.drift_repaired.with_label_values(&[labels::FIREWALL]).inc();
-                    } else {
-                        info!(peers = spec.peers.len(), "nftables table inet weir applied");
-                        metrics.firewall_sync.with_label_values(&[labels::SUCCESS]).inc();
+        let wanted: BTreeSet<IpAddr> = peers.borrow().peers.values().map(|p| p.underlay_ip).collect();
+        match applied.as_mut() {
+            Some(a) if !checking => {
+                let delta = element_delta(&a.peers, &wanted);
+                if !delta.is_empty() {
+                    match nft(&["-f", "-"], Some(&delta)).await {
+                        Ok(_) => {
+                            info!(peers = wanted.len(), "nftables set of peers updated");
+                            metrics.firewall_sync.with_label_values(&[labels::SUCCESS]).inc();
+                            a.peers = wanted;
+                            a.canonical = None;
+                        }
+                        Err(e) => {
+                            // The set is not what we left (drift): the whole table, now.
+                            warn!(error = %e, "updating the nftables set of peers failed; replacing the table");
+                            applied = None;
+                            checking = true;
+                            continue;
+                        }
                     }
-                    applied = Some((script, canonical));
-                }
-                Err(e) => {
-                    warn!(error = %e, "applying nftables table inet weir failed; will retry");
-                    metrics.firewall_sync.with_label_values(&[labels::ERROR]).inc();
-                    applied = None;
                 }
             }
-        } else if let Some(now) = current {
-            metrics.tunnel_dropped.set((dropped_before + now) as i64);
+            _ => check(&base, wanted, &mut applied, &mut dropped_before, &metrics).await,
         }
-        tokio::select! {
-            _ = tick.tick() => {}
-            r = peers.changed() => if r.is_err() { tick.tick().await; },
+        checking = tokio::select! {
+            _ = tick.tick() => true,
+            r = peers.changed() => {
+                if r.is_err() {
+                    tick.tick().await;
+                }
+                r.is_err()
+            }
+        };
+    }
+}
+
+/// Lists the table; replaces it when it drifted from what weir left, when
+/// its peers changed since, or when the last write left its listing unknown.
+async fn check(
+    base: &FirewallSpec,
+    wanted: BTreeSet<IpAddr>,
+    applied: &mut Option<Applied>,
+    dropped_before: &mut u64,
+    metrics: &Metrics,
+) {
+    let listing = nft(&["-s", "list", "table", "inet", "weir"], None).await.ok();
+    let current = dropped_packets().await;
+    // A table that weir wrote and that is gone is drift even when its last
+    // listing is unknown.
+    let drifted = match applied {
+        Some(Applied { canonical: Some(c), .. }) => listing.as_deref() != Some(c.as_str()),
+        Some(Applied { canonical: None, .. }) => listing.is_none(),
+        None => false,
+    };
+    let stale = applied.as_ref().is_none_or(|a| a.canonical.is_none() || a.peers != wanted);
+    if !drifted && !stale {
+        if let Some(now) = current {
+            metrics.tunnel_dropped.set((*dropped_before + now) as i64);
+        }
+        return;
+    }
+    *dropped_before += current.unwrap_or(0);
+    let spec = FirewallSpec { peers: wanted, ..base.clone() };
+    match nft(&["-f", "-"], Some(&render(&spec))).await {
+        Ok(_) => {
+            let canonical = nft(&["-s", "list", "table", "inet", "weir"], None).await.ok();
+            if drifted {
+                warn!("nftables table inet weir was changed or removed; restored");
+                metrics.firewall_sync.with_label_values(&[labels::REPAIRED]).inc();
+                metrics.drift_repaired.with_label_values(&[labels::FIREWALL]).inc();
+            } else {
+                info!(peers = spec.peers.len(), "nftables table inet weir applied");
+                metrics.firewall_sync.with_label_values(&[labels::SUCCESS]).inc();
+            }
+            *applied = Some(Applied { peers: spec.peers, canonical });
+        }
+        Err(e) => {
+            warn!(error = %e, "applying nftables table inet weir failed; will retry");
+            metrics.firewall_sync.with_label_values(&[labels::ERROR]).inc();
+            *applied = None;
         }
     }
 }
@@ -234,6 +311,20 @@ mod tests {
         let s = render(&FirewallSpec { backend: Backend::Ipip, peers: BTreeSet::new(), ..spec() });
         assert!(s.contains("meta l4proto ipip fib daddr type local ip saddr @peers4 accept"));
         assert!(s.contains("set peers4 { type ipv4_addr; }"));
+    }
+
+    #[test]
+    fn a_peer_change_writes_only_the_elements_that_changed() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let old: BTreeSet<IpAddr> = [ip("198.18.0.12"), ip("198.18.0.13"), ip("fd00::12")].into();
+        let new: BTreeSet<IpAddr> = [ip("198.18.0.12"), ip("198.18.0.14"), ip("198.18.0.15")].into();
+        assert_eq!(
+            element_delta(&old, &new),
+            "add element inet weir peers4 { 198.18.0.14, 198.18.0.15 }\n\
+             delete element inet weir peers4 { 198.18.0.13 }\n\
+             delete element inet weir peers6 { fd00::12 }\n"
+        );
+        assert_eq!(element_delta(&new, &new), "");
     }
 
     #[test]
