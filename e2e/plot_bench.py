@@ -47,28 +47,14 @@ def main():
     plt.rcParams.update({"svg.hashsalt": "weir", "svg.fonttype": "none"})  # stable output, text kept as text
     drawn = []
     if "B5" in raw:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, pen in raw["B5"].items():
-            if pen and name != "shell":
-                cdf(ax, pen, name)
-        ax.set_xlabel("first-packet penalty (ms): first RTT minus the median of the next five")
-        ax.set_ylabel("fraction of trials")
-        ax.set_title("B5: on-demand first packet, weir beside responders doing the same work")
-        ax.set_xlim(left=0)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        drawn.append(save(fig, "b5-first-packet-cdf.svg"))
+        series = {name: pen for name, pen in raw["B5"].items() if pen and name != "shell"}
+        drawn.append(cdf_figure(plt, series, "first-packet penalty (ms): first RTT minus the median of the next five",
+                                "fraction of trials", "B5: on-demand first packet, weir beside responders doing the same work",
+                                "b5-first-packet-cdf.svg"))
     if "F3" in raw:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, lat in raw["F3"].items():
-            cdf(ax, lat, name)
-        ax.set_xlabel("Node created -> route on every agent of the kind (ms)")
-        ax.set_ylabel("fraction of joins")
-        ax.set_title("F3: node-join convergence at 5,000 Nodes")
-        ax.set_xlim(left=0)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        drawn.append(save(fig, "f3-join-convergence-cdf.svg"))
+        drawn.append(cdf_figure(plt, raw["F3"], "Node created -> route on every agent of the kind (ms)",
+                                "fraction of joins", "F3: node-join convergence at 5,000 Nodes",
+                                "f3-join-convergence-cdf.svg"))
     if "F1" in raw:
         fig, ax = plt.subplots(figsize=(7, 4))
         nodes = [r[0] for r in raw["F1"]]
@@ -82,6 +68,19 @@ def main():
         ax.legend()
         drawn.append(save(fig, "f1-rss.svg"))
     print("\n".join(drawn) or f"nothing to draw in {RAW}")
+
+
+def cdf_figure(plt, series, xlabel, ylabel, title, name):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, values in series.items():
+        cdf(ax, values, label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save(fig, name)
 
 
 def save(fig, name):
