@@ -105,8 +105,11 @@ def test_leader_killed_mid_burst_never_allocates_twice(fakes):
     lab.kubectl("delete", "pod", "-n", lab.NS, old, "--force", "--grace-period=0", check=False)
     make_nodes(names[30:])
     try:
+        # Whoever leads now: usually the other replica. In one CI run the
+        # killed pod's name still held the Lease once all 60 were allocated:
+        # the kubelet can restart the container before the forced deletion
+        # reaches it, and the restarted process resumes its unexpired Lease.
         wait_allocated(names, timeout=60)
-        assert leader() != old, "the other replica holds the lease"
         assert_no_double_allocation()
     finally:
         wait_controllers()
