@@ -64,14 +64,15 @@ pub fn publisher(
         // The engine first: the record is for people, and waits. A change
         // that alters no peer (a status heartbeat, a label) wakes nobody: the
         // engine and the firewall would each redo work over every peer.
-        let mut set = PeerSet::complete(out.peers.clone());
-        set.complete = complete;
+        // Compared in place, so the common case (nothing changed) copies nothing.
         tx.send_if_modified(|current| {
-            let modified = *current != set;
-            if modified {
-                *current = std::mem::take(&mut set);
+            let unchanged = current.complete == complete
+                && current.peers.len() == out.peers.len()
+                && out.peers.iter().all(|p| current.peers.get(&p.name) == Some(p));
+            if !unchanged {
+                *current = PeerSet { complete, ..PeerSet::complete(out.peers.iter().cloned()) };
             }
-            modified
+            !unchanged
         });
         let record = PeersRecord { backend: validator.backend, direct, peers: out.peers, rejected: rejections };
         last_skips = skips;
