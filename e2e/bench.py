@@ -63,26 +63,32 @@ def delete_fakes():
     raise RuntimeError("fake Nodes still there after 20 deletecollection requests")
 
 
+def cpu_rss(name):
+    """CPU seconds and RSS (MB) of the lab process `name`."""
+    pid = lab.running(name)
+    return lab.process_cpu(pid), lab.process_rss_mb(pid)
+
+
 def agent_proc(i):
-    pid = lab.running(f"node-{i}")
-    stat = open(f"/proc/{pid}/stat").read().split(")")[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(stat[11]) + int(stat[12])) / ticks
-    rss = next(int(ln.split()[1]) for ln in open(f"/proc/{pid}/status") if ln.startswith("VmRSS")) / 1024
-    return cpu, rss
+    return cpu_rss(f"node-{i}")
+
+
+def count_lines(cmd):
+    return len([ln for ln in lab.sh(cmd, check=False).splitlines() if ln.strip()])
 
 
 def routes(i):
-    return int(lab.sh(["sh", "-c", f"ip -n {lab.node_ns(i)} route show proto 87 | wc -l"]).strip())
+    """weir's routes on node i (its protocol, 87)."""
+    return count_lines(["ip", "-n", lab.node_ns(i), "route", "show", "proto", "87"])
+
+
+def wait_count(count, n, what, timeout=600):
+    """Until count() >= n; the error says how many there were."""
+    lab.wait_for(lambda: count() >= n, timeout, lambda: f"{what}: {count()} routes, wanted {n}", step=0.05)
 
 
 def wait_routes(i, n, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if routes(i) >= n:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"node-{i} has {routes(i)} routes, wanted {n}")
+    wait_count(lambda: routes(i), n, f"node-{i}", timeout)
 
 
 # ------------------------------------------------------------ B1/B2

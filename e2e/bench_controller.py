@@ -18,7 +18,6 @@ Every scenario ends by checking that no CIDR is held by two Nodes.
 
 import ipaddress
 import json
-import os
 import time
 
 import bench
@@ -70,8 +69,7 @@ def cpu(names):
     for name in names:
         pid = lab.running(name)
         if pid:
-            stat = open(f"/proc/{pid}/stat").read().split(")")[1].split()
-            total += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+            total += lab.process_cpu(pid)
     return total
 
 

@@ -7,7 +7,6 @@ Nodes). Each figure prints one line:
 
 import datetime
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -15,7 +14,7 @@ import time
 
 import bench
 import proclab as lab
-from bench import create_fakes, delete_fakes, load, pct, report
+from bench import cpu_rss, create_fakes, delete_fakes, load, pct, report
 from bench_load import flannel_annotations
 from sidebyside import flannel_routes, start_flannel, up, wait_count, weir_routes
 
@@ -27,18 +26,6 @@ def line(key, what, weir, flannel, goal_ratio, unit="", smaller_is_better=True):
     met = ratio <= goal_ratio if smaller_is_better else ratio >= goal_ratio
     report(key, f"{what}: weir {weir:.3g}{unit} flannel {flannel:.3g}{unit} ratio {ratio:.2f}x "
                 f"(goal {'<=' if smaller_is_better else '>='} {goal_ratio}x) {'met' if met else 'missed'}")
-
-
-def pid_of(name):
-    return lab.running(name)
-
-
-def cpu_rss(name):
-    pid = pid_of(name)
-    stat = open(f"/proc/{pid}/stat").read().split(")")[1].split()
-    cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-    rss = next(int(ln.split()[1]) for ln in open(f"/proc/{pid}/status") if ln.startswith("VmRSS")) / 1024
-    return cpu, rss
 
 
 def wait_quiet(agents, timeout=600):
@@ -84,7 +71,7 @@ def restart_cold(name, ns, device, start, count, n):
     lab.sh(["ip", "-n", ns, "link", "del", device], check=False)
     t0 = time.time()
     start()
-    while not pid_of(name):
+    while not lab.running(name):
         time.sleep(0.01)
     wait_count(count, n, name)
     return time.time() - t0, cpu_rss(name)[0]

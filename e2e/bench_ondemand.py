@@ -177,7 +177,7 @@ def miss_storm(d):
     a = ondemand_agent(d)
     try:
         lab.sh(["ip", "-n", PAIR_A, "route", "add", "10.99.0.0/16", "dev", "weir.1"])
-        cpu0, t = process_cpu(a.pid), time.time()
+        cpu0, t = lab.process_cpu(a.pid), time.time()
         storm = ("import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
                  "for i in range(10000):\n"
                  "    try: s.sendto(b'x', (f'10.99.{i // 256}.{i % 256}', 9))\n"
@@ -187,7 +187,7 @@ def miss_storm(d):
         pen, lost = first_packet_penalty(10, wait_gc)
         storm_thread.join()
         time.sleep(3)
-        wall, cpu = time.time() - t, process_cpu(a.pid) - cpu0
+        wall, cpu = time.time() - t, lab.process_cpu(a.pid) - cpu0
         unknown = metric_from(PAIR_A, 'weir_l3miss_total{result="unknown"}')
     finally:
         a.terminate()
@@ -230,12 +230,6 @@ def main(trials=100, rounds=5):
                  f"(goal: weir <= 1.15x c and <= 0.1 ms) {'met' if met else 'missed'}")
     bench.raw["B5"] = {name: pen for name, (pen, _) in out.items()}
     report("B5", f"{trials} trials each, {rounds} interleaved blocks; " + "; ".join(lines) + "; " + storm)
-
-
-def process_cpu(pid):
-    # The pid is `ip netns exec`, which execs the agent in place.
-    stat = open(f"/proc/{pid}/stat").read().split(")")[1].split()
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def metric_from(ns, key):

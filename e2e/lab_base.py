@@ -2,24 +2,13 @@
 keeps its files, and the wait every part uses. The lab's lower layer is
 proclab (processes, namespaces, certificates, the API server)."""
 
-import time
-
-from proclab import STATE, netns_list, running, settings  # noqa: F401  (settings: what `lab up` was asked for)
+from proclab import STATE, netns_list, running, settings, wait_for  # noqa: F401  (settings: what `lab up` was asked for)
 
 SERVICE_CIDR = "10.96.0.0/16"
 AGENT_SELECTOR = "app.kubernetes.io/name=weir-agent"
 CONTROLLER_SELECTOR = "app.kubernetes.io/name=weir-controller"
 POD_LABEL = "weir-lab=pod"
 HOST_RECORD = STATE / "host-mountpoints.json"
-
-
-def wait_for(cond, timeout, what, step=0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(step)
-    raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
 
 
 def node_dir(i):

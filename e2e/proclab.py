@@ -275,7 +275,21 @@ def running(name):
     return pid
 
 
-def spawn(name, ns, argv, env=None):
+def wait_for(cond, timeout, what, step=0.5):
+    """Polls cond until true; `what` names it in the error, or is a function
+    that does (called at the timeout, to say what was seen)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(step)
+    raise RuntimeError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
+
+
+def spawn(name, ns, argv, env=None, cgroup=None):
+    """Starts a lab process in namespace `ns`; inside the cgroup directory
+    `cgroup` if given, joined before the exec so all the process ever
+    allocates is charged there."""
     if running(name):
         return
     (STATE / "pids").mkdir(parents=True, exist_ok=True)
@@ -283,6 +297,9 @@ def spawn(name, ns, argv, env=None):
     out = open(STATE / "logs" / f"{name}.log", "ab")
     full_env = dict(os.environ, WEIR_LAB="1", **(env or {}))
     prefix = ["ip", "netns", "exec", ns] if ns else []
+    if cgroup:
+        # `ip netns exec` hides /sys/fs/cgroup, so the cgroup is joined first.
+        prefix = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *prefix]
     proc = subprocess.Popen([*prefix, *argv], stdout=out, stderr=subprocess.STDOUT,
                             env=full_env, start_new_session=True)
     pidfile(name).write_text(str(proc.pid))
@@ -459,10 +476,20 @@ def settings():
     return json.loads(p.read_text()) if p.exists() else {"backend": "vxlan", "mode": "full"}
 
 
-def start_agent(i, extra_env=None):
+def start_agent(i, extra_env=None, cgroup=None):
     s = settings()
     env = dict(agent_env(i, s["backend"], s["mode"]), **s.get("extra_env", {}), **(extra_env or {}))
-    spawn(f"node-{i}", node_ns(i), [str(agent_binary()), "run"], env=env)
+    spawn(f"node-{i}", node_ns(i), [str(agent_binary()), "run"], env=env, cgroup=cgroup)
+
+
+def process_cpu(pid):
+    """User plus system CPU seconds of a process."""
+    stat = open(f"/proc/{pid}/stat").read().split(")")[1].split()
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_mb(pid):
+    return next(int(ln.split()[1]) for ln in open(f"/proc/{pid}/status") if ln.startswith("VmRSS")) / 1024
 
 
 def add_node(i, lab_podcidrs=None):

@@ -11,10 +11,11 @@ on one API server; fake Nodes carry both agents' annotations
 import json
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 
 import proclab as lab
+from bench import count_lines, wait_count
+from bench import routes as weir_routes
 
 FLANNEL_VERSION = "v0.28.10"
 FLANNELD = lab.BIN / "flanneld"
@@ -52,8 +53,8 @@ def flannel_argv(i):
             f"--healthz-port={FLANNEL_HEALTHZ_PORT}"]
 
 
-def start_flannel(i):
-    lab.spawn(f"flannel-{i}", lab.node_ns(i), flannel_argv(i), env={"NODE_NAME": f"node-{i}"})
+def start_flannel(i, cgroup=None):
+    lab.spawn(f"flannel-{i}", lab.node_ns(i), flannel_argv(i), env={"NODE_NAME": f"node-{i}"}, cgroup=cgroup)
 
 
 def add_flannel_node(i):
@@ -65,24 +66,8 @@ def add_flannel_node(i):
     start_flannel(i)
 
 
-def count_lines(cmd):
-    return len([ln for ln in lab.sh(cmd, check=False).splitlines() if ln.strip()])
-
-
-def weir_routes(i):
-    return count_lines(["ip", "-n", lab.node_ns(i), "route", "show", "proto", "87"])
-
-
 def flannel_routes(i):
     return count_lines(["ip", "-n", lab.node_ns(i), "route", "show", "dev", "flannel.1"])
-
-
-def wait_count(count, n, what, timeout=600):
-    deadline = time.time() + timeout
-    while count() < n:
-        if time.time() > deadline:
-            raise RuntimeError(f"{what}: {count()} routes, wanted {n}")
-        time.sleep(0.05)
 
 
 def up(n_each=1):
@@ -138,20 +123,11 @@ class Agent:
         lab.stop(self.process)
 
     def start(self, cgroup=None):
-        """Starts the agent, inside the cgroup directory `cgroup` if given:
-        it joins before it execs, so all it ever allocates is charged there."""
+        """Starts the agent, inside the cgroup directory `cgroup` if given."""
         if self.kind == "weir":
-            s = lab.settings()
-            argv = [str(lab.agent_binary()), "run"]
-            env = dict(lab.agent_env(self.node, s["backend"], s["mode"]), **s.get("extra_env", {}))
+            lab.start_agent(self.node, cgroup=cgroup)
         else:
-            argv, env = flannel_argv(self.node), {"NODE_NAME": f"node-{self.node}"}
-        if cgroup is None:
-            lab.spawn(self.process, self.ns, argv, env=env)
-        else:
-            # `ip netns exec` hides /sys/fs/cgroup, so join the cgroup first.
-            join = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", "ip", "netns", "exec", self.ns]
-            lab.spawn(self.process, None, [*join, *argv], env=env)
+            start_flannel(self.node, cgroup=cgroup)
 
     def rx_packets(self):
         link = json.loads(lab.sh(["ip", "-n", self.ns, "-j", "-s", "link", "show", self.device]))[0]

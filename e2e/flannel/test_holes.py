@@ -46,14 +46,6 @@ def healthy(agent, n=None):
     return agent.running() and agent.routes() >= (n or expected_routes()) and agent.has_fdb(fake_mac(1))
 
 
-def wait(pred, timeout, what):
-    deadline = time.time() + timeout
-    while not pred():
-        if time.time() > deadline:
-            raise AssertionError(f"{what} not within {timeout} s")
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def side_by_side(pair):
     bench.create_fakes(range(FAKES), addresses=False)
@@ -62,7 +54,7 @@ def side_by_side(pair):
         lab.sh(["ip", "-n", lab.node_ns(i), "addr", "add", f"{pod_ip(i)}/32", "dev", "lo"])
     n = expected_routes()
     for a in AGENTS:
-        wait(lambda: healthy(a, n), 120, f"{a.kind} programming the lab")
+        lab.wait_for(lambda: healthy(a, n), 120, f"{a.kind} programming the lab", step=0.1)
 
 
 @pytest.fixture(autouse=True)
@@ -75,8 +67,8 @@ def whole_again():
     if not healthy(FLANNEL, n):
         FLANNEL.stop()
         FLANNEL.start()
-    wait(lambda: healthy(FLANNEL, n), 60, "flannel back to a complete dataplane")
-    wait(lambda: healthy(WEIR, n), 5, "weir's dataplane complete after the test")
+    lab.wait_for(lambda: healthy(FLANNEL, n), 60, "flannel back to a complete dataplane", step=0.1)
+    lab.wait_for(lambda: healthy(WEIR, n), 5, "weir's dataplane complete after the test", step=0.1)
 
 
 def race(pred, timeout=PATIENCE):
