@@ -173,7 +173,7 @@ pub fn start_peer_source(ctx: &Context, peers: watch::Sender<PeerSet>) {
         (None, Some(path)) => {
             tokio::spawn(file::watch(path.clone(), args.backend, move |nodes| {
                 let map: BTreeMap<String, NodeInfo> = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
-                publish(&map, true)
+                publish(&map, true, None)
             }));
         }
         (None, None) => {}
