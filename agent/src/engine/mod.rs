@@ -334,6 +334,10 @@ impl<K: Kernel> Engine<K> {
     fn concerns_us(&self, event: &KernelEvent) -> bool {
         match event {
             KernelEvent::Changed { ifindex, ours } => *ours || (*ifindex != 0 && *ifindex == self.ifindex),
+            KernelEvent::FdbAdded { ifindex, mac, dst } => {
+                *ifindex == self.ifindex
+                    && !self.peers.peers.values().any(|p| Some(p.vtep_mac) == *mac && Some(p.underlay_ip) == *dst)
+            }
             KernelEvent::Overrun | KernelEvent::Closed => true,
         }
     }

@@ -159,6 +159,31 @@ async fn lost_notifications_force_a_full_resync() {
     task.await.unwrap();
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_echo_of_a_wanted_fdb_entry_is_no_drift_but_a_foreign_one_is() {
+    let k = FakeKernel::default();
+    let (e, _) = engine(&k);
+    let (_peers_tx, peers) = watch::channel(PeerSet::complete([peer(2)]));
+    let (events_tx, events) = mpsc::channel(8);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let task = tokio::spawn(e.run(peers, events, || None, shutdown));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ifindex = k.state().device.unwrap().0;
+    let dumps = || k.count(|c| matches!(c, Call::Dump));
+    let before = dumps();
+    let p = peer(2);
+    let echo = KernelEvent::FdbAdded { ifindex, mac: Some(p.vtep_mac), dst: Some(p.underlay_ip) };
+    events_tx.send(echo).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(dumps(), before, "a full pass for an entry weir wants");
+    let foreign = KernelEvent::FdbAdded { ifindex, mac: Some(p.vtep_mac), dst: Some("198.18.0.99".parse().unwrap()) };
+    events_tx.send(foreign).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(dumps() > before, "no full pass for an entry pointing elsewhere");
+    shutdown_tx.send(true).unwrap();
+    task.await.unwrap();
+}
+
 fn on_demand(idle: Duration) -> (OnDemand, Arc<ActiveSet>) {
     let active = Arc::new(ActiveSet::default());
     let (table, _) = watch::channel(Arc::new(MissTable::default()));
