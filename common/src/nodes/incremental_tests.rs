@@ -1,26 +1,6 @@
 use super::*;
-use crate::nodes::{Backend, Local, Skip};
-
-fn rules() -> Rules {
-    Rules {
-        backend: Some(Backend::Vxlan),
-        underlay_is_v4: Some(true),
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        local: Some(Local { name: "local".into(), pod_cidrs: vec!["10.244.0.0/24".parse().unwrap()] }),
-    }
-}
-
-fn node(name: &str, created: i64, ip: &str, mac: &str, cidr: &str) -> NodeInfo {
-    NodeInfo {
-        name: name.into(),
-        created,
-        public_ip: Some(ip.into()),
-        vtep_mac: Some(mac.into()),
-        backend: Some("vxlan".into()),
-        pod_cidrs: vec![cidr.into()],
-        addresses: vec![],
-    }
-}
+use crate::nodes::Skip;
+use crate::nodes::fixtures::{agent_rules as rules, node};
 
 /// Node i of a large cluster: every value its own, a /26 past the local /24.
 fn member(i: u32) -> NodeInfo {
@@ -109,7 +89,7 @@ fn every_sequence_of_changes_ends_where_a_full_validation_does() {
         for _ in 0..30 {
             let mut changed = BTreeSet::new();
             for _ in 0..=rng.below(2) {
-                let name = if rng.below(10) == 0 { "local".to_string() } else { format!("n{}", rng.below(8)) };
+                let name = if rng.below(10) == 0 { "node-0".to_string() } else { format!("n{}", rng.below(8)) };
                 if rng.below(4) == 0 {
                     nodes.remove(&name);
                 } else {

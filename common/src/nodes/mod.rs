@@ -2,6 +2,8 @@
 //! peers. Both binaries apply the same rules: the agent to choose its peers,
 //! weir-controller to tell operators (Events, metrics) why a Node is ignored.
 
+#[cfg(test)]
+mod fixtures;
 mod incremental;
 mod index;
 mod rules;
