@@ -376,7 +376,15 @@ impl<K: Kernel> Engine<K> {
                             peers_open = false;
                             continue;
                         }
+                        let was_complete = self.peers.complete;
                         self.set_peers(peers.borrow_and_update().clone());
+                        // The first complete set gets a full pass: it sweeps the
+                        // entries of Nodes deleted while weir was away, which no
+                        // change names, and only a pass over everything makes
+                        // the dataplane synced.
+                        if self.peers.complete && !was_complete {
+                            break;
+                        }
                         // The change alone, at once; a full pass only if that failed.
                         match self.apply_changes().await {
                             Ok(r) if r.failures == 0 && self.retry_delay().is_none() => self.heartbeat.beat(),
