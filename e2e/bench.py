@@ -69,10 +69,6 @@ def cpu_rss(name):
     return lab.process_cpu(pid), lab.process_rss_mb(pid)
 
 
-def agent_proc(i):
-    return cpu_rss(f"node-{i}")
-
-
 def count_lines(cmd):
     return len([ln for ln in lab.sh(cmd, check=False).splitlines() if ln.strip()])
 
@@ -140,21 +136,21 @@ def bench_memory(levels=(0, 1000, 5000)):
     created = 0
     rows = []
     for level in levels:
-        cpu0, _ = agent_proc(1)
+        cpu0, _ = cpu_rss("node-1")
         t = time.time()
         if level > created:
             create_fakes(range(created, level))
             created = level
         wait_routes(1, base_routes + level, timeout=600)
         time.sleep(2)
-        cpu1, rss = agent_proc(1)
+        cpu1, rss = cpu_rss("node-1")
         rows.append(f"{level} nodes: RSS {rss:.1f} MB, initial-sync CPU {cpu1 - cpu0:.2f} s ({time.time() - t:.1f} s wall)")
     # 100 Node updates/s for 10 s: status heartbeats, as kubelets send them.
     names = [f"fake-{k:05d}" for k in range(min(created, 1000))]
-    cpu0, _ = agent_proc(1)
+    cpu0, _ = cpu_rss("node-1")
     t = time.time()
     sent = int(load("heartbeats", *names).strip())
-    cpu1, rss = agent_proc(1)
+    cpu1, rss = cpu_rss("node-1")
     wall = time.time() - t
     rows.append(f"{sent / wall:.0f} Node updates/s for {wall:.0f} s at {created} nodes: agent CPU {100 * (cpu1 - cpu0) / wall:.1f}%, RSS {rss:.1f} MB")
     report("B4", "; ".join(rows) + " (target RSS <= 30 MB at 5,000)")
