@@ -17,6 +17,7 @@ const CHUNK: usize = 48 * 1024;
 
 pub struct Batcher {
     sock: Socket,
+    port: u32,
     seq: u32,
     buf: Vec<u8>,
 }
@@ -24,13 +25,18 @@ pub struct Batcher {
 impl Batcher {
     pub fn new() -> std::io::Result<Self> {
         let mut sock = Socket::new(NETLINK_ROUTE)?;
-        sock.bind_auto()?;
+        let port = sock.bind_auto()?.port_number();
         // Replies to a dump can be large; errors for a chunk must all fit.
         sock.set_rx_buf_sz(4 << 20)?;
         sock.set_ext_ack(false)?;
         // Lets dumps be filtered in the kernel (by device, table, protocol).
         sock.set_netlink_get_strict_chk(true)?;
-        Ok(Batcher { sock, seq: 1, buf: vec![0; 256 * 1024] })
+        Ok(Batcher { sock, port, seq: 1, buf: vec![0; 256 * 1024] })
+    }
+
+    /// The netlink port the kernel names as the sender of what this socket writes.
+    pub fn port(&self) -> u32 {
+        self.port
     }
 
     /// Sends the encoded requests in order; returns each one's errno, 0 for success.

@@ -2,12 +2,16 @@
 
 use futures::StreamExt;
 use netlink_packet_core::NetlinkPayload;
-use netlink_packet_route::RouteNetlinkMessage;
+use std::net::IpAddr;
+
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
 use netlink_packet_route::route::RouteProtocol;
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::AsyncSocket;
 use rtnetlink::MulticastGroup;
 use tokio::sync::mpsc;
 
+use crate::model::Mac;
 use crate::plan::ROUTE_PROTOCOL;
 
 /// What the engine needs to know about a notification.
@@ -15,6 +19,10 @@ use crate::plan::ROUTE_PROTOCOL;
 pub enum KernelEvent {
     /// A link, neighbour or route changed; `ifindex` is the link it concerns.
     Changed { ifindex: u32, ours: bool },
+    /// An fdb entry was added or replaced. vxlan names no sender for fdb
+    /// writes, so weir's own are told apart by their content: an entry that
+    /// is already what weir wants is no drift, whoever wrote it.
+    FdbAdded { ifindex: u32, mac: Option<Mac>, dst: Option<IpAddr> },
     /// The socket overflowed: notifications were lost, so only a full
     /// resync can tell what changed.
     Overrun,
@@ -61,10 +69,32 @@ pub fn subscribe(tx: mpsc::Sender<KernelEvent>, filter: &[super::FilterRule]) ->
     Ok(())
 }
 
+fn fdb_added(n: &NeighbourMessage) -> KernelEvent {
+    let (mut mac, mut dst) = (None, None);
+    for attr in &n.attributes {
+        match attr {
+            NeighbourAttribute::LinkLayerAddress(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok().map(Mac),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
+            // How the parser hands over an AF_BRIDGE entry's destination.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
+                dst = match bytes.len() {
+                    4 => <[u8; 4]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
+                    16 => <[u8; 16]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
+                    _ => None,
+                }
+            }
+            _ => {}
+        }
+    }
+    KernelEvent::FdbAdded { ifindex: n.header.ifindex, mac, dst }
+}
+
 fn classify(m: &RouteNetlinkMessage) -> Option<KernelEvent> {
     use RouteNetlinkMessage::*;
     match m {
         NewLink(l) | DelLink(l) => Some(KernelEvent::Changed { ifindex: l.header.index, ours: false }),
+        NewNeighbour(n) if n.header.family == AddressFamily::Bridge => Some(fdb_added(n)),
         NewNeighbour(n) | DelNeighbour(n) => Some(KernelEvent::Changed { ifindex: n.header.ifindex, ours: false }),
         NewRoute(r) | DelRoute(r) => {
             let ours = r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL);
@@ -79,5 +109,32 @@ fn classify(m: &RouteNetlinkMessage) -> Option<KernelEvent> {
             Some(KernelEvent::Changed { ifindex, ours })
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_fdb_entry_is_reported_with_its_mac_and_destination() {
+        let mut n = NeighbourMessage::default();
+        n.header.family = AddressFamily::Bridge;
+        n.header.ifindex = 7;
+        n.attributes = vec![
+            NeighbourAttribute::LinkLayerAddress(vec![0x0e, 0, 0, 0, 0, 2]),
+            NeighbourAttribute::Destination(NeighbourAddress::Other(vec![198, 18, 0, 12])),
+        ];
+        let mac = Some(Mac([0x0e, 0, 0, 0, 0, 2]));
+        let dst = Some("198.18.0.12".parse().unwrap());
+        assert_eq!(
+            classify(&RouteNetlinkMessage::NewNeighbour(n.clone())),
+            Some(KernelEvent::FdbAdded { ifindex: 7, mac, dst })
+        );
+        // A deletion is drift whatever it held.
+        assert_eq!(
+            classify(&RouteNetlinkMessage::DelNeighbour(n)),
+            Some(KernelEvent::Changed { ifindex: 7, ours: false })
+        );
     }
 }

@@ -151,6 +151,12 @@ impl NetlinkKernel {
         result.map_err(|e| KernelError::Other(format!("netlink batch: {e}")))
     }
 
+    /// The port of the socket every entry is written through, so that the
+    /// notifications of weir's own writes can be dropped in the kernel.
+    pub fn writer_port(&self) -> Option<u32> {
+        self.batcher.as_ref().map(Batcher::port)
+    }
+
     pub fn handle(&self) -> Handle {
         self.handle.clone()
     }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use ipnet::IpNet;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{Engine, Report};
 use crate::dataplane::{Kernel, KernelError};
@@ -22,17 +22,28 @@ use crate::plan::{self, DesiredState, KernelState};
 pub(super) type Changes = BTreeMap<String, (Option<Peer>, bool)>;
 
 impl<K: Kernel> Engine<K> {
-    /// Notes what `next` changes before it replaces the peer set.
+    /// Notes and logs what `next` changes before it replaces the peer set.
     pub(super) fn note_changes(&mut self, next: &crate::model::PeerSet) {
         let active = |name: &str| self.cfg.on_demand.as_ref().is_none_or(|od| od.active.contains(name));
         for (name, peer) in &next.peers {
             let old = self.peers.peers.get(name);
-            if old != Some(peer) && !self.changes.contains_key(name) {
+            match old {
+                Some(old) if old == peer => continue,
+                Some(old) => info!(
+                    node = %name, ip = %peer.underlay_ip, mac = %peer.vtep_mac, cidrs = ?peer.pod_cidrs,
+                    old_ip = %old.underlay_ip, old_mac = %old.vtep_mac, old_cidrs = ?old.pod_cidrs, "peer changed"
+                ),
+                None => {
+                    info!(node = %name, ip = %peer.underlay_ip, mac = %peer.vtep_mac, cidrs = ?peer.pod_cidrs, "peer added")
+                }
+            }
+            if !self.changes.contains_key(name) {
                 self.changes.insert(name.clone(), (old.cloned(), old.is_some() && active(name)));
             }
         }
         if next.complete {
             for (name, old) in self.peers.peers.iter().filter(|(n, _)| !next.peers.contains_key(*n)) {
+                info!(node = %name, "peer removed");
                 if !self.changes.contains_key(name) {
                     self.changes.insert(name.clone(), (Some(old.clone()), active(name)));
                 }

@@ -73,6 +73,8 @@ pub struct Engine<K> {
     metrics: Arc<Metrics>,
     peers: PeerSet,
     desired: DesiredState,
+    /// The generation `desired` was built for.
+    desired_generation: Option<u64>,
     /// Bumped whenever the peer set changes.
     generation: u64,
     /// What the last pass that applied without error aimed at: a generation
@@ -99,6 +101,7 @@ impl<K: Kernel> Engine<K> {
             metrics,
             peers: PeerSet::default(),
             desired: DesiredState::default(),
+            desired_generation: None,
             generation: 0,
             applied_generation: None,
             applied_on_demand: None,
@@ -122,29 +125,8 @@ impl<K: Kernel> Engine<K> {
         &mut self.kernel
     }
 
-    pub fn desired(&self) -> &DesiredState {
-        &self.desired
-    }
-
     /// Replaces the peer set and logs, per peer, what changed.
     pub fn set_peers(&mut self, next: PeerSet) {
-        for (name, peer) in &next.peers {
-            match self.peers.peers.get(name) {
-                None => {
-                    info!(node = %name, ip = %peer.underlay_ip, mac = %peer.vtep_mac, cidrs = ?peer.pod_cidrs, "peer added")
-                }
-                Some(old) if old != peer => info!(
-                    node = %name, ip = %peer.underlay_ip, mac = %peer.vtep_mac, cidrs = ?peer.pod_cidrs,
-                    old_ip = %old.underlay_ip, old_mac = %old.vtep_mac, old_cidrs = ?old.pod_cidrs, "peer changed"
-                ),
-                Some(_) => {}
-            }
-        }
-        if next.complete {
-            for name in self.peers.peers.keys().filter(|n| !next.peers.contains_key(*n)) {
-                info!(node = %name, "peer removed");
-            }
-        }
         self.note_changes(&next);
         // Until the set is complete, keep what is known and add to it, so a
         // partial listing never shrinks the desired state.
@@ -155,7 +137,8 @@ impl<K: Kernel> Engine<K> {
             merged.peers.extend(next.peers);
             merged
         };
-        self.desired = plan::desired_state(self.cfg.backend, self.cfg.direct.as_ref(), self.peers.peers.values());
+        // The desired state of every peer is rebuilt by the next full pass,
+        // not here: a Node event writes only what it changed (`change.rs`).
         self.generation += 1;
         if let Some(od) = &self.cfg.on_demand {
             od.table.send_replace(Arc::new(MissTable::new(self.ifindex, self.peers.peers.values(), &od.active)));
@@ -260,6 +243,10 @@ impl<K: Kernel> Engine<K> {
 
         // A full pass covers every change noted so far.
         self.changes.clear();
+        if self.desired_generation != Some(self.generation) {
+            self.desired = plan::desired_state(self.cfg.backend, self.cfg.direct.as_ref(), self.peers.peers.values());
+            self.desired_generation = Some(self.generation);
+        }
         let t = Instant::now();
         let mut kernel = self.kernel.dump(self.ifindex).await?;
         self.nexthops_supported = kernel.nexthops.is_some();
@@ -347,6 +334,10 @@ impl<K: Kernel> Engine<K> {
     fn concerns_us(&self, event: &KernelEvent) -> bool {
         match event {
             KernelEvent::Changed { ifindex, ours } => *ours || (*ifindex != 0 && *ifindex == self.ifindex),
+            KernelEvent::FdbAdded { ifindex, mac, dst } => {
+                *ifindex == self.ifindex
+                    && !self.peers.peers.values().any(|p| Some(p.vtep_mac) == *mac && Some(p.underlay_ip) == *dst)
+            }
             KernelEvent::Overrun | KernelEvent::Closed => true,
         }
     }
@@ -385,7 +376,15 @@ impl<K: Kernel> Engine<K> {
                             peers_open = false;
                             continue;
                         }
+                        let was_complete = self.peers.complete;
                         self.set_peers(peers.borrow_and_update().clone());
+                        // The first complete set gets a full pass: it sweeps the
+                        // entries of Nodes deleted while weir was away, which no
+                        // change names, and only a pass over everything makes
+                        // the dataplane synced.
+                        if self.peers.complete && !was_complete {
+                            break;
+                        }
                         // The change alone, at once; a full pass only if that failed.
                         match self.apply_changes().await {
                             Ok(r) if r.failures == 0 && self.retry_delay().is_none() => self.heartbeat.beat(),

@@ -86,6 +86,38 @@ async fn nothing_is_swept_until_the_peer_set_is_complete() {
     assert_eq!(holds(&k, &peer(2)), (true, true, true));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_restarted_engine_sweeps_and_reports_synced_when_the_first_complete_set_arrives() {
+    let k = FakeKernel::default();
+    let (mut e, _) = engine(&k);
+    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    e.reconcile().await.unwrap();
+    // Restarted while the API server is away: nothing to go on at first.
+    let cfg = EngineConfig {
+        backend: Backend::Vxlan,
+        device: device(),
+        direct: None,
+        resync_interval: Duration::from_secs(3600),
+        on_demand: None,
+    };
+    let (restarted, mut status) = Engine::new(k.clone(), cfg, Arc::new(Metrics::new()));
+    let (peers_tx, peers) = watch::channel(PeerSet::default());
+    let (_events_tx, events) = mpsc::channel(8);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let task = tokio::spawn(restarted.run(peers, events, || None, shutdown));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!status.borrow_and_update().synced);
+    // The API server is back: node-3 was deleted meanwhile. Nothing in the
+    // kernel will echo this change, so the engine must not wait for a
+    // notification (or the hourly resync) to sweep it.
+    peers_tx.send(PeerSet::complete([peer(2)])).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(holds(&k, &peer(3)), (false, false, false), "node-3 not swept");
+    assert!(status.borrow_and_update().synced, "not synced with the complete set");
+    shutdown_tx.send(true).unwrap();
+    task.await.unwrap();
+}
+
 #[tokio::test]
 async fn a_deleted_device_comes_back_with_its_mac_and_every_entry() {
     let k = FakeKernel::default();
@@ -155,6 +187,31 @@ async fn lost_notifications_force_a_full_resync() {
     assert!(k.count(|c| matches!(c, Call::Dump)) > dumps, "no dump after the overrun");
     assert_eq!(metrics.netlink_enobufs.get(), 1);
     assert_eq!(holds(&k, &peer(2)), (true, true, true), "the resync repaired what the lost notification hid");
+    shutdown_tx.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_echo_of_a_wanted_fdb_entry_is_no_drift_but_a_foreign_one_is() {
+    let k = FakeKernel::default();
+    let (e, _) = engine(&k);
+    let (_peers_tx, peers) = watch::channel(PeerSet::complete([peer(2)]));
+    let (events_tx, events) = mpsc::channel(8);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let task = tokio::spawn(e.run(peers, events, || None, shutdown));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ifindex = k.state().device.unwrap().0;
+    let dumps = || k.count(|c| matches!(c, Call::Dump));
+    let before = dumps();
+    let p = peer(2);
+    let echo = KernelEvent::FdbAdded { ifindex, mac: Some(p.vtep_mac), dst: Some(p.underlay_ip) };
+    events_tx.send(echo).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(dumps(), before, "a full pass for an entry weir wants");
+    let foreign = KernelEvent::FdbAdded { ifindex, mac: Some(p.vtep_mac), dst: Some("198.18.0.99".parse().unwrap()) };
+    events_tx.send(foreign).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(dumps() > before, "no full pass for an entry pointing elsewhere");
     shutdown_tx.send(true).unwrap();
     task.await.unwrap();
 }

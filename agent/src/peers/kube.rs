@@ -1,7 +1,7 @@
 //! Peers from the Kubernetes API: a Node watcher whose objects are trimmed to
 //! `NodeInfo` on arrival, and the agent's writes to its own Node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,20 +27,24 @@ pub fn internal_ips(node: &Node) -> Vec<IpAddr> {
         .unwrap_or_default()
 }
 
-/// Watches all Nodes forever. `on_change(nodes, complete)` is called once per
-/// batch of events that changed something weir reads; `complete` is true
-/// once a full list has been seen, and each re-list replaces the whole map so
-/// vanished nodes disappear (`weir_common::nodes::NodeIndex`).
+/// Watches all Nodes forever. `on_change(nodes, complete, changed)` is called
+/// once per batch of events that changed something weir reads; `complete` is
+/// true once a full list has been seen, and each re-list replaces the whole
+/// map so vanished nodes disappear (`weir_common::nodes::NodeIndex`).
+/// `changed` names the nodes the batch added, changed or deleted, or is None
+/// when it held a re-list.
 pub async fn watch_nodes(
     api: Api<Node>,
     metrics: Arc<Metrics>,
-    mut on_change: impl FnMut(&BTreeMap<String, NodeInfo>, bool),
+    mut on_change: impl FnMut(&BTreeMap<String, NodeInfo>, bool, Option<&BTreeSet<String>>),
 ) {
     let mut index = NodeIndex::default();
+    let mut changed = BTreeSet::new();
+    let mut relisted = false;
     let stream = weir_common::watch::with_backoff(watcher::watcher(api, watcher::Config::default())).ready_chunks(4096);
     futures::pin_mut!(stream);
-    // Validating the whole set costs milliseconds at thousands of nodes, so a
-    // burst of events is folded into one publish at most every MIN_GAP.
+    // A re-list judges every node again, milliseconds at thousands of nodes,
+    // so a burst of events is folded into one publish at most every MIN_GAP.
     const MIN_GAP: Duration = Duration::from_millis(20);
     let mut pending = false;
     let mut last_publish = Instant::now() - MIN_GAP;
@@ -71,16 +75,27 @@ pub async fn watch_nodes(
             };
             metrics.kube_watch_events.with_label_values(&[kind]).inc();
             let first_list = !index.is_complete();
-            if let Some(change) = index.apply(ev) {
-                if change == Change::Relisted && first_list {
-                    info!(nodes = index.nodes().len(), "initial node list complete");
+            match index.apply(ev) {
+                Some(Change::Relisted) => {
+                    if first_list {
+                        info!(nodes = index.nodes().len(), "initial node list complete");
+                    }
+                    relisted = true;
                 }
-                pending = true;
+                Some(Change::Changed { name, .. }) => {
+                    changed.insert(name);
+                }
+                Some(Change::Deleted(node)) => {
+                    changed.insert(node.name);
+                }
+                None => continue,
             }
+            pending = true;
         }
         if pending && last_publish.elapsed() >= MIN_GAP {
-            on_change(index.nodes(), index.is_complete());
-            pending = false;
+            on_change(index.nodes(), index.is_complete(), (!relisted).then_some(&changed));
+            (pending, relisted) = (false, false);
+            changed.clear();
             last_publish = Instant::now();
         }
     }

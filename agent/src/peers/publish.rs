@@ -1,15 +1,18 @@
 //! From validated nodes to the engine's peer set, logging and counting every
 //! rejection once, and recording the accepted peers for `weir-agent status`.
+//! A Node event costs in proportion to what it changed: the rules judge the
+//! changed nodes (`IncrementalRules`), and the peer set is edited in place.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::{info, warn};
+use weir_common::nodes::{IncrementalRules, Verdict};
 
-use super::validate::{NodeInfo, Skip, Validator};
+use super::validate::{NodeInfo, Skip, Validator, peer};
 use crate::metrics::{Metrics, labels};
 use crate::model::{Backend, Peer, PeerSet};
 use crate::plan::Direct;
@@ -28,57 +31,78 @@ pub struct PeersRecord {
     pub rejected: Vec<String>,
 }
 
+/// Returns `publish(nodes, complete, changed)`: `changed` names the nodes
+/// added, changed or deleted since the last call, None when any may have
+/// (a re-list, a reread file).
 pub fn publisher(
     validator: Validator,
     direct: Option<Direct>,
     tx: watch::Sender<PeerSet>,
     metrics: Arc<Metrics>,
     record_path: PathBuf,
-) -> impl FnMut(&BTreeMap<String, NodeInfo>, bool) {
-    let (record_tx, record_rx) = watch::channel(None);
-    tokio::spawn(write_records(record_rx, record_path));
-    let mut last_rejections: Vec<String> = Vec::new();
-    let mut last_skips: BTreeMap<String, String> = BTreeMap::new();
-    move |nodes, complete| {
-        let out = validator.validate(nodes.values());
-        let rejections: Vec<String> = out.rejected.iter().map(|r| r.to_string()).collect();
-        for (r, text) in out.rejected.iter().zip(&rejections) {
-            if !last_rejections.contains(text) {
-                warn!(node = %r.node, field = r.field, value = %r.value, reason = r.reason, "node rejected as a peer");
-                metrics.peer_rejected.with_label_values(&[r.reason_label()]).inc();
+) -> impl FnMut(&BTreeMap<String, NodeInfo>, bool, Option<&BTreeSet<String>>) {
+    let backend = validator.backend;
+    let verdicts = Arc::new(Mutex::new(validator.into_incremental()));
+    let (record_tx, record_rx) = watch::channel(());
+    tokio::spawn(write_records(record_rx, verdicts.clone(), backend, direct, record_path));
+    move |nodes, complete, changed| {
+        let mut verdicts = verdicts.lock().expect("verdicts lock");
+        let moved = verdicts.update(nodes, changed);
+        for name in &moved {
+            match verdicts.verdict(name) {
+                Some(Verdict::Rejected(r)) => {
+                    warn!(node = %r.node, field = r.field, value = %r.value, reason = r.reason, "node rejected as a peer");
+                    metrics.peer_rejected.with_label_values(&[r.reason_label()]).inc();
+                }
+                Some(Verdict::Skipped(Skip::Pending)) => {
+                    info!(node = %name, "node has not published its VTEP yet; not a peer")
+                }
+                Some(Verdict::Skipped(Skip::OtherBackend(b))) => {
+                    info!(node = %name, backend = %b, ours = backend.as_str(), "node uses another backend; not programmed")
+                }
+                Some(Verdict::Accepted(_)) | None => {}
             }
         }
-        let skips: BTreeMap<String, String> = out.skipped.iter().map(|(n, s)| (n.clone(), format!("{s:?}"))).collect();
-        for (name, skip) in &out.skipped {
-            if last_skips.get(name) != skips.get(name) {
-                match skip {
-                    Skip::Pending => info!(node = %name, "node has not published its VTEP yet; not a peer"),
-                    Skip::OtherBackend(b) => {
-                        info!(node = %name, backend = %b, ours = validator.backend.as_str(), "node uses another backend; not programmed")
-                    }
+        metrics.peers.with_label_values(&[labels::REJECTED]).set(verdicts.rejected_count() as i64);
+        metrics.peers.with_label_values(&[labels::PENDING]).set(verdicts.skipped_count() as i64);
+        // The engine first: the record is for people, and waits. A change
+        // that alters no peer (a label, a rejected node's new value) wakes
+        // nobody: the engine and the firewall would each redo work.
+        tx.send_if_modified(|current| edit_peer_set(current, &verdicts, complete, changed.is_some().then_some(&moved)));
+        drop(verdicts);
+        record_tx.send_replace(());
+    }
+}
+
+/// Brings `current` up to `verdicts`: only the peers named in `moved` when
+/// given, all of them otherwise. Returns whether anything changed.
+fn edit_peer_set(
+    current: &mut PeerSet,
+    verdicts: &IncrementalRules,
+    complete: bool,
+    moved: Option<&BTreeSet<String>>,
+) -> bool {
+    let Some(moved) = moved.filter(|_| current.complete == complete) else {
+        let next =
+            PeerSet { complete, peers: verdicts.accepted().map(|a| (a.name.clone(), peer(a.clone()))).collect() };
+        let modified = *current != next;
+        *current = next;
+        return modified;
+    };
+    let mut modified = false;
+    for name in moved {
+        match verdicts.verdict(name) {
+            Some(Verdict::Accepted(a)) => {
+                let p = peer(a.clone());
+                if current.peers.get(name) != Some(&p) {
+                    current.peers.insert(name.clone(), p);
+                    modified = true;
                 }
             }
+            _ => modified |= current.peers.remove(name).is_some(),
         }
-        metrics.peers.with_label_values(&[labels::REJECTED]).set(out.rejected.len() as i64);
-        metrics.peers.with_label_values(&[labels::PENDING]).set(out.skipped.len() as i64);
-        // The engine first: the record is for people, and waits. A change
-        // that alters no peer (a status heartbeat, a label) wakes nobody: the
-        // engine and the firewall would each redo work over every peer.
-        // Compared in place, so the common case (nothing changed) copies nothing.
-        tx.send_if_modified(|current| {
-            let unchanged = current.complete == complete
-                && current.peers.len() == out.peers.len()
-                && out.peers.iter().all(|p| current.peers.get(&p.name) == Some(p));
-            if !unchanged {
-                *current = PeerSet { complete, ..PeerSet::complete(out.peers.iter().cloned()) };
-            }
-            !unchanged
-        });
-        let record = PeersRecord { backend: validator.backend, direct, peers: out.peers, rejected: rejections };
-        last_skips = skips;
-        last_rejections = record.rejected.clone();
-        record_tx.send_replace(Some(Arc::new(record)));
     }
+    modified
 }
 
 /// How often, at most, the record is rewritten. With thousands of Nodes it
@@ -88,11 +112,25 @@ const RECORD_GAP: Duration = Duration::from_millis(500);
 /// Writes the latest record, off the path from a Node event to the kernel.
 /// Not synced to disk: it is a status report for `weir-agent status`, which
 /// nothing reads back on start (the run dir is a tmpfs on a real node).
-async fn write_records(mut records: watch::Receiver<Option<Arc<PeersRecord>>>, path: PathBuf) {
+async fn write_records(
+    mut wake: watch::Receiver<()>,
+    verdicts: Arc<Mutex<IncrementalRules>>,
+    backend: Backend,
+    direct: Option<Direct>,
+    path: PathBuf,
+) {
     let mut last = String::new();
-    while records.changed().await.is_ok() {
-        let Some(record) = records.borrow_and_update().clone() else { continue };
-        let json = serde_json::to_string(&*record).expect("peers serialise");
+    while wake.changed().await.is_ok() {
+        let record = {
+            let verdicts = verdicts.lock().expect("verdicts lock");
+            PeersRecord {
+                backend,
+                direct,
+                peers: verdicts.accepted().cloned().map(peer).collect(),
+                rejected: verdicts.rejected().map(|r| r.to_string()).collect(),
+            }
+        };
+        let json = serde_json::to_string(&record).expect("peers serialise");
         if json != last {
             if let Err(e) = crate::cni::replace_file(&path, &json, false) {
                 warn!(path = %path.display(), error = %e, "cannot record peers for `weir-agent status`");
@@ -131,19 +169,26 @@ mod tests {
         let (tx, mut rx) = watch::channel(PeerSet::default());
         let record = std::env::temp_dir().join(format!("weir-publish-test-{}", std::process::id())).join(PEERS_FILE);
         let mut publish = publisher(validator, None, tx, Arc::new(Metrics::new()), record.clone());
+        let peer_changed = BTreeSet::from(["peer".to_string()]);
         let mut nodes = BTreeMap::from([("peer".to_string(), node("peer", &[]))]);
-        publish(&nodes, true);
+        publish(&nodes, true, None);
         assert!(rx.has_changed().unwrap());
         assert_eq!(rx.borrow_and_update().peers.len(), 1);
         // A status heartbeat that adds an address the rules accept.
         nodes.insert("peer".into(), node("peer", &["198.18.0.12", "fd00::12"]));
-        publish(&nodes, true);
+        publish(&nodes, true, Some(&peer_changed));
         assert!(!rx.has_changed().unwrap(), "an unchanged peer set was sent again");
         // A real change still goes through.
         nodes.insert("peer".into(), node("peer", &["198.18.0.99"]));
-        publish(&nodes, true);
+        publish(&nodes, true, Some(&peer_changed));
         assert!(rx.has_changed().unwrap());
         assert!(rx.borrow_and_update().peers.is_empty(), "the peer's public IP is no longer its own");
+        // As does its repair, and a re-list that finds what the edits made.
+        nodes.insert("peer".into(), node("peer", &[]));
+        publish(&nodes, true, Some(&peer_changed));
+        assert_eq!(rx.borrow_and_update().peers.len(), 1);
+        publish(&nodes, true, None);
+        assert!(!rx.has_changed().unwrap(), "a re-list of the same nodes sent a new peer set");
         let _ = std::fs::remove_dir_all(record.parent().unwrap());
     }
 }

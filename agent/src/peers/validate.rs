@@ -7,7 +7,7 @@ use ipnet::IpNet;
 
 use crate::model::{Backend, Mac, Peer};
 pub use weir_common::nodes::{ANN_BACKEND, ANN_PUBLIC_IP, ANN_VNI, ANN_VTEP_MAC, NodeInfo, Rejection, Skip};
-use weir_common::nodes::{Accepted, Local, Rules};
+use weir_common::nodes::{Accepted, IncrementalRules, Local, Rules};
 
 pub struct Validator {
     pub backend: Backend,
@@ -42,11 +42,16 @@ impl Validator {
         let out = self.rules.validate(nodes);
         Outcome { peers: out.accepted.into_iter().map(peer).collect(), rejected: out.rejected, skipped: out.skipped }
     }
+
+    /// The same rules, keeping their verdicts from one Node event to the next.
+    pub fn into_incremental(self) -> IncrementalRules {
+        IncrementalRules::new(self.rules)
+    }
 }
 
 /// IPIP peers have no VTEP MAC; a placeholder derived from the underlay IP
 /// keeps the peer type uniform (and unique, as the IPs are).
-fn peer(a: Accepted) -> Peer {
+pub fn peer(a: Accepted) -> Peer {
     let vtep_mac = a.vtep_mac.unwrap_or_else(|| {
         Mac::random_local(u64::from(match a.underlay_ip {
             IpAddr::V4(v4) => u32::from(v4),

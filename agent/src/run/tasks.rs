@@ -52,6 +52,7 @@ pub fn start_engine(ctx: &Context, kernel: NetlinkKernel) -> anyhow::Result<Runn
         resync_interval: args.resync_interval,
         on_demand,
     };
+    let writer_port = kernel.writer_port();
     let (engine, status) = Engine::new(kernel, cfg, ctx.metrics.clone());
     let engine = engine.with_heartbeat(ctx.probes.heartbeat.clone());
     let _ = ctx.probes.engine.set(status.clone());
@@ -59,6 +60,10 @@ pub fn start_engine(ctx: &Context, kernel: NetlinkKernel) -> anyhow::Result<Runn
     // Misses change nothing the engine tracks; in a miss storm they would
     // wake it tens of thousands of times.
     let mut event_filter = vec![FilterRule::DropType(libc::RTM_GETNEIGH)];
+    // Nor are the engine's own writes: at thousands of peers, a full pass
+    // for the echo of every peer change is what makes a Node event cost in
+    // proportion to the cluster.
+    event_filter.extend(writer_port.map(FilterRule::DropSender));
     if args.mode == Mode::OnDemand {
         let responder = Responder {
             table: table_rx,
@@ -173,7 +178,7 @@ pub fn start_peer_source(ctx: &Context, peers: watch::Sender<PeerSet>) {
         (None, Some(path)) => {
             tokio::spawn(file::watch(path.clone(), args.backend, move |nodes| {
                 let map: BTreeMap<String, NodeInfo> = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
-                publish(&map, true)
+                publish(&map, true, None)
             }));
         }
         (None, None) => {}

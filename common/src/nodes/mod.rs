@@ -2,14 +2,18 @@
 //! peers. Both binaries apply the same rules: the agent to choose its peers,
 //! weir-controller to tell operators (Events, metrics) why a Node is ignored.
 
+#[cfg(test)]
+mod fixtures;
+mod incremental;
 mod index;
 mod rules;
 mod types;
 
 use k8s_openapi::api::core::v1::Node;
 
+pub use incremental::IncrementalRules;
 pub use index::{Change, NodeIndex};
-pub use rules::{Accepted, Local, Outcome, Rejection, Rules, Skip, clip};
+pub use rules::{Accepted, Local, Outcome, Rejection, Rules, Skip, Verdict, clip};
 pub use types::{Backend, CidrSet, Mac, MacError};
 
 pub const ANN_PUBLIC_IP: &str = "weir.dev/public-ip";

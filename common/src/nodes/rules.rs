@@ -106,12 +106,53 @@ fn unroutable_v6(ip: &IpAddr) -> Option<&'static str> {
     }
 }
 
+/// The rules' verdict on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted(Accepted),
+    Rejected(Rejection),
+    Skipped(Skip),
+}
+
 /// What the nodes taken so far hold; a later node may not hold it again.
 #[derive(Default)]
-struct Held {
+pub(super) struct Held {
     macs: BTreeMap<Mac, String>,
     ips: BTreeMap<IpAddr, String>,
     cidrs: CidrSet,
+}
+
+impl Held {
+    fn take(&mut self, a: &Accepted) {
+        if let Some(mac) = a.vtep_mac {
+            self.macs.insert(mac, a.name.clone());
+        }
+        self.ips.insert(a.underlay_ip, a.name.clone());
+        for c in &a.pod_cidrs {
+            self.cidrs.insert(*c, &a.name);
+        }
+    }
+
+    /// Gives up what `a` holds, so a node judged after it may take it.
+    pub(super) fn release(&mut self, a: &Accepted) {
+        let owned = |owner: Option<&String>| owner == Some(&a.name);
+        if let Some(mac) = a.vtep_mac
+            && owned(self.macs.get(&mac))
+        {
+            self.macs.remove(&mac);
+        }
+        if owned(self.ips.get(&a.underlay_ip)) {
+            self.ips.remove(&a.underlay_ip);
+        }
+        for c in &a.pod_cidrs {
+            self.cidrs.remove(c, &a.name);
+        }
+    }
+}
+
+/// The order conflicts are settled in: older first, then the smaller name.
+pub(super) fn age_key(n: &NodeInfo) -> (i64, &str) {
+    (n.created, n.name.as_str())
 }
 
 impl Rules {
@@ -119,34 +160,49 @@ impl Rules {
     /// then the smaller name, so every agent and the controller reach the
     /// same verdict.
     pub fn validate<'a>(&self, nodes: impl IntoIterator<Item = &'a NodeInfo>) -> Outcome {
-        let local_name = self.local.as_ref().map(|l| l.name.as_str());
-        let mut ordered: Vec<&NodeInfo> = nodes.into_iter().filter(|n| Some(n.name.as_str()) != local_name).collect();
-        ordered.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        let mut ordered: Vec<&NodeInfo> = nodes.into_iter().filter(|n| !self.is_local(&n.name)).collect();
+        ordered.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
         let mut out = Outcome::default();
+        let mut held = self.held_by_local();
+        for node in ordered {
+            match self.judge(node, &mut held) {
+                Verdict::Accepted(a) => out.accepted.push(a),
+                Verdict::Rejected(r) => out.rejected.push(r),
+                Verdict::Skipped(s) => {
+                    out.skipped.insert(node.name.clone(), s);
+                }
+            }
+        }
+        out
+    }
+
+    /// The node applying the rules is never its own peer.
+    pub(super) fn is_local(&self, name: &str) -> bool {
+        self.local.as_ref().is_some_and(|l| l.name == name)
+    }
+
+    /// What is held before any other node is judged: this node's pod CIDRs.
+    pub(super) fn held_by_local(&self) -> Held {
         let mut held = Held::default();
         for c in self.local.iter().flat_map(|l| &l.pod_cidrs) {
             held.cidrs.insert(*c, "this node");
         }
-        for node in ordered {
-            if let Some(skip) = self.skip_reason(node) {
-                out.skipped.insert(node.name.clone(), skip);
-                continue;
-            }
-            match self.check(node, &held) {
-                Ok(a) => {
-                    if let Some(mac) = a.vtep_mac {
-                        held.macs.insert(mac, a.name.clone());
-                    }
-                    held.ips.insert(a.underlay_ip, a.name.clone());
-                    for c in &a.pod_cidrs {
-                        held.cidrs.insert(*c, &a.name);
-                    }
-                    out.accepted.push(a);
-                }
-                Err(r) => out.rejected.push(r),
-            }
+        held
+    }
+
+    /// Judges one node against what the nodes judged before it hold, and
+    /// holds its values if it is accepted.
+    pub(super) fn judge(&self, node: &NodeInfo, held: &mut Held) -> Verdict {
+        if let Some(skip) = self.skip_reason(node) {
+            return Verdict::Skipped(skip);
         }
-        out
+        match self.check(node, held) {
+            Ok(a) => {
+                held.take(&a);
+                Verdict::Accepted(a)
+            }
+            Err(r) => Verdict::Rejected(r),
+        }
     }
 
     fn skip_reason(&self, n: &NodeInfo) -> Option<Skip> {

@@ -1,26 +1,7 @@
 use super::*;
 use crate::nodes::{ANN_PUBLIC_IP, ANN_VTEP_MAC, FIELD_POD_CIDRS};
 
-fn node(name: &str, created: i64, ip: &str, mac: &str, cidr: &str) -> NodeInfo {
-    NodeInfo {
-        name: name.into(),
-        created,
-        public_ip: Some(ip.into()),
-        vtep_mac: Some(mac.into()),
-        backend: Some("vxlan".into()),
-        pod_cidrs: vec![cidr.into()],
-        addresses: vec![ip.into()],
-    }
-}
-
-fn validator() -> Rules {
-    Rules {
-        backend: Some(Backend::Vxlan),
-        underlay_is_v4: Some(true),
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        local: Some(Local { name: "node-0".into(), pod_cidrs: vec!["10.244.0.0/24".parse().unwrap()] }),
-    }
-}
+use crate::nodes::fixtures::{agent_rules as validator, node};
 
 /// The controller's view: no local node, no backend or family of its own.
 fn cluster_rules() -> Rules {

@@ -145,6 +145,14 @@ impl CidrSet {
         let (v6, start, end) = span(&c);
         self.by_start.insert((v6, start), (end, c, owner.to_string()));
     }
+
+    /// Removes `c` if `owner` holds it.
+    pub fn remove(&mut self, c: &IpNet, owner: &str) {
+        let (v6, start, _) = span(c);
+        if self.by_start.get(&(v6, start)).is_some_and(|(_, net, o)| net == c && o == owner) {
+            self.by_start.remove(&(v6, start));
+        }
+    }
 }
 
 #[cfg(test)]

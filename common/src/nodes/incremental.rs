@@ -1,0 +1,167 @@
+//! The rules' verdicts kept from one Node event to the next, so that an
+//! event costs in proportion to what it changed. Older nodes win conflicts,
+//! so a change never alters the verdict on a node older than every node it
+//! touches. When the changed nodes are the youngest of all (a node joining,
+//! the newest node publishing its VTEP, the newest node leaving), only they
+//! are judged again, against what the older nodes hold. Any other change (an
+//! old node's MAC, a deletion in the middle, a re-list) judges every node
+//! again, exactly as `Rules::validate` does.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::NodeInfo;
+use super::rules::{Accepted, Held, Rejection, Rules, Verdict, age_key};
+
+pub struct IncrementalRules {
+    rules: Rules,
+    /// Each node's age key and verdict.
+    verdicts: BTreeMap<String, (i64, Verdict)>,
+    /// The nodes in age order.
+    by_age: BTreeSet<(i64, String)>,
+    held: Held,
+    rejected: usize,
+    skipped: usize,
+    judged: usize,
+}
+
+impl IncrementalRules {
+    pub fn new(rules: Rules) -> Self {
+        let held = rules.held_by_local();
+        IncrementalRules {
+            rules,
+            verdicts: BTreeMap::new(),
+            by_age: BTreeSet::new(),
+            held,
+            rejected: 0,
+            skipped: 0,
+            judged: 0,
+        }
+    }
+
+    /// Brings the verdicts up to date with `nodes`, given the names of the
+    /// nodes added, changed or deleted since the last update (None: any may
+    /// have, as after a re-list). Returns the names whose verdict changed,
+    /// appeared or went away.
+    pub fn update(
+        &mut self,
+        nodes: &BTreeMap<String, NodeInfo>,
+        changed: Option<&BTreeSet<String>>,
+    ) -> BTreeSet<String> {
+        match changed.filter(|c| self.only_the_youngest(nodes, c)) {
+            Some(changed) => self.judge_again(nodes, changed),
+            None => self.judge_all(nodes),
+        }
+    }
+
+    pub fn verdict(&self, name: &str) -> Option<&Verdict> {
+        self.verdicts.get(name).map(|(_, v)| v)
+    }
+
+    /// The accepted nodes, oldest first.
+    pub fn accepted(&self) -> impl Iterator<Item = &Accepted> {
+        self.in_age_order().filter_map(|v| match v {
+            Verdict::Accepted(a) => Some(a),
+            _ => None,
+        })
+    }
+
+    /// The rejected nodes, oldest first.
+    pub fn rejected(&self) -> impl Iterator<Item = &Rejection> {
+        self.in_age_order().filter_map(|v| match v {
+            Verdict::Rejected(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    pub fn rejected_count(&self) -> usize {
+        self.rejected
+    }
+
+    pub fn skipped_count(&self) -> usize {
+        self.skipped
+    }
+
+    /// How many nodes the last update judged.
+    pub fn judged(&self) -> usize {
+        self.judged
+    }
+
+    fn in_age_order(&self) -> impl Iterator<Item = &Verdict> {
+        self.by_age.iter().filter_map(|(_, name)| self.verdict(name))
+    }
+
+    /// Whether every node the change touches, as it was and as it is, is
+    /// younger than every node it leaves alone.
+    fn only_the_youngest(&self, nodes: &BTreeMap<String, NodeInfo>, changed: &BTreeSet<String>) -> bool {
+        let was = changed.iter().filter_map(|n| self.verdicts.get(n).map(|(created, _)| (*created, n.as_str())));
+        let is = changed.iter().filter_map(|n| nodes.get(n)).filter(|n| !self.rules.is_local(&n.name)).map(age_key);
+        let Some((created, name)) = was.chain(is).min() else { return true };
+        self.by_age.range((created, name.to_string())..).all(|(_, n)| changed.contains(n))
+    }
+
+    fn judge_again(&mut self, nodes: &BTreeMap<String, NodeInfo>, changed: &BTreeSet<String>) -> BTreeSet<String> {
+        let mut before: BTreeMap<String, Verdict> = BTreeMap::new();
+        for name in changed {
+            if let Some(verdict) = self.forget(name) {
+                before.insert(name.clone(), verdict);
+            }
+        }
+        let mut young: Vec<&NodeInfo> =
+            changed.iter().filter_map(|n| nodes.get(n)).filter(|n| !self.rules.is_local(&n.name)).collect();
+        young.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+        self.judged = young.len();
+        for node in young {
+            let verdict = self.rules.judge(node, &mut self.held);
+            self.remember(node, verdict);
+        }
+        changed.iter().filter(|n| before.get(n.as_str()) != self.verdict(n)).cloned().collect()
+    }
+
+    fn judge_all(&mut self, nodes: &BTreeMap<String, NodeInfo>) -> BTreeSet<String> {
+        let before = std::mem::take(&mut self.verdicts);
+        self.by_age.clear();
+        self.held = self.rules.held_by_local();
+        (self.rejected, self.skipped) = (0, 0);
+        let mut ordered: Vec<&NodeInfo> = nodes.values().filter(|n| !self.rules.is_local(&n.name)).collect();
+        ordered.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+        self.judged = ordered.len();
+        for node in ordered {
+            let verdict = self.rules.judge(node, &mut self.held);
+            self.remember(node, verdict);
+        }
+        let gone = before.keys().filter(|n| !self.verdicts.contains_key(*n));
+        let moved =
+            self.verdicts.iter().filter(|(n, (_, v))| before.get(*n).map(|(_, b)| b) != Some(v)).map(|(n, _)| n);
+        gone.chain(moved).cloned().collect()
+    }
+
+    fn remember(&mut self, node: &NodeInfo, verdict: Verdict) {
+        self.tally(&verdict, true);
+        self.by_age.insert((node.created, node.name.clone()));
+        self.verdicts.insert(node.name.clone(), (node.created, verdict));
+    }
+
+    /// Drops a node's verdict and gives up what it held.
+    fn forget(&mut self, name: &str) -> Option<Verdict> {
+        let (created, verdict) = self.verdicts.remove(name)?;
+        self.by_age.remove(&(created, name.to_string()));
+        if let Verdict::Accepted(a) = &verdict {
+            self.held.release(a);
+        }
+        self.tally(&verdict, false);
+        Some(verdict)
+    }
+
+    fn tally(&mut self, verdict: &Verdict, add: bool) {
+        let count = match verdict {
+            Verdict::Rejected(_) => &mut self.rejected,
+            Verdict::Skipped(_) => &mut self.skipped,
+            Verdict::Accepted(_) => return,
+        };
+        *count = if add { *count + 1 } else { *count - 1 };
+    }
+}
+
+#[cfg(test)]
+#[path = "incremental_tests.rs"]
+mod tests;
