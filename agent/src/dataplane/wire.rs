@@ -222,7 +222,7 @@ pub fn attr(v: &mut Vec<u8>, kind: u16, value: &[u8]) {
     pad(v);
 }
 
-fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+pub fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),

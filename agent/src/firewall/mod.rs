@@ -1,9 +1,11 @@
 //! weir's nftables table `inet weir`: pod masquerade, forward accept for the
 //! cluster, and tunnel ingress only from known nodes.
 //!
-//! Driven through the `nft` binary: one `nft -f -` run is one atomic
-//! transaction, so the table is replaced as a whole on every change, and
-//! `nft -s list table inet weir` gives a canonical text to detect drift.
+//! The table is written through the `nft` binary: one `nft -f -` run is one
+//! atomic transaction that replaces it whole, and `nft -s list table inet
+//! weir` gives a canonical text to detect drift. A peer change between two
+//! replacements only adds or deletes set elements, over nfnetlink
+//! (`elements`).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -20,7 +22,12 @@ use tracing::{info, warn};
 use crate::metrics::{Metrics, labels};
 use crate::model::{Backend, PeerSet};
 
+mod elements;
+pub use elements::{SetChange, SetWriter, element_delta, encode_batch};
+
 pub const TABLE: &str = "inet weir";
+/// The table's name within its family (inet), as nfnetlink names it.
+const TABLE_NAME: &str = "weir";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirewallSpec {
@@ -141,24 +148,6 @@ pub async fn delete_table() -> Result<(), NftError> {
     nft(&["delete", "table", "inet", "weir"], None).await.map(|_| ())
 }
 
-/// The set changes that take the table's peers from `old` to `new`, as one
-/// nft transaction; empty when they are equal.
-pub fn element_delta(old: &BTreeSet<IpAddr>, new: &BTreeSet<IpAddr>) -> String {
-    let mut s = String::new();
-    for (set, v4) in [("peers4", true), ("peers6", false)] {
-        let list = |ips: Vec<&IpAddr>| ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
-        let added: Vec<&IpAddr> = new.difference(old).filter(|i| i.is_ipv4() == v4).collect();
-        let removed: Vec<&IpAddr> = old.difference(new).filter(|i| i.is_ipv4() == v4).collect();
-        if !added.is_empty() {
-            writeln!(s, "add element {TABLE} {set} {{ {} }}", list(added)).unwrap();
-        }
-        if !removed.is_empty() {
-            writeln!(s, "delete element {TABLE} {set} {{ {} }}", list(removed)).unwrap();
-        }
-    }
-    s
-}
-
 /// What weir last wrote: the peers in the table, and the table's canonical
 /// listing when it is known.
 struct Applied {
@@ -180,6 +169,7 @@ pub async fn run(
     check_every: Duration,
 ) {
     let mut applied: Option<Applied> = None;
+    let mut writer: Option<SetWriter> = None;
     let mut dropped_before = 0u64; // counts carried over table replacements
     let mut tick = tokio::time::interval(check_every);
     // Until the whole peer set is known, the table a previous run left keeps
@@ -195,8 +185,12 @@ pub async fn run(
             Some(a) if !checking => {
                 let delta = element_delta(&a.peers, &wanted);
                 if !delta.is_empty() {
-                    match nft(&["-f", "-"], Some(&delta)).await {
-                        Ok(_) => {
+                    let written = match writer.as_mut() {
+                        Some(w) => w.apply(TABLE_NAME, &delta),
+                        None => SetWriter::new().and_then(|w| writer.insert(w).apply(TABLE_NAME, &delta)),
+                    };
+                    match written {
+                        Ok(()) => {
                             info!(peers = wanted.len(), "nftables set of peers updated");
                             metrics.firewall_sync.with_label_values(&[labels::SUCCESS]).inc();
                             a.peers = wanted;
@@ -204,7 +198,8 @@ pub async fn run(
                         }
                         Err(e) => {
                             // The set is not what we left (drift): the whole table, now.
-                            warn!(error = %e, "updating the nftables set of peers failed; replacing the table");
+                            warn!(error = %e, "updating the sets of peers in nftables table inet weir failed; replacing the table");
+                            writer = None;
                             applied = None;
                             checking = true;
                             continue;
@@ -311,20 +306,6 @@ mod tests {
         let s = render(&FirewallSpec { backend: Backend::Ipip, peers: BTreeSet::new(), ..spec() });
         assert!(s.contains("meta l4proto ipip fib daddr type local ip saddr @peers4 accept"));
         assert!(s.contains("set peers4 { type ipv4_addr; }"));
-    }
-
-    #[test]
-    fn a_peer_change_writes_only_the_elements_that_changed() {
-        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
-        let old: BTreeSet<IpAddr> = [ip("198.18.0.12"), ip("198.18.0.13"), ip("fd00::12")].into();
-        let new: BTreeSet<IpAddr> = [ip("198.18.0.12"), ip("198.18.0.14"), ip("198.18.0.15")].into();
-        assert_eq!(
-            element_delta(&old, &new),
-            "add element inet weir peers4 { 198.18.0.14, 198.18.0.15 }\n\
-             delete element inet weir peers4 { 198.18.0.13 }\n\
-             delete element inet weir peers6 { fd00::12 }\n"
-        );
-        assert_eq!(element_delta(&new, &new), "");
     }
 
     #[test]

@@ -1,0 +1,97 @@
+//! The peers sets' elements written over nfnetlink, against the real
+//! nftables: what `nft` lists afterwards, and that a batch is one
+//! transaction.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+use common::*;
+use weir_agent::firewall::{FirewallSpec, SetChange, SetWriter, element_delta, render};
+use weir_agent::model::Backend;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn nft_apply(script: &str) {
+    let mut child = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("run nft");
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "nft -f - failed:\n{script}");
+}
+
+/// The elements nft lists in one of weir's sets.
+fn listed(set: &str) -> BTreeSet<IpAddr> {
+    let out = Command::new("nft").args(["-j", "list", "set", "inet", "weir", set]).output().expect("run nft");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let set = v["nftables"].as_array().unwrap().iter().find_map(|o| o.get("set")).unwrap();
+    set.get("elem").and_then(|e| e.as_array()).into_iter().flatten().map(|e| ip(e.as_str().unwrap())).collect()
+}
+
+fn table_with(peers: &[&str]) {
+    let spec = FirewallSpec {
+        backend: Backend::Vxlan,
+        vxlan_port: 8472,
+        pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        masquerade: true,
+        peers: peers.iter().map(|s| ip(s)).collect(),
+    };
+    nft_apply(&render(&spec));
+}
+
+#[test]
+fn a_peer_change_adds_and_deletes_only_its_elements() {
+    in_fresh_netns("a_peer_change_adds_and_deletes_only_its_elements", || {
+        table_with(&["198.18.0.12", "198.18.0.13", "fd00::12"]);
+        let old: BTreeSet<IpAddr> = [ip("198.18.0.12"), ip("198.18.0.13"), ip("fd00::12")].into();
+        let new: BTreeSet<IpAddr> = [ip("198.18.0.12"), ip("198.18.0.14"), ip("fd00::14")].into();
+        let mut writer = SetWriter::new().unwrap();
+        writer.apply("weir", &element_delta(&old, &new)).unwrap();
+        assert_eq!(listed("peers4"), [ip("198.18.0.12"), ip("198.18.0.14")].into());
+        assert_eq!(listed("peers6"), [ip("fd00::14")].into());
+    });
+}
+
+#[test]
+fn a_batch_with_one_bad_change_applies_nothing_and_says_why() {
+    in_fresh_netns("a_batch_with_one_bad_change_applies_nothing_and_says_why", || {
+        table_with(&["198.18.0.12"]);
+        let add = SetChange { set: "peers4", add: true, elements: vec![ip("198.18.0.20")] };
+        let delete_absent = SetChange { set: "peers4", add: false, elements: vec![ip("198.18.0.99")] };
+        let err = SetWriter::new().unwrap().apply("weir", &[add.clone(), delete_absent]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+        assert_eq!(listed("peers4"), [ip("198.18.0.12")].into());
+        // The same socket goes on working after a refused batch.
+        let mut writer = SetWriter::new().unwrap();
+        assert!(writer.apply("weir", &[SetChange { set: "peers4", add: false, elements: vec![ip("198.18.0.98")] }]).is_err());
+        writer.apply("weir", &[add]).unwrap();
+        assert_eq!(listed("peers4"), [ip("198.18.0.12"), ip("198.18.0.20")].into());
+    });
+}
+
+#[test]
+fn thousands_of_elements_go_in_one_transaction() {
+    in_fresh_netns("thousands_of_elements_go_in_one_transaction", || {
+        table_with(&[]);
+        let many: BTreeSet<IpAddr> = (0..2500u32).map(|k| IpAddr::from((0xc613_0000u32 + k).to_be_bytes())).collect();
+        let mut writer = SetWriter::new().unwrap();
+        writer.apply("weir", &element_delta(&BTreeSet::new(), &many)).unwrap();
+        assert_eq!(listed("peers4"), many);
+        writer.apply("weir", &element_delta(&many, &BTreeSet::new())).unwrap();
+        assert!(listed("peers4").is_empty());
+    });
+}
+
+#[test]
+fn a_missing_table_is_an_error_not_a_hang() {
+    in_fresh_netns("a_missing_table_is_an_error_not_a_hang", || {
+        let change = SetChange { set: "peers4", add: true, elements: vec![ip("198.18.0.20")] };
+        let err = SetWriter::new().unwrap().apply("weir", &[change]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    });
+}
