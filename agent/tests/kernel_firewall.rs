@@ -63,12 +63,11 @@ fn a_batch_with_one_bad_change_applies_nothing_and_says_why() {
         table_with(&["198.18.0.12"]);
         let add = SetChange { set: "peers4", add: true, elements: vec![ip("198.18.0.20")] };
         let delete_absent = SetChange { set: "peers4", add: false, elements: vec![ip("198.18.0.99")] };
-        let err = SetWriter::new().unwrap().apply("weir", &[add.clone(), delete_absent]).unwrap_err();
+        let mut writer = SetWriter::new().unwrap();
+        let err = writer.apply("weir", &[add.clone(), delete_absent]).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
         assert_eq!(listed("peers4"), [ip("198.18.0.12")].into());
         // The same socket goes on working after a refused batch.
-        let mut writer = SetWriter::new().unwrap();
-        assert!(writer.apply("weir", &[SetChange { set: "peers4", add: false, elements: vec![ip("198.18.0.98")] }]).is_err());
         writer.apply("weir", &[add]).unwrap();
         assert_eq!(listed("peers4"), [ip("198.18.0.12"), ip("198.18.0.20")].into());
     });
