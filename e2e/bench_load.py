@@ -6,6 +6,7 @@ server is reachable. Each command prints what bench.py measures.
     bench_load.py join COUNT          # create Nodes 0.3 s apart: "k t0" per Node
     bench_load.py one-by-one COUNT    # fake Nodes 0..COUNT, one request each
     bench_load.py heartbeats NAME...  # 100 status updates/s for 10 s: the count
+    bench_load.py vtep-mac NAME MAC   # set a Node's VTEP MAC (both agents'): t0
     bench_load.py burst COUNT         # COUNT Nodes from 16 clients, then wait for
                                       # their pod CIDRs: "written all" seconds
 """
@@ -81,6 +82,16 @@ def join(count):
         time.sleep(0.3)
 
 
+def vtep_mac(name, mac):
+    c = ApiClient()
+    node = json.loads(c.must("GET", f"/api/v1/nodes/{name}"))
+    ip = node["metadata"]["annotations"]["weir.dev/public-ip"]
+    patch = {"metadata": {"annotations": {"weir.dev/vtep-mac": mac, **flannel_annotations(ip, mac)}}}
+    t0 = time.time()
+    c.must("PATCH", f"/api/v1/nodes/{name}", patch, MERGE)
+    print(f"{t0:.6f}")
+
+
 def heartbeats(names, rate=100, seconds=10):
     c = ApiClient()
     start, n = time.time(), 0
@@ -124,4 +135,5 @@ if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"addresses": lambda: addresses(args), "join": lambda: join(int(args[0])),
      "one-by-one": lambda: one_by_one(int(args[0])),
-     "heartbeats": lambda: heartbeats(args), "burst": lambda: burst(int(args[0]))}[cmd]()
+     "heartbeats": lambda: heartbeats(args),
+     "vtep-mac": lambda: vtep_mac(*args), "burst": lambda: burst(int(args[0]))}[cmd]()

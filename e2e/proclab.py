@@ -483,9 +483,11 @@ def start_agent(i, extra_env=None, cgroup=None):
 
 
 def process_cpu(pid):
-    """User plus system CPU seconds of a process."""
+    """User plus system CPU seconds of a process and of the children it has
+    waited for: work an agent hands to a program it runs (weir's `nft`,
+    flannel's `iptables`) is the agent's work too."""
     stat = open(f"/proc/{pid}/stat").read().split(")")[1].split()
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(v) for v in stat[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def process_rss_mb(pid):
