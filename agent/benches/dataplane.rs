@@ -67,7 +67,7 @@ fn weir_round(peers: u32) -> WeirRound {
             let u = underlay();
             let spec = vxlan_spec(u, "198.18.0.1", "10.244.1.0/24");
             let (mut e, _, metrics) = engine(spec);
-            e.set_peers(PeerSet::complete((0..peers).map(fake_peer)));
+            e.set_peers(&PeerSet::complete((0..peers).map(fake_peer)));
             let t = Instant::now();
             let r = e.reconcile().await.unwrap();
             let first = t.elapsed();

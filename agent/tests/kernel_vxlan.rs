@@ -59,7 +59,7 @@ fn programs_peers_and_second_pass_writes_nothing() {
         runtime().block_on(async {
             let u = underlay();
             let (mut e, status, metrics) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"));
-            e.set_peers(PeerSet::complete((0..200).map(fake_peer)));
+            e.set_peers(&PeerSet::complete((0..200).map(fake_peer)));
             let first = e.reconcile().await.unwrap();
             // This kernel has nexthop objects (>= 5.3): one per gateway, and each route names one.
             let nexthops = count("ip -j nexthop show proto 87");
@@ -95,7 +95,7 @@ fn startup_sweeps_stale_entries_only_once_the_set_is_complete() {
             let u = underlay();
             let (mut e, _, _) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"));
             // A previous run programmed peers 0..3; peer 2 was deleted while the agent was down.
-            e.set_peers(PeerSet::complete((0..3).map(fake_peer)));
+            e.set_peers(&PeerSet::complete((0..3).map(fake_peer)));
             e.reconcile().await.unwrap();
             // Someone else's route through our device and a route of theirs elsewhere.
             sh("ip route add 10.200.0.0/24 via 10.244.9.0 dev weir.1 onlink proto static");
@@ -103,12 +103,12 @@ fn startup_sweeps_stale_entries_only_once_the_set_is_complete() {
             let (mut e, _, _) = engine(vxlan_spec(u, "198.18.0.1", "10.244.1.0/24"));
             let mut partial = PeerSet::complete((0..2).map(fake_peer));
             partial.complete = false;
-            e.set_peers(partial);
+            e.set_peers(&partial);
             let r = e.reconcile().await.unwrap();
             assert_eq!(r.writes, 0, "adopts what is there and deletes nothing before the full list");
             assert_eq!(count("ip -j route show proto 87"), 3);
 
-            e.set_peers(PeerSet::complete((0..2).map(fake_peer)));
+            e.set_peers(&PeerSet::complete((0..2).map(fake_peer)));
             let r = e.reconcile().await.unwrap();
             assert_eq!(r.writes, 4, "route, nexthop, neighbour and fdb entry of the deleted peer");
             assert_eq!(count("ip -j route show proto 87"), 2);
@@ -187,7 +187,7 @@ fn two_nodes_ping_through_the_entries_weir_wrote() {
                     let mut spec = vxlan_spec(u, local, cidr);
                     spec.mac = Some(mac.parse().unwrap());
                     let (mut e, _, _) = engine(spec);
-                    e.set_peers(PeerSet::complete([peer]));
+                    e.set_peers(&PeerSet::complete([peer]));
                     assert_eq!(e.reconcile().await.unwrap().failures, 0);
                 })
             })

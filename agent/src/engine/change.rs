@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::{Engine, Report};
 use crate::dataplane::{Kernel, KernelError};
 use crate::metrics::labels;
-use crate::model::Peer;
+use crate::model::{Peer, PeerSet};
 use crate::plan::{self, DesiredState, KernelState};
 
 /// Peers changed since entries were last written, each with the value the
@@ -22,33 +22,44 @@ use crate::plan::{self, DesiredState, KernelState};
 pub(super) type Changes = BTreeMap<String, (Option<Peer>, bool)>;
 
 impl<K: Kernel> Engine<K> {
-    /// Notes and logs what `next` changes before it replaces the peer set.
-    pub(super) fn note_changes(&mut self, next: &crate::model::PeerSet) {
-        let active = |name: &str| self.cfg.on_demand.as_ref().is_none_or(|od| od.active.contains(name));
-        for (name, peer) in &next.peers {
-            let old = self.peers.peers.get(name);
-            match old {
-                Some(old) if old == peer => continue,
-                Some(old) => info!(
-                    node = %name, ip = %peer.underlay_ip, mac = %peer.vtep_mac, cidrs = ?peer.pod_cidrs,
-                    old_ip = %old.underlay_ip, old_mac = %old.vtep_mac, old_cidrs = ?old.pod_cidrs, "peer changed"
+    /// Notes and logs what `next` changes, and returns the names whose peer
+    /// differs (added, changed, or, when `next` is complete, removed). Both
+    /// sets are sorted by name, so one walk over them side by side does it,
+    /// without a lookup per peer.
+    pub(super) fn note_changes(&mut self, next: &PeerSet) -> Vec<String> {
+        let mut differ = Vec::new();
+        let (mut old, mut new) = (self.peers.peers.iter().peekable(), next.peers.iter().peekable());
+        loop {
+            let (was, is) = match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some((o, _)), Some((n, _))) if o == n => (old.next(), new.next()),
+                (Some((o, _)), Some((n, _))) if o < n => (old.next(), None),
+                (Some(_), None) => (old.next(), None),
+                _ => (None, new.next()),
+            };
+            match (was, is) {
+                (Some((_, o)), Some((_, n))) if o == n => continue,
+                (Some((name, o)), Some((_, n))) => info!(
+                    node = %name, ip = %n.underlay_ip, mac = %n.vtep_mac, cidrs = ?n.pod_cidrs,
+                    old_ip = %o.underlay_ip, old_mac = %o.vtep_mac, old_cidrs = ?o.pod_cidrs, "peer changed"
                 ),
-                None => {
-                    info!(node = %name, ip = %peer.underlay_ip, mac = %peer.vtep_mac, cidrs = ?peer.pod_cidrs, "peer added")
+                (None, Some((name, n))) => {
+                    info!(node = %name, ip = %n.underlay_ip, mac = %n.vtep_mac, cidrs = ?n.pod_cidrs, "peer added")
                 }
+                // A partial set never removes (`set_peers`).
+                (Some(_), None) if !next.complete => continue,
+                (Some((name, _)), None) => info!(node = %name, "peer removed"),
+                (None, None) => unreachable!("one side advances each turn"),
             }
+            let name = was.or(is).map(|(name, _)| name).expect("one side advances each turn");
+            let old = was.map(|(_, peer)| peer);
+            differ.push(name.clone());
             if !self.changes.contains_key(name) {
-                self.changes.insert(name.clone(), (old.cloned(), old.is_some() && active(name)));
+                let active = old.is_some() && self.cfg.on_demand.as_ref().is_none_or(|od| od.active.contains(name));
+                self.changes.insert(name.clone(), (old.cloned(), active));
             }
         }
-        if next.complete {
-            for (name, old) in self.peers.peers.iter().filter(|(n, _)| !next.peers.contains_key(*n)) {
-                info!(node = %name, "peer removed");
-                if !self.changes.contains_key(name) {
-                    self.changes.insert(name.clone(), (Some(old.clone()), active(name)));
-                }
-            }
-        }
+        differ
     }
 
     /// The entries of `peers` weir keeps: all of them in full mode; in

@@ -125,18 +125,24 @@ impl<K: Kernel> Engine<K> {
         &mut self.kernel
     }
 
-    /// Replaces the peer set and logs, per peer, what changed.
-    pub fn set_peers(&mut self, next: PeerSet) {
-        self.note_changes(&next);
-        // Until the set is complete, keep what is known and add to it, so a
-        // partial listing never shrinks the desired state.
-        self.peers = if next.complete {
-            next
-        } else {
-            let mut merged = self.peers.clone();
-            merged.peers.extend(next.peers);
-            merged
-        };
+    /// Brings the peer set up to `next`, logging per peer what changed. Only
+    /// the peers that differ are copied: a Node event costs a walk over the
+    /// set, not a copy of it.
+    pub fn set_peers(&mut self, next: &PeerSet) {
+        for name in self.note_changes(next) {
+            match next.peers.get(&name) {
+                Some(peer) => {
+                    self.peers.peers.insert(name, peer.clone());
+                }
+                // Until the set is complete, keep what is known and add to
+                // it, so a partial listing never shrinks the desired state.
+                None if next.complete => {
+                    self.peers.peers.remove(&name);
+                }
+                None => {}
+            }
+        }
+        self.peers.complete |= next.complete;
         // The desired state of every peer is rebuilt by the next full pass,
         // not here: a Node event writes only what it changed (`change.rs`).
         self.generation += 1;
@@ -359,7 +365,7 @@ impl<K: Kernel> Engine<K> {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         let mut peers_open = true;
-        self.set_peers(peers.borrow_and_update().clone());
+        self.set_peers(&peers.borrow_and_update());
         loop {
             self.heartbeat.beat();
             if let Err(e) = self.reconcile().await {
@@ -377,7 +383,7 @@ impl<K: Kernel> Engine<K> {
                             continue;
                         }
                         let was_complete = self.peers.complete;
-                        self.set_peers(peers.borrow_and_update().clone());
+                        self.set_peers(&peers.borrow_and_update());
                         // The first complete set gets a full pass: it sweeps the
                         // entries of Nodes deleted while weir was away, which no
                         // change names, and only a pass over everything makes

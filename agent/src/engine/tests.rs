@@ -43,7 +43,7 @@ fn holds(k: &FakeKernel, p: &Peer) -> (bool, bool, bool) {
 async fn first_pass_programs_every_peer_and_the_next_writes_nothing() {
     let k = FakeKernel::default();
     let (mut e, _) = engine(&k);
-    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    e.set_peers(&PeerSet::complete([peer(2), peer(3)]));
     let first = e.reconcile().await.unwrap();
     assert_eq!(first.writes, 6, "fdb, neighbour and route per peer");
     assert_eq!(holds(&k, &peer(2)), (true, true, true));
@@ -57,7 +57,7 @@ async fn first_pass_programs_every_peer_and_the_next_writes_nothing() {
 async fn an_entry_deleted_behind_the_engine_is_put_back_and_counted_as_drift() {
     let k = FakeKernel::default();
     let (mut e, metrics) = engine(&k);
-    e.set_peers(PeerSet::complete([peer(2)]));
+    e.set_peers(&PeerSet::complete([peer(2)]));
     e.reconcile().await.unwrap();
     k.state().entries.routes.clear();
     let r = e.reconcile().await.unwrap();
@@ -65,7 +65,7 @@ async fn an_entry_deleted_behind_the_engine_is_put_back_and_counted_as_drift() {
     assert_eq!(holds(&k, &peer(2)), (true, true, true));
     assert_eq!(metrics.drift_repaired.with_label_values(&["route"]).get(), 1);
     // A new peer is not drift.
-    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    e.set_peers(&PeerSet::complete([peer(2), peer(3)]));
     assert_eq!(e.reconcile().await.unwrap().drift_repaired, 0);
 }
 
@@ -73,14 +73,14 @@ async fn an_entry_deleted_behind_the_engine_is_put_back_and_counted_as_drift() {
 async fn nothing_is_swept_until_the_peer_set_is_complete() {
     let k = FakeKernel::default();
     let (mut e, _) = engine(&k);
-    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    e.set_peers(&PeerSet::complete([peer(2), peer(3)]));
     e.reconcile().await.unwrap();
     // A restarted agent: its first, partial listing lacks node-3.
     let (mut restarted, _) = engine(&k);
-    restarted.set_peers(PeerSet { complete: false, ..PeerSet::complete([peer(2)]) });
+    restarted.set_peers(&PeerSet { complete: false, ..PeerSet::complete([peer(2)]) });
     restarted.reconcile().await.unwrap();
     assert_eq!(holds(&k, &peer(3)), (true, true, true), "swept before the listing was complete");
-    restarted.set_peers(PeerSet::complete([peer(2)]));
+    restarted.set_peers(&PeerSet::complete([peer(2)]));
     restarted.reconcile().await.unwrap();
     assert_eq!(holds(&k, &peer(3)), (false, false, false), "not swept once the listing was complete");
     assert_eq!(holds(&k, &peer(2)), (true, true, true));
@@ -90,7 +90,7 @@ async fn nothing_is_swept_until_the_peer_set_is_complete() {
 async fn a_restarted_engine_sweeps_and_reports_synced_when_the_first_complete_set_arrives() {
     let k = FakeKernel::default();
     let (mut e, _) = engine(&k);
-    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    e.set_peers(&PeerSet::complete([peer(2), peer(3)]));
     e.reconcile().await.unwrap();
     // Restarted while the API server is away: nothing to go on at first.
     let cfg = EngineConfig {
@@ -122,7 +122,7 @@ async fn a_restarted_engine_sweeps_and_reports_synced_when_the_first_complete_se
 async fn a_deleted_device_comes_back_with_its_mac_and_every_entry() {
     let k = FakeKernel::default();
     let (mut e, metrics) = engine(&k);
-    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    e.set_peers(&PeerSet::complete([peer(2), peer(3)]));
     e.reconcile().await.unwrap();
     let (old_ifindex, mac) = k.state().device.unwrap();
     k.delete_device();
@@ -141,7 +141,7 @@ async fn a_foreign_route_for_a_pod_cidr_is_left_alone() {
     let k = FakeKernel::default();
     k.state().foreign.insert(peer(2).pod_cidrs[0]);
     let (mut e, _) = engine(&k);
-    e.set_peers(PeerSet::complete([peer(2)]));
+    e.set_peers(&PeerSet::complete([peer(2)]));
     e.reconcile().await.unwrap();
     assert_eq!(holds(&k, &peer(2)), (true, true, false));
     assert!(!k.applied().iter().any(|op| matches!(op, Op::PutRoute { .. })));
@@ -227,7 +227,7 @@ async fn on_demand_routes_every_peer_but_keeps_fdb_and_neighbour_only_for_active
     let k = FakeKernel::default();
     let (od, active) = on_demand(Duration::from_secs(3600));
     let (mut e, _) = engine_with(&k, Some(od));
-    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    e.set_peers(&PeerSet::complete([peer(2), peer(3)]));
     e.reconcile().await.unwrap();
     assert_eq!(holds(&k, &peer(2)), (false, false, true));
     assert_eq!(holds(&k, &peer(3)), (false, false, true));
@@ -247,7 +247,7 @@ async fn on_demand_entries_idle_past_the_timeout_are_removed() {
     let k = FakeKernel::default();
     let (od, active) = on_demand(Duration::from_millis(1));
     let (mut e, _) = engine_with(&k, Some(od));
-    e.set_peers(PeerSet::complete([peer(2)]));
+    e.set_peers(&PeerSet::complete([peer(2)]));
     active.mark("node-2");
     e.reconcile().await.unwrap();
     assert_eq!(holds(&k, &peer(2)), (true, true, true));
@@ -264,7 +264,7 @@ async fn on_demand_answers_of_a_restarted_agent_are_kept() {
     let k = FakeKernel::default();
     let (od, active) = on_demand(Duration::from_secs(3600));
     let (mut e, _) = engine_with(&k, Some(od));
-    e.set_peers(PeerSet::complete([peer(2)]));
+    e.set_peers(&PeerSet::complete([peer(2)]));
     e.reconcile().await.unwrap();
     // Entries a previous run wrote, with nothing marked in this one.
     k.state().entries.fdb.insert((peer(2).vtep_mac, peer(2).underlay_ip));
@@ -283,10 +283,10 @@ fn calls_after(k: &FakeKernel, from: usize) -> Vec<Call> {
 async fn a_node_event_writes_only_its_own_entries_and_dumps_nothing() {
     let k = FakeKernel::default();
     let (mut e, metrics) = engine(&k);
-    e.set_peers(PeerSet::complete([peer(2), peer(3)]));
+    e.set_peers(&PeerSet::complete([peer(2), peer(3)]));
     e.reconcile().await.unwrap();
     let from = k.state().calls.len();
-    e.set_peers(PeerSet::complete([peer(2), peer(3), peer(4)]));
+    e.set_peers(&PeerSet::complete([peer(2), peer(3), peer(4)]));
     let r = e.apply_changes().await.unwrap();
     let calls = calls_after(&k, from);
     assert_eq!(
@@ -312,7 +312,7 @@ async fn a_node_event_writes_only_its_own_entries_and_dumps_nothing() {
     assert_eq!(metrics.routes.get(), 3, "the route gauge follows the change without a dump");
     // Removing a peer deletes its entries alone.
     let from = k.state().calls.len();
-    e.set_peers(PeerSet::complete([peer(2), peer(4)]));
+    e.set_peers(&PeerSet::complete([peer(2), peer(4)]));
     e.apply_changes().await.unwrap();
     let writes: Vec<Op> = calls_after(&k, from)
         .into_iter()
@@ -332,7 +332,7 @@ async fn a_node_event_writes_only_its_own_entries_and_dumps_nothing() {
 async fn changes_before_anything_was_applied_take_a_full_pass() {
     let k = FakeKernel::default();
     let (mut e, _) = engine(&k);
-    e.set_peers(PeerSet::complete([peer(2)]));
+    e.set_peers(&PeerSet::complete([peer(2)]));
     e.apply_changes().await.unwrap();
     assert_eq!(k.count(|c| matches!(c, Call::Dump)), 2, "a full pass (dump, apply, dump)");
     assert_eq!(holds(&k, &peer(2)), (true, true, true));
@@ -342,10 +342,10 @@ async fn changes_before_anything_was_applied_take_a_full_pass() {
 async fn a_node_event_leaves_a_foreign_route_alone() {
     let k = FakeKernel::default();
     let (mut e, _) = engine(&k);
-    e.set_peers(PeerSet::complete([peer(2)]));
+    e.set_peers(&PeerSet::complete([peer(2)]));
     e.reconcile().await.unwrap();
     k.state().foreign.insert(peer(5).pod_cidrs[0]);
-    e.set_peers(PeerSet::complete([peer(2), peer(5)]));
+    e.set_peers(&PeerSet::complete([peer(2), peer(5)]));
     e.apply_changes().await.unwrap();
     assert_eq!(holds(&k, &peer(5)), (true, true, false));
 }
@@ -355,13 +355,13 @@ async fn on_demand_a_node_event_writes_the_route_of_an_inactive_peer_only() {
     let k = FakeKernel::default();
     let (od, active) = on_demand(Duration::from_secs(3600));
     let (mut e, _) = engine_with(&k, Some(od));
-    e.set_peers(PeerSet::complete([peer(2)]));
+    e.set_peers(&PeerSet::complete([peer(2)]));
     active.mark("node-2");
     e.reconcile().await.unwrap();
     let from = k.state().calls.len();
     let mut moved = peer(2);
     moved.underlay_ip = "198.18.0.99".parse().unwrap();
-    e.set_peers(PeerSet::complete([moved.clone(), peer(3)]));
+    e.set_peers(&PeerSet::complete([moved.clone(), peer(3)]));
     e.apply_changes().await.unwrap();
     let writes: Vec<Op> = calls_after(&k, from)
         .into_iter()
@@ -375,4 +375,26 @@ async fn on_demand_a_node_event_writes_the_route_of_an_inactive_peer_only() {
     assert!(writes.iter().any(|op| matches!(op, Op::PutRoute { dst, .. } if *dst == peer(3).pod_cidrs[0])));
     assert!(!writes.iter().any(|op| matches!(op, Op::PutFdb { mac, .. } if *mac == peer(3).vtep_mac)), "{writes:?}");
     assert_eq!(holds(&k, &moved), (true, true, true));
+}
+
+#[tokio::test]
+async fn a_new_set_is_walked_side_by_side_and_only_what_differs_is_noted() {
+    let k = FakeKernel::default();
+    let (mut e, _) = engine(&k);
+    e.set_peers(&PeerSet::complete([peer(2), peer(4), peer(6)]));
+    e.changes.clear();
+    let moved = Peer { vtep_mac: "0e:00:00:00:00:44".parse().unwrap(), ..peer(4) };
+    // Names interleave: 3 is new, 4 changed, 6 unchanged, 7 new, 2 absent.
+    let partial = PeerSet { complete: false, ..PeerSet::complete([peer(3), moved.clone(), peer(6), peer(7)]) };
+    e.set_peers(&partial);
+    let noted: Vec<&String> = e.changes.keys().collect();
+    assert_eq!(noted, [&peer(3).name, &peer(4).name, &peer(7).name], "a partial set removes nothing");
+    assert_eq!(e.changes[&peer(4).name].0, Some(peer(4)), "the old value is kept for the write");
+    assert_eq!(e.peers.peers.len(), 5);
+    assert!(e.peers.complete, "a partial set after a complete one leaves it complete");
+    e.changes.clear();
+    e.set_peers(&PeerSet::complete([peer(3), moved.clone(), peer(7)]));
+    let noted: Vec<&String> = e.changes.keys().collect();
+    assert_eq!(noted, [&peer(2).name, &peer(6).name], "a complete set removes what it lacks");
+    assert_eq!(e.peers, PeerSet::complete([peer(3), moved, peer(7)]));
 }
