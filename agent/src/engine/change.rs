@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::{Engine, Report};
 use crate::dataplane::{Kernel, KernelError};
 use crate::metrics::labels;
-use crate::model::{Peer, PeerSet};
+use crate::model::{Peer, PeerSet, differences};
 use crate::plan::{self, DesiredState, KernelState};
 
 /// Peers changed since entries were last written, each with the value the
@@ -23,36 +23,22 @@ pub(super) type Changes = BTreeMap<String, (Option<Peer>, bool)>;
 
 impl<K: Kernel> Engine<K> {
     /// Notes and logs what `next` changes, and returns the names whose peer
-    /// differs (added, changed, or, when `next` is complete, removed). Both
-    /// sets are sorted by name, so one walk over them side by side does it,
-    /// without a lookup per peer.
+    /// differs (added, changed, or, when `next` is complete, removed).
     pub(super) fn note_changes(&mut self, next: &PeerSet) -> Vec<String> {
         let mut differ = Vec::new();
-        let (mut old, mut new) = (self.peers.peers.iter().peekable(), next.peers.iter().peekable());
-        loop {
-            let (was, is) = match (old.peek(), new.peek()) {
-                (None, None) => break,
-                (Some((o, _)), Some((n, _))) if o == n => (old.next(), new.next()),
-                (Some((o, _)), Some((n, _))) if o < n => (old.next(), None),
-                (Some(_), None) => (old.next(), None),
-                _ => (None, new.next()),
-            };
-            match (was, is) {
-                (Some((_, o)), Some((_, n))) if o == n => continue,
-                (Some((name, o)), Some((_, n))) => info!(
+        for (name, old, new) in differences(&self.peers.peers, &next.peers, |a, b| a == b) {
+            match (old, new) {
+                (Some(o), Some(n)) => info!(
                     node = %name, ip = %n.underlay_ip, mac = %n.vtep_mac, cidrs = ?n.pod_cidrs,
                     old_ip = %o.underlay_ip, old_mac = %o.vtep_mac, old_cidrs = ?o.pod_cidrs, "peer changed"
                 ),
-                (None, Some((name, n))) => {
+                (None, Some(n)) => {
                     info!(node = %name, ip = %n.underlay_ip, mac = %n.vtep_mac, cidrs = ?n.pod_cidrs, "peer added")
                 }
                 // A partial set never removes (`set_peers`).
-                (Some(_), None) if !next.complete => continue,
-                (Some((name, _)), None) => info!(node = %name, "peer removed"),
-                (None, None) => unreachable!("one side advances each turn"),
+                (_, None) if !next.complete => continue,
+                (_, None) => info!(node = %name, "peer removed"),
             }
-            let name = was.or(is).map(|(name, _)| name).expect("one side advances each turn");
-            let old = was.map(|(_, peer)| peer);
             differ.push(name.clone());
             if !self.changes.contains_key(name) {
                 let active = old.is_some() && self.cfg.on_demand.as_ref().is_none_or(|od| od.active.contains(name));

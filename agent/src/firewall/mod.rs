@@ -23,7 +23,9 @@ use crate::metrics::{Metrics, labels};
 use crate::model::{Backend, PeerSet};
 
 mod elements;
+mod underlays;
 pub use elements::{SetChange, SetWriter, element_delta, encode_batch};
+use underlays::Underlays;
 
 pub const TABLE: &str = "inet weir";
 /// The table's name within its family (inet), as nfnetlink names it.
@@ -178,12 +180,16 @@ pub async fn run(
     if peers.wait_for(|p| p.complete).await.is_err() {
         return;
     }
+    let mut underlays = Underlays::default();
     let mut checking = true;
     loop {
-        let wanted: BTreeSet<IpAddr> = peers.borrow().peers.values().map(|p| p.underlay_ip).collect();
+        let moved = underlays.follow(&peers.borrow());
         match applied.as_mut() {
             Some(a) if !checking => {
-                let delta = element_delta(&a.peers, &wanted);
+                // Against what the table holds: a delta assumes nothing more.
+                let added: BTreeSet<IpAddr> = moved.added.into_iter().filter(|ip| !a.peers.contains(ip)).collect();
+                let removed: BTreeSet<IpAddr> = moved.removed.into_iter().filter(|ip| a.peers.contains(ip)).collect();
+                let delta = element_delta(&removed, &added);
                 if !delta.is_empty() {
                     let written = match writer.as_mut() {
                         Some(w) => w.apply(TABLE_NAME, &delta),
@@ -191,9 +197,12 @@ pub async fn run(
                     };
                     match written {
                         Ok(()) => {
-                            info!(peers = wanted.len(), "nftables set of peers updated");
+                            for ip in &removed {
+                                a.peers.remove(ip);
+                            }
+                            a.peers.extend(added);
+                            info!(peers = a.peers.len(), "nftables set of peers updated");
                             metrics.firewall_sync.with_label_values(&[labels::SUCCESS]).inc();
-                            a.peers = wanted;
                             a.canonical = None;
                         }
                         Err(e) => {
@@ -207,7 +216,7 @@ pub async fn run(
                     }
                 }
             }
-            _ => check(&base, wanted, &mut applied, &mut dropped_before, &metrics).await,
+            _ => check(&base, underlays.addresses(), &mut applied, &mut dropped_before, &metrics).await,
         }
         checking = tokio::select! {
             _ = tick.tick() => true,
