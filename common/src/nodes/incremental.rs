@@ -3,9 +3,12 @@
 //! so a change never alters the verdict on a node older than every node it
 //! touches. When the changed nodes are the youngest of all (a node joining,
 //! the newest node publishing its VTEP, the newest node leaving), only they
-//! are judged again, against what the older nodes hold. Any other change (an
-//! old node's MAC, a deletion in the middle, a re-list) judges every node
-//! again, exactly as `Rules::validate` does.
+//! are judged again, against what the older nodes hold. One older node
+//! changing or leaving (its MAC, its address) is judged alone too when no
+//! other node is rejected, so none waits for what it gives up, and what it
+//! takes is held by nobody. Any other change (several old nodes at once, a
+//! conflict, a re-list) judges every node again, exactly as
+//! `Rules::validate` does.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -47,10 +50,11 @@ impl IncrementalRules {
         nodes: &BTreeMap<String, NodeInfo>,
         changed: Option<&BTreeSet<String>>,
     ) -> BTreeSet<String> {
-        match changed.filter(|c| self.only_the_youngest(nodes, c)) {
-            Some(changed) => self.judge_again(nodes, changed),
-            None => self.judge_all(nodes),
+        let Some(changed) = changed else { return self.judge_all(nodes) };
+        if self.only_the_youngest(nodes, changed) {
+            return self.judge_again(nodes, changed);
         }
+        self.judge_in_place(nodes, changed).unwrap_or_else(|| self.judge_all(nodes))
     }
 
     pub fn verdict(&self, name: &str) -> Option<&Verdict> {
@@ -115,6 +119,44 @@ impl IncrementalRules {
             self.remember(node, verdict);
         }
         changed.iter().filter(|n| before.get(n.as_str()) != self.verdict(n)).cloned().collect()
+    }
+
+    /// One node, of any age, judged again where it stands. That is exact
+    /// when no other node is rejected (no node waits for what this one gives
+    /// up, and no rejection would now name it first) and what it now holds
+    /// no other node holds. None, with the verdicts as they were, otherwise.
+    fn judge_in_place(
+        &mut self,
+        nodes: &BTreeMap<String, NodeInfo>,
+        changed: &BTreeSet<String>,
+    ) -> Option<BTreeSet<String>> {
+        let [name] = <[&String; 1]>::try_from(changed.iter().collect::<Vec<_>>()).ok()?;
+        let was_rejected = matches!(self.verdict(name), Some(Verdict::Rejected(_)));
+        if self.rejected > usize::from(was_rejected) {
+            return None;
+        }
+        let node = nodes.get(name).filter(|n| !self.rules.is_local(&n.name));
+        let created_before = self.verdicts.get(name).map(|(created, _)| *created);
+        let before = self.forget(name);
+        let verdict = node.map(|n| self.rules.judge(n, &mut self.held));
+        let younger = |owner: &String, n: &NodeInfo| {
+            self.verdicts.get(owner).is_some_and(|(created, _)| (*created, owner.as_str()) > age_key(n))
+        };
+        if let (Some(n), Some(Verdict::Rejected(r))) = (node, &verdict)
+            && r.held_by.as_ref().is_some_and(|owner| younger(owner, n))
+        {
+            // The younger node loses instead: every verdict after this one
+            // may move. Put the old verdict back for judge_all to compare with.
+            if let (Some(created), Some(v)) = (created_before, before) {
+                self.verdicts.insert(name.clone(), (created, v));
+            }
+            return None;
+        }
+        self.judged = usize::from(node.is_some());
+        if let (Some(n), Some(v)) = (node, verdict) {
+            self.remember(n, v);
+        }
+        Some(if before.as_ref() != self.verdict(name) { changed.clone() } else { BTreeSet::new() })
     }
 
     fn judge_all(&mut self, nodes: &BTreeMap<String, NodeInfo>) -> BTreeSet<String> {

@@ -54,16 +54,39 @@ fn a_node_joining_a_large_cluster_is_judged_alone() {
     assert_eq!(inc.update(&nodes, Some(&names(&["node-01000"]))), names(&["node-01000"]));
     assert_eq!((inc.judged(), inc.verdict("node-01000")), (0, None));
 
+    // An old node's new MAC, held by nobody: it alone is judged again.
+    let mut old = member(3);
+    old.vtep_mac = Some("0e:00:00:00:ff:03".into());
+    nodes.insert(old.name.clone(), old);
+    assert_eq!(inc.update(&nodes, Some(&names(&["node-00003"]))), names(&["node-00003"]));
+    assert_eq!(inc.judged(), 1);
+    assert_as_validated(&inc, &nodes);
+
+    // An old node leaving that kept nobody out: nobody is judged.
+    nodes.remove("node-00007");
+    assert_eq!(inc.update(&nodes, Some(&names(&["node-00007"]))), names(&["node-00007"]));
+    assert_eq!((inc.judged(), inc.verdict("node-00007")), (0, None));
+    assert_as_validated(&inc, &nodes);
+
     // An old node taking a younger node's MAC can turn that node away: all
     // are judged again.
     let mut old = member(3);
     old.vtep_mac = member(500).vtep_mac;
     nodes.insert(old.name.clone(), old);
     assert_eq!(inc.update(&nodes, Some(&names(&["node-00003"]))), names(&["node-00003", "node-00500"]));
-    assert_eq!(inc.judged(), 1000);
+    assert_eq!(inc.judged(), 999);
     assert!(
         matches!(inc.verdict("node-00500"), Some(Verdict::Rejected(r)) if r.held_by.as_deref() == Some("node-00003"))
     );
+    assert_as_validated(&inc, &nodes);
+
+    // While a node is rejected, an old node's change could be what it waits
+    // for: all are judged again.
+    let mut older = member(4);
+    older.vtep_mac = Some("0e:00:00:00:ff:04".into());
+    nodes.insert(older.name.clone(), older);
+    inc.update(&nodes, Some(&names(&["node-00004"])));
+    assert_eq!(inc.judged(), 999);
     assert_as_validated(&inc, &nodes);
 }
 
@@ -81,8 +104,12 @@ impl Lcg {
 fn every_sequence_of_changes_ends_where_a_full_validation_does() {
     // Few names and values, so that conflicts, skips and the local node's
     // CIDR come up often, in every position of the age order.
+    // A wide spread of values, where conflicts are rare, takes the paths
+    // that judge one node; a narrow one, the path that judges all.
     let mut rng = Lcg(7);
-    for _ in 0..200 {
+    let mut judged_alone = 0;
+    for round in 0..400 {
+        let spread = if round % 2 == 0 { 5 } else { 40 };
         let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
         let mut inc = IncrementalRules::new(rules());
         inc.update(&nodes, None);
@@ -96,9 +123,9 @@ fn every_sequence_of_changes_ends_where_a_full_validation_does() {
                     let mut n = node(
                         &name,
                         nodes.get(&name).map_or(rng.below(6) as i64, |n| n.created),
-                        &format!("198.18.0.{}", rng.below(5) + 1),
-                        &format!("0e:00:00:00:00:{:02x}", rng.below(5) + 1),
-                        &format!("10.244.{}.0/24", rng.below(5)),
+                        &format!("198.18.0.{}", rng.below(spread) + 1),
+                        &format!("0e:00:00:00:00:{:02x}", rng.below(spread) + 1),
+                        &format!("10.244.{}.0/24", rng.below(spread)),
                     );
                     if rng.below(8) == 0 {
                         n.vtep_mac = None;
@@ -110,10 +137,12 @@ fn every_sequence_of_changes_ends_where_a_full_validation_does() {
             let before: BTreeMap<String, Option<Verdict>> =
                 nodes.keys().chain(&changed).map(|n| (n.clone(), inc.verdict(n).cloned())).collect();
             let moved = inc.update(&nodes, Some(&changed));
+            judged_alone += usize::from(inc.judged() == 1 && nodes.len() > 3);
             assert_as_validated(&inc, &nodes);
             let really: BTreeSet<String> =
                 before.iter().filter(|(n, v)| v.as_ref() != inc.verdict(n)).map(|(n, _)| n.clone()).collect();
             assert_eq!(moved, really, "the names reported as changed");
         }
     }
+    assert!(judged_alone > 1000, "only {judged_alone} updates judged one node");
 }
