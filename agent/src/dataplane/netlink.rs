@@ -25,6 +25,9 @@ use crate::plan::{KernelState, Op, ROUTE_PROTOCOL};
 
 use libc::{ENODEV, ENOENT, EOPNOTSUPP, ESRCH};
 
+/// Up to this many entries (or lookups), a batch runs on the calling task.
+const INLINE: usize = 16;
+
 pub struct NetlinkKernel {
     handle: Handle,
     /// The batched writer; taken out while a blocking batch runs.
@@ -132,21 +135,31 @@ impl NetlinkKernel {
     }
 
     /// Runs `f` on the batcher off the async threads: a batch of thousands of
-    /// entries keeps the kernel busy for tens of milliseconds.
+    /// entries keeps the kernel busy for tens of milliseconds. A small one
+    /// (`inline`: a Node event's few entries) runs on the calling task: the
+    /// kernel takes microseconds, less than waking another thread and
+    /// waiting to be woken in turn, which on a busy node is what a Node
+    /// event waited for.
     async fn with_batcher<T: Send + 'static>(
         &mut self,
+        inline: bool,
         f: impl FnOnce(&mut Batcher) -> std::io::Result<T> + Send + 'static,
     ) -> Result<T, KernelError> {
         let mut batcher = match self.batcher.take() {
             Some(b) => b,
             None => Batcher::new().map_err(|e| KernelError::Other(format!("open netlink socket: {e}")))?,
         };
-        let (batcher, result) = tokio::task::spawn_blocking(move || {
+        let (batcher, result) = if inline {
             let r = f(&mut batcher);
             (batcher, r)
-        })
-        .await
-        .map_err(|e| KernelError::Other(format!("netlink batch task: {e}")))?;
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let r = f(&mut batcher);
+                (batcher, r)
+            })
+            .await
+            .map_err(|e| KernelError::Other(format!("netlink batch task: {e}")))?
+        };
         self.batcher = Some(batcher);
         result.map_err(|e| KernelError::Other(format!("netlink batch: {e}")))
     }
@@ -325,7 +338,7 @@ impl Kernel for NetlinkKernel {
             (second, r)
         });
         let neighbours = self
-            .with_batcher(move |b| {
+            .with_batcher(false, move |b| {
                 let fdb = b.dump_neighbours(AF_BRIDGE, ifindex)?;
                 let mut neigh = b.dump_neighbours(AF_INET, ifindex)?;
                 neigh.extend(b.dump_neighbours(AF_INET6, ifindex)?);
@@ -370,7 +383,7 @@ impl Kernel for NetlinkKernel {
     }
 
     async fn foreign_routes(&mut self) -> Result<BTreeSet<IpNet>, KernelError> {
-        self.with_batcher(|b| {
+        self.with_batcher(false, |b| {
             let mut out = BTreeSet::new();
             for family in [AF_INET, AF_INET6] {
                 out.extend(
@@ -383,8 +396,9 @@ impl Kernel for NetlinkKernel {
     }
 
     async fn foreign_among(&mut self, prefixes: &[IpNet]) -> Result<BTreeSet<IpNet>, KernelError> {
+        let inline = prefixes.len() <= INLINE;
         let prefixes = prefixes.to_vec();
-        self.with_batcher(move |b| {
+        self.with_batcher(inline, move |b| {
             let mut out = BTreeSet::new();
             for p in prefixes {
                 if let Some(r) = b.route_for(p.network())?
@@ -404,7 +418,7 @@ impl Kernel for NetlinkKernel {
         // Ops arrive sorted by phase, and one socket's requests are handled in
         // order, so a single batch keeps fdb before neighbour before route.
         let requests: Vec<Vec<u8>> = ops.iter().map(|op| encode_op(ifindex, op)).collect();
-        match self.with_batcher(move |b| b.run(&requests)).await {
+        match self.with_batcher(requests.len() <= INLINE, move |b| b.run(&requests)).await {
             Ok(errnos) => ops
                 .iter()
                 .zip(errnos)
