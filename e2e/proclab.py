@@ -482,12 +482,12 @@ def start_agent(i, extra_env=None, cgroup=None):
     spawn(f"node-{i}", node_ns(i), [str(agent_binary()), "run"], env=env, cgroup=cgroup)
 
 
-def process_cpu(pid):
-    """User plus system CPU seconds of a process and of the children it has
-    waited for: work an agent hands to a program it runs (weir's `nft`,
-    flannel's `iptables`) is the agent's work too."""
+def process_cpu(pid, children=True):
+    """User plus system CPU seconds of a process and, unless told not to, of
+    the children it has waited for: work an agent hands to a program it runs
+    (weir's `nft`, flannel's `iptables`) is the agent's work too."""
     stat = open(f"/proc/{pid}/stat").read().split(")")[1].split()
-    return sum(int(v) for v in stat[11:15]) / os.sysconf("SC_CLK_TCK")
+    return sum(int(v) for v in stat[11:15 if children else 13]) / os.sysconf("SC_CLK_TCK")
 
 
 def process_rss_mb(pid):
