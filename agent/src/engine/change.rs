@@ -22,9 +22,10 @@ use crate::plan::{self, DesiredState, KernelState};
 pub(super) type Changes = BTreeMap<String, (Option<Peer>, bool)>;
 
 impl<K: Kernel> Engine<K> {
-    /// Notes and logs what `next` changes, and returns the names whose peer
-    /// differs (added, changed, or, when `next` is complete, removed).
-    pub(super) fn note_changes(&mut self, next: &PeerSet) -> Vec<String> {
+    /// Notes and logs what `next` changes, and returns each peer that differs
+    /// with its new value: added or changed, or None when removed, which only
+    /// a complete `next` does.
+    pub(super) fn note_changes(&mut self, next: &PeerSet) -> Vec<(String, Option<Peer>)> {
         let mut differ = Vec::new();
         for (name, old, new) in differences(&self.peers.peers, &next.peers, |a, b| a == b) {
             match (old, new) {
@@ -39,7 +40,7 @@ impl<K: Kernel> Engine<K> {
                 (_, None) if !next.complete => continue,
                 (_, None) => info!(node = %name, "peer removed"),
             }
-            differ.push(name.clone());
+            differ.push((name.clone(), new.cloned()));
             if !self.changes.contains_key(name) {
                 let active = old.is_some() && self.cfg.on_demand.as_ref().is_none_or(|od| od.active.contains(name));
                 self.changes.insert(name.clone(), (old.cloned(), active));

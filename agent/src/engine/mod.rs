@@ -129,18 +129,14 @@ impl<K: Kernel> Engine<K> {
     /// the peers that differ are copied: a Node event costs a walk over the
     /// set, not a copy of it.
     pub fn set_peers(&mut self, next: &PeerSet) {
-        for name in self.note_changes(next) {
-            match next.peers.get(&name) {
-                Some(peer) => {
-                    self.peers.peers.insert(name, peer.clone());
-                }
-                // Until the set is complete, keep what is known and add to
-                // it, so a partial listing never shrinks the desired state.
-                None if next.complete => {
-                    self.peers.peers.remove(&name);
-                }
-                None => {}
-            }
+        // Until the set is complete, what is known is kept and added to (no
+        // removals are noted), so a partial listing never shrinks the
+        // desired state.
+        for (name, peer) in self.note_changes(next) {
+            match peer {
+                Some(peer) => self.peers.peers.insert(name, peer),
+                None => self.peers.peers.remove(&name),
+            };
         }
         self.peers.complete |= next.complete;
         // The desired state of every peer is rebuilt by the next full pass,
