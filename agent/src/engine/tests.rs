@@ -12,16 +12,19 @@ use crate::model::{Backend, Mac, Peer, PeerSet, gateway_of};
 use crate::ondemand::{ActiveSet, MissTable};
 use crate::plan::Op;
 
-fn engine_with(kernel: &FakeKernel, on_demand: Option<OnDemand>) -> (Engine<FakeKernel>, Arc<Metrics>) {
-    let metrics = Arc::new(Metrics::new());
-    let cfg = EngineConfig {
+fn config(on_demand: Option<OnDemand>) -> EngineConfig {
+    EngineConfig {
         backend: Backend::Vxlan,
         device: device(),
         direct: None,
         resync_interval: Duration::from_secs(3600),
         on_demand,
-    };
-    (Engine::new(kernel.clone(), cfg, metrics.clone()).0, metrics)
+    }
+}
+
+fn engine_with(kernel: &FakeKernel, on_demand: Option<OnDemand>) -> (Engine<FakeKernel>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    (Engine::new(kernel.clone(), config(on_demand), metrics.clone()).0, metrics)
 }
 
 fn engine(kernel: &FakeKernel) -> (Engine<FakeKernel>, Arc<Metrics>) {
@@ -93,14 +96,7 @@ async fn a_restarted_engine_sweeps_and_reports_synced_when_the_first_complete_se
     e.set_peers(&PeerSet::complete([peer(2), peer(3)]));
     e.reconcile().await.unwrap();
     // Restarted while the API server is away: nothing to go on at first.
-    let cfg = EngineConfig {
-        backend: Backend::Vxlan,
-        device: device(),
-        direct: None,
-        resync_interval: Duration::from_secs(3600),
-        on_demand: None,
-    };
-    let (restarted, mut status) = Engine::new(k.clone(), cfg, Arc::new(Metrics::new()));
+    let (restarted, mut status) = Engine::new(k.clone(), config(None), Arc::new(Metrics::new()));
     let (peers_tx, peers) = watch::channel(PeerSet::default());
     let (_events_tx, events) = mpsc::channel(8);
     let (shutdown_tx, shutdown) = watch::channel(false);
