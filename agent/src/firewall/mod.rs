@@ -191,11 +191,7 @@ pub async fn run(
                 let removed: BTreeSet<IpAddr> = moved.removed.into_iter().filter(|ip| a.peers.contains(ip)).collect();
                 let delta = element_delta(&removed, &added);
                 if !delta.is_empty() {
-                    let written = match writer.as_mut() {
-                        Some(w) => w.apply(TABLE_NAME, &delta),
-                        None => SetWriter::new().and_then(|w| writer.insert(w).apply(TABLE_NAME, &delta)),
-                    };
-                    match written {
+                    match write_elements(&mut writer, &delta) {
                         Ok(()) => {
                             for ip in &removed {
                                 a.peers.remove(ip);
@@ -208,7 +204,6 @@ pub async fn run(
                         Err(e) => {
                             // The set is not what we left (drift): the whole table, now.
                             warn!(error = %e, "updating the sets of peers in nftables table inet weir failed; replacing the table");
-                            writer = None;
                             applied = None;
                             checking = true;
                             continue;
@@ -228,6 +223,18 @@ pub async fn run(
             }
         };
     }
+}
+
+/// Writes the set changes, opening the socket on first use; a socket that
+/// failed is dropped, so the next write starts on a fresh one.
+fn write_elements(writer: &mut Option<SetWriter>, delta: &[SetChange]) -> std::io::Result<()> {
+    let mut w = match writer.take() {
+        Some(w) => w,
+        None => SetWriter::new()?,
+    };
+    w.apply(TABLE_NAME, delta)?;
+    *writer = Some(w);
+    Ok(())
 }
 
 /// Lists the table; replaces it when it drifted from what weir left, when
