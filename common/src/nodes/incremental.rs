@@ -130,7 +130,7 @@ impl IncrementalRules {
         nodes: &BTreeMap<String, NodeInfo>,
         changed: &BTreeSet<String>,
     ) -> Option<BTreeSet<String>> {
-        let [name] = <[&String; 1]>::try_from(changed.iter().collect::<Vec<_>>()).ok()?;
+        let name = changed.first().filter(|_| changed.len() == 1)?;
         let was_rejected = matches!(self.verdict(name), Some(Verdict::Rejected(_)));
         if self.rejected > usize::from(was_rejected) {
             return None;
