@@ -83,8 +83,11 @@ fn edit_peer_set(
     moved: Option<&BTreeSet<String>>,
 ) -> bool {
     let Some(moved) = moved.filter(|_| current.complete == complete) else {
-        let next =
-            PeerSet { complete, peers: verdicts.accepted().map(|a| (a.name.clone(), peer(a.clone()))).collect() };
+        let accepted = verdicts.by_name().filter_map(|v| match v {
+            Verdict::Accepted(a) => Some((a.name.clone(), peer(a.clone()))),
+            _ => None,
+        });
+        let next = PeerSet { complete, peers: accepted.collect() };
         let modified = *current != next;
         *current = next;
         return modified;
@@ -106,10 +109,14 @@ fn edit_peer_set(
 }
 
 /// How often, at most, the record is rewritten. With thousands of Nodes it
-/// is hundreds of kilobytes; a burst of Node events costs one write.
-const RECORD_GAP: Duration = Duration::from_millis(500);
+/// is hundreds of kilobytes, milliseconds to build: each Node event wrote it
+/// again (a third of the agent's CPU in a run of joins), and the build held
+/// the verdicts while the next event waited for them.
+const RECORD_GAP: Duration = Duration::from_secs(2);
 
-/// Writes the latest record, off the path from a Node event to the kernel.
+/// Writes the latest record, off the path from a Node event to the kernel:
+/// the first at once, each later one RECORD_GAP after the change that asked
+/// for it, so a burst of Node events costs one write, taken after them.
 /// Not synced to disk: it is a status report for `weir-agent status`, which
 /// nothing reads back on start (the run dir is a tmpfs on a real node).
 async fn write_records(
@@ -121,14 +128,22 @@ async fn write_records(
 ) {
     let mut last = String::new();
     while wake.changed().await.is_ok() {
+        if !last.is_empty() {
+            tokio::time::sleep(RECORD_GAP).await;
+            // What changed during the wait is in this write.
+            wake.borrow_and_update();
+        }
         let record = {
             let verdicts = verdicts.lock().expect("verdicts lock");
-            PeersRecord {
-                backend,
-                direct,
-                peers: verdicts.accepted().cloned().map(peer).collect(),
-                rejected: verdicts.rejected().map(|r| r.to_string()).collect(),
+            let mut record = PeersRecord { backend, direct, peers: Vec::new(), rejected: Vec::new() };
+            for verdict in verdicts.by_name() {
+                match verdict {
+                    Verdict::Accepted(a) => record.peers.push(peer(a.clone())),
+                    Verdict::Rejected(r) => record.rejected.push(r.to_string()),
+                    Verdict::Skipped(_) => {}
+                }
             }
+            record
         };
         let json = serde_json::to_string(&record).expect("peers serialise");
         if json != last {
@@ -137,7 +152,6 @@ async fn write_records(
             }
             last = json;
         }
-        tokio::time::sleep(RECORD_GAP).await;
     }
 }
 

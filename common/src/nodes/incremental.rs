@@ -61,6 +61,12 @@ impl IncrementalRules {
         self.verdicts.get(name).map(|(_, v)| v)
     }
 
+    /// Every node's verdict, in name order: cheaper than age order, which
+    /// looks each one up.
+    pub fn by_name(&self) -> impl Iterator<Item = &Verdict> {
+        self.verdicts.values().map(|(_, v)| v)
+    }
+
     /// The accepted nodes, oldest first.
     pub fn accepted(&self) -> impl Iterator<Item = &Accepted> {
         self.in_age_order().filter_map(|v| match v {
