@@ -5,15 +5,18 @@
 //! the newest node publishing its VTEP, the newest node leaving), only they
 //! are judged again, against what the older nodes hold. One older node
 //! changing or leaving (its MAC, its address) is judged alone too when no
-//! other node is rejected, so none waits for what it gives up, and what it
-//! takes is held by nobody. Any other change (several old nodes at once, a
-//! conflict, a re-list) judges every node again, exactly as
-//! `Rules::validate` does.
+//! rejected node wants what it held or asks for, so none waits for what it
+//! gives up, and what it takes is held by nobody. Any other change (several
+//! old nodes at once, a conflict, a re-list) judges every node again,
+//! exactly as `Rules::validate` does.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
-use super::NodeInfo;
+use ipnet::IpNet;
+
 use super::rules::{Accepted, Held, Rejection, Rules, Verdict, age_key};
+use super::{Mac, NodeInfo};
 
 pub struct IncrementalRules {
     rules: Rules,
@@ -128,9 +131,10 @@ impl IncrementalRules {
     }
 
     /// One node, of any age, judged again where it stands. That is exact
-    /// when no other node is rejected (no node waits for what this one gives
-    /// up, and no rejection would now name it first) and what it now holds
-    /// no other node holds. None, with the verdicts as they were, otherwise.
+    /// when no other rejected node wants a value this one held or now asks
+    /// for (none waits for what it gives up, and no rejection would now name
+    /// it first) and what it now holds no other node holds. None, with the
+    /// verdicts as they were, otherwise.
     fn judge_in_place(
         &mut self,
         nodes: &BTreeMap<String, NodeInfo>,
@@ -138,7 +142,7 @@ impl IncrementalRules {
     ) -> Option<BTreeSet<String>> {
         let name = changed.first().filter(|_| changed.len() == 1)?;
         let was_rejected = matches!(self.verdict(name), Some(Verdict::Rejected(_)));
-        if self.rejected > usize::from(was_rejected) {
+        if self.rejected > usize::from(was_rejected) && self.a_rejected_node_wants(nodes, name) {
             return None;
         }
         let node = nodes.get(name).filter(|n| !self.rules.is_local(&n.name));
@@ -163,6 +167,19 @@ impl IncrementalRules {
             self.remember(n, v);
         }
         Some(if before.as_ref() != self.verdict(name) { changed.clone() } else { BTreeSet::new() })
+    }
+
+    /// Whether a rejected node other than `name` asks for a value that
+    /// `name` held or asks for now: only such a node's verdict can follow
+    /// from `name`'s change.
+    fn a_rejected_node_wants(&self, nodes: &BTreeMap<String, NodeInfo>, name: &str) -> bool {
+        let mut values = Vec::with_capacity(2);
+        if let Some(Verdict::Accepted(a)) = self.verdict(name) {
+            values.push(Values::of_accepted(a));
+        }
+        values.extend(nodes.get(name).map(Values::of_node));
+        let rejected = self.verdicts.iter().filter(|(n, (_, v))| *n != name && matches!(v, Verdict::Rejected(_)));
+        rejected.filter_map(|(n, _)| nodes.get(n)).map(Values::of_node).any(|r| values.iter().any(|v| v.meet(&r)))
     }
 
     fn judge_all(&mut self, nodes: &BTreeMap<String, NodeInfo>) -> BTreeSet<String> {
@@ -207,6 +224,34 @@ impl IncrementalRules {
             Verdict::Accepted(_) => return,
         };
         *count = if add { *count + 1 } else { *count - 1 };
+    }
+}
+
+/// The values of a node that no two nodes may share, as far as they parse.
+struct Values {
+    ip: Option<IpAddr>,
+    mac: Option<Mac>,
+    cidrs: Vec<IpNet>,
+}
+
+impl Values {
+    fn of_node(n: &NodeInfo) -> Self {
+        Values {
+            ip: n.public_ip.as_deref().and_then(|t| t.parse().ok()),
+            mac: n.vtep_mac.as_deref().and_then(|t| t.parse().ok()),
+            cidrs: n.pod_cidrs.iter().filter_map(|t| t.parse().ok()).collect(),
+        }
+    }
+
+    fn of_accepted(a: &Accepted) -> Self {
+        Values { ip: Some(a.underlay_ip), mac: a.vtep_mac, cidrs: a.pod_cidrs.clone() }
+    }
+
+    fn meet(&self, other: &Values) -> bool {
+        let overlap = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
+        (self.ip.is_some() && self.ip == other.ip)
+            || (self.mac.is_some() && self.mac == other.mac)
+            || self.cidrs.iter().any(|a| other.cidrs.iter().any(|b| overlap(a, b)))
     }
 }
 

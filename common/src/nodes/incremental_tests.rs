@@ -80,13 +80,38 @@ fn a_node_joining_a_large_cluster_is_judged_alone() {
     );
     assert_as_validated(&inc, &nodes);
 
-    // While a node is rejected, an old node's change could be what it waits
-    // for: all are judged again.
+    // While a node is rejected, an old node's change that touches nothing
+    // it wants is still judged alone...
     let mut older = member(4);
     older.vtep_mac = Some("0e:00:00:00:ff:04".into());
     nodes.insert(older.name.clone(), older);
-    inc.update(&nodes, Some(&names(&["node-00004"])));
+    assert_eq!(inc.update(&nodes, Some(&names(&["node-00004"]))), names(&["node-00004"]));
+    assert_eq!(inc.judged(), 1);
+    assert_as_validated(&inc, &nodes);
+
+    // ...and one that gives up what it waits for judges all again, and lets
+    // it in.
+    nodes.insert("node-00003".into(), member(3));
+    assert_eq!(inc.update(&nodes, Some(&names(&["node-00003"]))), names(&["node-00003", "node-00500"]));
     assert_eq!(inc.judged(), 999);
+    assert!(matches!(inc.verdict("node-00500"), Some(Verdict::Accepted(_))));
+    assert_as_validated(&inc, &nodes);
+
+    // As does one that asks for a value a rejected node wants: the
+    // rejection could now name it.
+    let mut young = member(600);
+    young.vtep_mac = member(599).vtep_mac;
+    nodes.insert(young.name.clone(), young);
+    inc.update(&nodes, Some(&names(&["node-00600"])));
+    assert!(matches!(inc.verdict("node-00600"), Some(Verdict::Rejected(_))));
+    let mut old = member(5);
+    (old.public_ip, old.addresses) = (member(600).public_ip, member(600).addresses);
+    nodes.insert(old.name.clone(), old);
+    assert_eq!(inc.update(&nodes, Some(&names(&["node-00005"]))), names(&["node-00005", "node-00600"]));
+    assert_eq!(inc.judged(), 999);
+    assert!(
+        matches!(inc.verdict("node-00600"), Some(Verdict::Rejected(r)) if r.held_by.as_deref() == Some("node-00005"))
+    );
     assert_as_validated(&inc, &nodes);
 }
 
@@ -107,7 +132,7 @@ fn every_sequence_of_changes_ends_where_a_full_validation_does() {
     // A wide spread of values, where conflicts are rare, takes the paths
     // that judge one node; a narrow one, the path that judges all.
     let mut rng = Lcg(7);
-    let mut judged_alone = 0;
+    let (mut judged_alone, mut beside_a_rejection) = (0, 0);
     for round in 0..400 {
         let spread = if round % 2 == 0 { 5 } else { 40 };
         let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
@@ -138,6 +163,7 @@ fn every_sequence_of_changes_ends_where_a_full_validation_does() {
                 nodes.keys().chain(&changed).map(|n| (n.clone(), inc.verdict(n).cloned())).collect();
             let moved = inc.update(&nodes, Some(&changed));
             judged_alone += usize::from(inc.judged() == 1 && nodes.len() > 3);
+            beside_a_rejection += usize::from(inc.judged() == 1 && inc.rejected_count() > 1);
             assert_as_validated(&inc, &nodes);
             let really: BTreeSet<String> =
                 before.iter().filter(|(n, v)| v.as_ref() != inc.verdict(n)).map(|(n, _)| n.clone()).collect();
@@ -145,4 +171,5 @@ fn every_sequence_of_changes_ends_where_a_full_validation_does() {
         }
     }
     assert!(judged_alone > 1000, "only {judged_alone} updates judged one node");
+    assert!(beside_a_rejection > 100, "only {beside_a_rejection} updates judged one node beside rejected ones");
 }
