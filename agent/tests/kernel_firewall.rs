@@ -8,10 +8,13 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
-use weir_agent::firewall::{FirewallSpec, SetChange, SetWriter, element_delta, render};
-use weir_agent::model::Backend;
+use weir_agent::firewall::{FirewallSpec, NftSocket, SetChange, element_delta, next_generation, render, run};
+use weir_agent::metrics::Metrics;
+use weir_agent::model::{Backend, PeerSet};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -21,6 +24,12 @@ fn nft_apply(script: &str) {
     let mut child = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("run nft");
     child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
     assert!(child.wait().unwrap().success(), "nft -f - failed:\n{script}");
+}
+
+/// The elements nft lists in one of weir's sets; none while it is absent.
+fn listed_if_any(set: &str) -> BTreeSet<IpAddr> {
+    let out = Command::new("nft").args(["list", "tables"]).output().expect("run nft");
+    if String::from_utf8_lossy(&out.stdout).contains("inet weir") { listed(set) } else { BTreeSet::new() }
 }
 
 /// The elements nft lists in one of weir's sets.
@@ -50,7 +59,7 @@ fn a_peer_change_adds_and_deletes_only_its_elements() {
         table_with(&["198.18.0.12", "198.18.0.13", "fd00::12"]);
         let old: BTreeSet<IpAddr> = [ip("198.18.0.12"), ip("198.18.0.13"), ip("fd00::12")].into();
         let new: BTreeSet<IpAddr> = [ip("198.18.0.12"), ip("198.18.0.14"), ip("fd00::14")].into();
-        let mut writer = SetWriter::new().unwrap();
+        let mut writer = NftSocket::new().unwrap();
         writer.apply("weir", &element_delta(&old, &new)).unwrap();
         assert_eq!(listed("peers4"), [ip("198.18.0.12"), ip("198.18.0.14")].into());
         assert_eq!(listed("peers6"), [ip("fd00::14")].into());
@@ -63,7 +72,7 @@ fn a_batch_with_one_bad_change_applies_nothing_and_says_why() {
         table_with(&["198.18.0.12"]);
         let add = SetChange { set: "peers4", add: true, elements: vec![ip("198.18.0.20")] };
         let delete_absent = SetChange { set: "peers4", add: false, elements: vec![ip("198.18.0.99")] };
-        let mut writer = SetWriter::new().unwrap();
+        let mut writer = NftSocket::new().unwrap();
         let err = writer.apply("weir", &[add.clone(), delete_absent]).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
         assert_eq!(listed("peers4"), [ip("198.18.0.12")].into());
@@ -78,7 +87,7 @@ fn thousands_of_elements_go_in_one_transaction() {
     in_fresh_netns("thousands_of_elements_go_in_one_transaction", || {
         table_with(&[]);
         let many: BTreeSet<IpAddr> = (0..2500u32).map(|k| IpAddr::from((0xc613_0000u32 + k).to_be_bytes())).collect();
-        let mut writer = SetWriter::new().unwrap();
+        let mut writer = NftSocket::new().unwrap();
         writer.apply("weir", &element_delta(&BTreeSet::new(), &many)).unwrap();
         assert_eq!(listed("peers4"), many);
         writer.apply("weir", &element_delta(&many, &BTreeSet::new())).unwrap();
@@ -90,7 +99,75 @@ fn thousands_of_elements_go_in_one_transaction() {
 fn a_missing_table_is_an_error_not_a_hang() {
     in_fresh_netns("a_missing_table_is_an_error_not_a_hang", || {
         let change = SetChange { set: "peers4", add: true, elements: vec![ip("198.18.0.20")] };
-        let err = SetWriter::new().unwrap().apply("weir", &[change]).unwrap_err();
+        let err = NftSocket::new().unwrap().apply("weir", &[change]).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    });
+}
+
+#[test]
+fn the_generation_moves_once_per_commit_and_not_on_a_listing() {
+    in_fresh_netns("the_generation_moves_once_per_commit_and_not_on_a_listing", || {
+        table_with(&["198.18.0.12"]);
+        let mut socket = NftSocket::new().unwrap();
+        let before = socket.generation().unwrap();
+        let add = SetChange { set: "peers4", add: true, elements: vec![ip("198.18.0.20")] };
+        socket.apply("weir", &[add]).unwrap();
+        let after = socket.generation().unwrap();
+        assert_eq!(after, next_generation(before));
+        listed("peers4");
+        assert_eq!(socket.generation().unwrap(), after, "a listing committed nothing");
+        nft_apply("add element inet weir peers4 { 198.18.0.21 }");
+        assert_eq!(socket.generation().unwrap(), next_generation(after), "another writer's commit");
+    });
+}
+
+#[test]
+fn the_drop_counter_is_read_over_netlink() {
+    in_fresh_netns("the_drop_counter_is_read_over_netlink", || {
+        nft_apply("table inet weir {\n\tcounter tunnel_dropped {\n\t\tpackets 7 bytes 700\n\t}\n}\n");
+        let mut socket = NftSocket::new().unwrap();
+        assert_eq!(socket.counter_packets("weir", "tunnel_dropped").unwrap(), 7);
+        let err = socket.counter_packets("weir", "absent").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    });
+}
+
+/// The agent's firewall task in a fresh namespace, checking every 200 ms:
+/// drift inside the table is repaired, also after element writes that left
+/// its listing unknown and when nothing but the drift moved the generation.
+#[test]
+fn drift_inside_the_table_is_repaired_by_the_next_check() {
+    in_fresh_netns("drift_inside_the_table_is_repaired_by_the_next_check", || {
+        runtime().block_on(async {
+            let spec = FirewallSpec {
+                backend: Backend::Vxlan,
+                vxlan_port: 8472,
+                pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+                cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+                masquerade: true,
+                peers: BTreeSet::new(),
+            };
+            let (tx, rx) = tokio::sync::watch::channel(PeerSet::complete([fake_peer(2)]));
+            let metrics = Arc::new(Metrics::new());
+            let task = tokio::spawn(run(spec, rx, metrics.clone(), Duration::from_millis(200)));
+            let limit = Duration::from_secs(5);
+            let table = wait_for(limit, || listed_if_any("peers4") == [fake_peer(2).underlay_ip].into()).await;
+            assert!(table.is_some(), "no table");
+            // A peer joins: one element written, the listing now unknown.
+            tx.send_replace(PeerSet::complete([fake_peer(2), fake_peer(3)]));
+            assert!(wait_for(limit, || listed("peers4").len() == 2).await.is_some(), "the new peer");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for stranger in ["198.18.0.99", "198.18.0.98"] {
+                nft_apply(&format!("add element inet weir peers4 {{ {stranger} }}"));
+                let gone = wait_for(limit, || !listed("peers4").contains(&ip(stranger))).await;
+                assert!(gone.is_some(), "{stranger} was left in the set");
+                // The second time the table's listing is known.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            // The first went with a replacement of a table whose listing was
+            // unknown; only the second could be told from the listing.
+            assert_eq!(metrics.drift_repaired.with_label_values(&["firewall"]).get(), 1);
+            task.abort();
+        });
     });
 }

@@ -1,9 +1,12 @@
-//! The peers sets' elements, changed over nfnetlink from inside the agent.
+//! nftables over nfnetlink from inside the agent: the peers sets' elements
+//! changed, the ruleset's generation and the drop counter read.
 //!
 //! A Node event changes one element. Running `nft` for it cost every agent a
 //! process, and its CPU, per event (BENCHMARKS.md, F6). The messages go in
 //! one nfnetlink batch, which nftables applies as one transaction, as it did
-//! one `nft -f` run: all of it or none.
+//! one `nft -f` run: all of it or none. The periodic check ran two `nft`
+//! listings of thousands of elements; the generation tells it when nothing
+//! has been committed since, and there is nothing to list.
 
 use std::collections::BTreeSet;
 use std::io;
@@ -21,6 +24,13 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_GEN_ID: u16 = 1;
+const NFTA_OBJ_TABLE: u16 = 1;
+const NFTA_OBJ_NAME: u16 = 2;
+const NFTA_OBJ_TYPE: u16 = 3;
+const NFTA_OBJ_DATA: u16 = 4;
+const NFT_OBJECT_COUNTER: u32 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
 const NESTED: u16 = libc::NLA_F_NESTED as u16;
 const SUBSYS: u16 = libc::NFNL_SUBSYS_NFTABLES as u16;
 
@@ -104,20 +114,26 @@ pub fn encode_batch(table: &str, changes: &[SetChange], seq: u32) -> (Vec<u8>, V
     (out, acked)
 }
 
-/// A NETLINK_NETFILTER socket that writes set elements.
-pub struct SetWriter {
+/// The generation after `g`: each commit moves it on by one, skipping 0.
+pub fn next_generation(g: u32) -> u32 {
+    g.wrapping_add(1).max(1)
+}
+
+/// A NETLINK_NETFILTER socket: writes set elements, reads the ruleset's
+/// generation and a counter.
+pub struct NftSocket {
     sock: Socket,
     seq: u32,
     buf: Vec<u8>,
 }
 
-impl SetWriter {
+impl NftSocket {
     pub fn new() -> io::Result<Self> {
         let mut sock = Socket::new(NETLINK_NETFILTER)?;
         sock.bind_auto()?;
         // Acks without a copy of the request, which can hold 1,000 elements.
         sock.set_cap_ack(true)?;
-        Ok(SetWriter { sock, seq: 1, buf: vec![0; 64 * 1024] })
+        Ok(NftSocket { sock, seq: 1, buf: vec![0; 64 * 1024] })
     }
 
     /// Applies the changes to table `inet {table}` as one transaction.
@@ -152,6 +168,59 @@ impl SetWriter {
             None => Ok(()),
         }
     }
+
+    /// The ruleset's generation in this network namespace: every committed
+    /// transaction, weir's or anyone's, on any table, moves it on by one.
+    pub fn generation(&mut self) -> io::Result<u32> {
+        let reply = self.ask(libc::NFT_MSG_GETGEN as u16, &nfgenmsg(libc::AF_UNSPEC as u8, 0))?;
+        let id = wire::attributes(&reply, 4).find(|(kind, _)| *kind == NFTA_GEN_ID).map(|(_, v)| v);
+        id.and_then(|v| v.try_into().ok()).map(u32::from_be_bytes).ok_or_else(|| missing("NFTA_GEN_ID"))
+    }
+
+    /// The packets the counter object `name` of table `inet {table}` counted.
+    pub fn counter_packets(&mut self, table: &str, name: &str) -> io::Result<u64> {
+        let mut body = nfgenmsg(libc::NFPROTO_INET as u8, 0).to_vec();
+        wire::attr(&mut body, NFTA_OBJ_TABLE, &nul_terminated(table));
+        wire::attr(&mut body, NFTA_OBJ_NAME, &nul_terminated(name));
+        wire::attr(&mut body, NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
+        let reply = self.ask(libc::NFT_MSG_GETOBJ as u16, &body)?;
+        let data = wire::attributes(&reply, 4).find(|(kind, _)| *kind == NFTA_OBJ_DATA).map(|(_, v)| v);
+        let packets = data.and_then(|d| wire::attributes(d, 0).find(|(kind, _)| *kind == NFTA_COUNTER_PACKETS));
+        packets
+            .and_then(|(_, v)| v.try_into().ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| missing("NFTA_COUNTER_PACKETS"))
+    }
+
+    /// Sends one request of the nftables subsystem and returns the payload
+    /// of its answer. Answered in the sender's context like a batch, so the
+    /// answer and the ack are queued when the send returns.
+    fn ask(&mut self, kind: u16, body: &[u8]) -> io::Result<Vec<u8>> {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let mut request = Vec::new();
+        message(&mut request, (SUBSYS << 8) | kind, NLM_F_REQUEST | NLM_F_ACK, seq, body);
+        self.sock.send_to(&request, &SocketAddr::new(0, 0), 0)?;
+        let mut answer = None;
+        loop {
+            let n = self.sock.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT)?;
+            for m in wire::messages(&self.buf[..n]) {
+                let m = m.map_err(io::Error::other)?;
+                if m.seq != seq {
+                    continue;
+                }
+                match m.error() {
+                    Some(0) => return answer.ok_or_else(|| missing("an answer before the ack")),
+                    Some(errno) => return Err(io::Error::from_raw_os_error(errno)),
+                    None => answer = Some(m.payload.to_vec()),
+                }
+            }
+        }
+    }
+}
+
+fn missing(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("nfnetlink answer without {what}"))
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::io;
 use std::net::IpAddr;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use crate::model::{Backend, PeerSet};
 
 mod elements;
 mod underlays;
-pub use elements::{SetChange, SetWriter, element_delta, encode_batch};
+pub use elements::{NftSocket, SetChange, element_delta, encode_batch, next_generation};
 use underlays::Underlays;
 
 pub const TABLE: &str = "inet weir";
@@ -134,12 +135,6 @@ async fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
     }
 }
 
-async fn dropped_packets() -> Option<u64> {
-    let out = nft(&["-j", "list", "counter", "inet", "weir", "tunnel_dropped"], None).await.ok()?;
-    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-    v["nftables"].as_array()?.iter().find_map(|o| o["counter"]["packets"].as_u64())
-}
-
 /// Removes weir's table; absent is fine. (nft reports a missing table only
 /// as text, so the tables are listed first rather than the error parsed.)
 pub async fn delete_table() -> Result<(), NftError> {
@@ -150,20 +145,23 @@ pub async fn delete_table() -> Result<(), NftError> {
     nft(&["delete", "table", "inet", "weir"], None).await.map(|_| ())
 }
 
-/// What weir last wrote: the peers in the table, and the table's canonical
-/// listing when it is known.
+/// What weir last wrote: the peers in the table, the table's canonical
+/// listing when it is known, and the ruleset's generation when the table was
+/// last known to be as weir left it.
 struct Applied {
     peers: BTreeSet<IpAddr>,
     canonical: Option<String>,
+    generation: Option<u32>,
 }
 
 /// Keeps the table equal to the spec for the current peers. A peer change
 /// writes only the set elements that changed: with thousands of peers,
 /// listing and replacing the whole table on every Node event cost each agent
-/// a large share of a core (BENCHMARKS.md, F3). That leaves the listing
-/// unknown, so the next check (every `check_every`) replaces the whole table
-/// and lists it again; in between, checks compare the listing and repair
-/// drift.
+/// a large share of a core (BENCHMARKS.md, F3). Each check (every
+/// `check_every`) first reads the ruleset's generation: when nothing was
+/// committed since weir last knew the table, there is nothing to list.
+/// Otherwise it lists the table and repairs drift, and replaces it whole
+/// when its listing is unknown (after element writes).
 pub async fn run(
     base: FirewallSpec,
     mut peers: watch::Receiver<PeerSet>,
@@ -171,7 +169,7 @@ pub async fn run(
     check_every: Duration,
 ) {
     let mut applied: Option<Applied> = None;
-    let mut writer: Option<SetWriter> = None;
+    let mut socket: Option<NftSocket> = None;
     let mut dropped_before = 0u64; // counts carried over table replacements
     let mut tick = tokio::time::interval(check_every);
     // Until the whole peer set is known, the table a previous run left keeps
@@ -191,15 +189,15 @@ pub async fn run(
                 let removed: BTreeSet<IpAddr> = moved.removed.into_iter().filter(|ip| a.peers.contains(ip)).collect();
                 let delta = element_delta(&removed, &added);
                 if !delta.is_empty() {
-                    match write_elements(&mut writer, &delta) {
-                        Ok(()) => {
+                    match write_elements(&mut socket, &delta, a.generation) {
+                        Ok(generation) => {
                             for ip in &removed {
                                 a.peers.remove(ip);
                             }
                             a.peers.extend(added);
                             info!(peers = a.peers.len(), "nftables set of peers updated");
                             metrics.firewall_sync.with_label_values(&[labels::SUCCESS]).inc();
-                            a.canonical = None;
+                            (a.canonical, a.generation) = (None, generation);
                         }
                         Err(e) => {
                             // The set is not what we left (drift): the whole table, now.
@@ -211,7 +209,7 @@ pub async fn run(
                     }
                 }
             }
-            _ => check(&base, underlays.addresses(), &mut applied, &mut dropped_before, &metrics).await,
+            _ => check(&base, underlays.addresses(), &mut applied, &mut socket, &mut dropped_before, &metrics).await,
         }
         checking = tokio::select! {
             _ = tick.tick() => true,
@@ -225,38 +223,68 @@ pub async fn run(
     }
 }
 
-/// Writes the set changes, opening the socket on first use; a socket that
-/// failed is dropped, so the next write starts on a fresh one.
-fn write_elements(writer: &mut Option<SetWriter>, delta: &[SetChange]) -> std::io::Result<()> {
-    let mut w = match writer.take() {
-        Some(w) => w,
-        None => SetWriter::new()?,
+/// Runs `f` on the socket, opening it on first use; a socket that failed is
+/// dropped, so the next use starts on a fresh one.
+fn with_socket<T>(socket: &mut Option<NftSocket>, f: impl FnOnce(&mut NftSocket) -> io::Result<T>) -> io::Result<T> {
+    let mut s = match socket.take() {
+        Some(s) => s,
+        None => NftSocket::new()?,
     };
-    w.apply(TABLE_NAME, delta)?;
-    *writer = Some(w);
-    Ok(())
+    let out = f(&mut s)?;
+    *socket = Some(s);
+    Ok(out)
+}
+
+/// Writes the set changes. Returns the generation after the write when it
+/// proves the table is as weir left it: `known` before, and this write the
+/// only commit since.
+fn write_elements(socket: &mut Option<NftSocket>, delta: &[SetChange], known: Option<u32>) -> io::Result<Option<u32>> {
+    with_socket(socket, |s| {
+        let before = s.generation().ok();
+        s.apply(TABLE_NAME, delta)?;
+        let after = s.generation().ok();
+        Ok(after.filter(|g| known.is_some() && before == known && Some(*g) == known.map(next_generation)))
+    })
+}
+
+/// The packets dropped by the table's counter, None when it cannot be read.
+fn dropped_packets(socket: &mut Option<NftSocket>) -> Option<u64> {
+    with_socket(socket, |s| s.counter_packets(TABLE_NAME, "tunnel_dropped")).ok()
+}
+
+fn generation(socket: &mut Option<NftSocket>) -> Option<u32> {
+    with_socket(socket, NftSocket::generation).ok()
 }
 
 /// Lists the table; replaces it when it drifted from what weir left, when
 /// its peers changed since, or when the last write left its listing unknown.
+/// Lists nothing when no transaction was committed since the table was last
+/// known.
 async fn check(
     base: &FirewallSpec,
     wanted: BTreeSet<IpAddr>,
     applied: &mut Option<Applied>,
+    socket: &mut Option<NftSocket>,
     dropped_before: &mut u64,
     metrics: &Metrics,
 ) {
-    let listing = nft(&["-s", "list", "table", "inet", "weir"], None).await.ok();
-    let current = dropped_packets().await;
+    let now = generation(socket);
+    let untouched = applied.as_ref().is_some_and(|a| a.generation.is_some() && a.generation == now);
+    let listing = if untouched { None } else { nft(&["-s", "list", "table", "inet", "weir"], None).await.ok() };
+    let current = dropped_packets(socket);
     // A table that weir wrote and that is gone is drift even when its last
     // listing is unknown.
-    let drifted = match applied {
-        Some(Applied { canonical: Some(c), .. }) => listing.as_deref() != Some(c.as_str()),
-        Some(Applied { canonical: None, .. }) => listing.is_none(),
-        None => false,
-    };
-    let stale = applied.as_ref().is_none_or(|a| a.canonical.is_none() || a.peers != wanted);
+    let drifted = !untouched
+        && match applied {
+            Some(Applied { canonical: Some(c), .. }) => listing.as_deref() != Some(c.as_str()),
+            Some(Applied { canonical: None, .. }) => listing.is_none(),
+            None => false,
+        };
+    let stale = applied.as_ref().is_none_or(|a| a.peers != wanted || !untouched && a.canonical.is_none());
     if !drifted && !stale {
+        if let Some(a) = applied.as_mut() {
+            a.generation = now;
+        }
         if let Some(now) = current {
             metrics.tunnel_dropped.set((*dropped_before + now) as i64);
         }
@@ -266,7 +294,9 @@ async fn check(
     let spec = FirewallSpec { peers: wanted, ..base.clone() };
     match nft(&["-f", "-"], Some(&render(&spec))).await {
         Ok(_) => {
+            let before = generation(socket);
             let canonical = nft(&["-s", "list", "table", "inet", "weir"], None).await.ok();
+            let generation = before.filter(|g| Some(*g) == generation(socket));
             if drifted {
                 warn!("nftables table inet weir was changed or removed; restored");
                 metrics.firewall_sync.with_label_values(&[labels::REPAIRED]).inc();
@@ -275,7 +305,7 @@ async fn check(
                 info!(peers = spec.peers.len(), "nftables table inet weir applied");
                 metrics.firewall_sync.with_label_values(&[labels::SUCCESS]).inc();
             }
-            *applied = Some(Applied { peers: spec.peers, canonical });
+            *applied = Some(Applied { peers: spec.peers, canonical, generation });
         }
         Err(e) => {
             warn!(error = %e, "applying nftables table inet weir failed; will retry");
