@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::{Engine, Report};
 use crate::dataplane::{Kernel, KernelError};
 use crate::metrics::labels;
-use crate::model::{Peer, PeerSet, differences};
+use crate::model::{Peer, PeerSet, changes_since};
 use crate::plan::{self, DesiredState, KernelState};
 
 /// Peers changed since entries were last written, each with the value the
@@ -27,7 +27,10 @@ impl<K: Kernel> Engine<K> {
     /// a complete `next` does.
     pub(super) fn note_changes(&mut self, next: &PeerSet) -> Vec<(String, Option<Peer>)> {
         let mut differ = Vec::new();
-        for (name, old, new) in differences(&self.peers.peers, &next.peers, |a, b| a == b) {
+        // A partial set never removes, so the engine's peers may hold more
+        // than it: only a complete one is followed by its edits.
+        let seen = self.seen_edits.filter(|_| next.complete);
+        for (name, old, new) in changes_since(&self.peers.peers, next, seen, |a, b| a == b) {
             match (old, new) {
                 (Some(o), Some(n)) => info!(
                     node = %name, ip = %n.underlay_ip, mac = %n.vtep_mac, cidrs = ?n.pod_cidrs,
@@ -46,6 +49,7 @@ impl<K: Kernel> Engine<K> {
                 self.changes.insert(name.clone(), (old.cloned(), active));
             }
         }
+        self.seen_edits = Some(next.edits.version());
         differ
     }
 

@@ -84,6 +84,8 @@ pub struct Engine<K> {
     applied_on_demand: Option<DesiredState>,
     /// Peers changed since entries were last written (`change.rs`).
     changes: change::Changes,
+    /// The version of the source's peer set last noted (`model::Edits`).
+    seen_edits: Option<u64>,
     /// Whether the last dump found nexthop objects (kernels since 5.3).
     nexthops_supported: bool,
     ifindex: u32,
@@ -106,6 +108,7 @@ impl<K: Kernel> Engine<K> {
             applied_generation: None,
             applied_on_demand: None,
             changes: Default::default(),
+            seen_edits: None,
             nexthops_supported: false,
             ifindex: 0,
             consecutive_failures: 0,

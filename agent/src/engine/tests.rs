@@ -394,3 +394,29 @@ async fn a_new_set_is_walked_side_by_side_and_only_what_differs_is_noted() {
     assert_eq!(noted, [&peer(2).name, &peer(6).name], "a complete set removes what it lacks");
     assert_eq!(e.peers, PeerSet::complete([peer(3), moved, peer(7)]));
 }
+
+#[tokio::test]
+async fn a_source_that_logs_its_edits_is_followed_by_them() {
+    let k = FakeKernel::default();
+    let (mut e, _) = engine(&k);
+    let mut source = PeerSet::complete([peer(2), peer(3)]);
+    source.edits.replaced();
+    e.set_peers(&source);
+    e.reconcile().await.unwrap();
+    // Added, changed and removed peers, each logged as the publisher logs
+    // them: the engine finds them without a walk over every peer.
+    let moved = Peer { underlay_ip: "198.18.0.99".parse().unwrap(), ..peer(3) };
+    for (name, value) in [("node-4", Some(peer(4))), ("node-3", Some(moved.clone())), ("node-2", None)] {
+        match value {
+            Some(p) => source.peers.insert(name.into(), p),
+            None => source.peers.remove(name),
+        };
+        source.edits.touched(name);
+    }
+    e.set_peers(&source);
+    e.apply_changes().await.unwrap();
+    assert_eq!(holds(&k, &peer(4)), (true, true, true));
+    assert_eq!(holds(&k, &moved), (true, true, true));
+    assert_eq!(holds(&k, &peer(2)), (false, false, false));
+    assert_eq!(e.peers.peers, source.peers);
+}

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use crate::model::{PeerSet, differences};
+use crate::model::{PeerSet, changes_since};
 
 #[derive(Debug, Default)]
 pub struct Underlays {
@@ -13,6 +13,8 @@ pub struct Underlays {
     /// How many peers use each address. The peer rules give each its own,
     /// but the firewall does not rely on them for that.
     users: BTreeMap<IpAddr, usize>,
+    /// The version of the peer set last followed.
+    seen: Option<u64>,
 }
 
 /// The addresses a change brought in and those it took away.
@@ -26,9 +28,11 @@ impl Underlays {
     /// Follows `next` (a complete set).
     pub fn follow(&mut self, next: &PeerSet) -> Moved {
         let changed: Vec<(String, Option<IpAddr>, Option<IpAddr>)> =
-            differences(&self.by_name, &next.peers, |ip, peer| *ip == peer.underlay_ip)
+            changes_since(&self.by_name, next, self.seen, |ip, peer| *ip == peer.underlay_ip)
+                .into_iter()
                 .map(|(name, old, new)| (name.clone(), old.copied(), new.map(|p| p.underlay_ip)))
                 .collect();
+        self.seen = Some(next.edits.version());
         let touched: BTreeSet<IpAddr> =
             changed.iter().flat_map(|(_, old, new)| old.iter().chain(new)).copied().collect();
         let used_before: Vec<bool> = touched.iter().map(|ip| self.users.contains_key(ip)).collect();

@@ -87,22 +87,30 @@ fn edit_peer_set(
             Verdict::Accepted(a) => Some((a.name.clone(), peer(a.clone()))),
             _ => None,
         });
-        let next = PeerSet { complete, peers: accepted.collect() };
-        let modified = *current != next;
-        *current = next;
-        return modified;
+        let peers: BTreeMap<String, Peer> = accepted.collect();
+        if current.complete == complete && current.peers == peers {
+            return false;
+        }
+        (current.peers, current.complete) = (peers, complete);
+        current.edits.replaced();
+        return true;
     };
     let mut modified = false;
     for name in moved {
-        match verdicts.verdict(name) {
+        let edited = match verdicts.verdict(name) {
             Some(Verdict::Accepted(a)) => {
                 let p = peer(a.clone());
-                if current.peers.get(name) != Some(&p) {
+                let differs = current.peers.get(name) != Some(&p);
+                if differs {
                     current.peers.insert(name.clone(), p);
-                    modified = true;
                 }
+                differs
             }
-            _ => modified |= current.peers.remove(name).is_some(),
+            _ => current.peers.remove(name).is_some(),
+        };
+        if edited {
+            current.edits.touched(name);
+            modified = true;
         }
     }
     modified
@@ -192,10 +200,12 @@ mod tests {
         nodes.insert("peer".into(), node("peer", &["198.18.0.12", "fd00::12"]));
         publish(&nodes, true, Some(&peer_changed));
         assert!(!rx.has_changed().unwrap(), "an unchanged peer set was sent again");
-        // A real change still goes through.
+        // A real change still goes through, logged for the readers.
+        let seen = rx.borrow().edits.version();
         nodes.insert("peer".into(), node("peer", &["198.18.0.99"]));
         publish(&nodes, true, Some(&peer_changed));
         assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow().edits.since(seen), Some(BTreeSet::from([&"peer".to_string()])));
         assert!(rx.borrow_and_update().peers.is_empty(), "the peer's public IP is no longer its own");
         // As does its repair, and a re-list that finds what the edits made.
         nodes.insert("peer".into(), node("peer", &[]));
