@@ -41,16 +41,19 @@ fn listed(set: &str) -> BTreeSet<IpAddr> {
     set.get("elem").and_then(|e| e.as_array()).into_iter().flatten().map(|e| ip(e.as_str().unwrap())).collect()
 }
 
-fn table_with(peers: &[&str]) {
-    let spec = FirewallSpec {
+fn spec_with(peers: &[&str]) -> FirewallSpec {
+    FirewallSpec {
         backend: Backend::Vxlan,
         vxlan_port: 8472,
         pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
         cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
         masquerade: true,
         peers: peers.iter().map(|s| ip(s)).collect(),
-    };
-    nft_apply(&render(&spec));
+    }
+}
+
+fn table_with(peers: &[&str]) {
+    nft_apply(&render(&spec_with(peers)));
 }
 
 #[test]
@@ -139,17 +142,9 @@ fn the_drop_counter_is_read_over_netlink() {
 fn drift_inside_the_table_is_repaired_by_the_next_check() {
     in_fresh_netns("drift_inside_the_table_is_repaired_by_the_next_check", || {
         runtime().block_on(async {
-            let spec = FirewallSpec {
-                backend: Backend::Vxlan,
-                vxlan_port: 8472,
-                pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
-                cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-                masquerade: true,
-                peers: BTreeSet::new(),
-            };
             let (tx, rx) = tokio::sync::watch::channel(PeerSet::complete([fake_peer(2)]));
             let metrics = Arc::new(Metrics::new());
-            let task = tokio::spawn(run(spec, rx, metrics.clone(), Duration::from_millis(200)));
+            let task = tokio::spawn(run(spec_with(&[]), rx, metrics.clone(), Duration::from_millis(200)));
             let limit = Duration::from_secs(5);
             let table = wait_for(limit, || listed_if_any("peers4") == [fake_peer(2).underlay_ip].into()).await;
             assert!(table.is_some(), "no table");
