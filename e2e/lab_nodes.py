@@ -118,5 +118,17 @@ def node_ready(i):
 def wait_cni_config(i, timeout=120):
     """The agent's conflist, once it is in the node's /etc/cni/net.d."""
     path = node_dir(i) / "fs" / "etc-cni-net.d" / "10-weir.conflist"
-    wait_for(path.exists, timeout, f"node-{i}: the agent's CNI config (see its agent's log, `kubectl logs -n {NS}`)")
+    wait_for(path.exists, timeout, lambda: f"node-{i}: the agent's CNI config; {why_no_cni_config(i)}")
     return json.loads(path.read_text())
+
+
+def why_no_cni_config(i):
+    """What a missing CNI config has to go on, read before the test's
+    clean-up removes the node: whether the Node holds a pod CIDR, its agent
+    pod's phase and the end of the agent's log."""
+    node = f"node-{i}"
+    cidrs = kubectl("get", "node", node, "-o", "jsonpath={.spec.podCIDRs}", check=False).strip() or "none"
+    pods = kubectl("get", "pods", "-n", NS, "--field-selector", f"spec.nodeName={node}", "-o",
+                   "jsonpath={range .items[*]}{.metadata.name} {.status.phase}{'\\n'}{end}", check=False).split()
+    log = kubectl("logs", "-n", NS, "--tail", "15", pods[0], check=False) if pods else ""
+    return f"pod CIDRs {cidrs}; agent pods {pods or 'none'}; the agent's last log lines:\n{log}"
