@@ -16,6 +16,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::rules::{Accepted, Held, Rejection, Rules, Verdict, age_key};
+use super::types::overlap;
 use super::{Mac, NodeInfo};
 
 pub struct IncrementalRules {
@@ -248,7 +249,6 @@ impl Values {
     }
 
     fn meet(&self, other: &Values) -> bool {
-        let overlap = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
         (self.ip.is_some() && self.ip == other.ip)
             || (self.mac.is_some() && self.mac == other.mac)
             || self.cidrs.iter().any(|a| other.cidrs.iter().any(|b| overlap(a, b)))

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use super::types::overlap;
 use super::{ANN_PUBLIC_IP, ANN_VTEP_MAC, Backend, CidrSet, FIELD_POD_CIDRS, Mac, MacError, NodeInfo};
 
 /// A Node that is not a valid peer, and why.
@@ -287,7 +288,7 @@ impl Rules {
                     Some(&owner),
                 ));
             }
-            if cidrs.iter().any(|c| c.contains(&cidr.network()) || cidr.contains(&c.network())) {
+            if cidrs.iter().any(|c| overlap(c, &cidr)) {
                 return Err(reject(FIELD_POD_CIDRS, text, "overlaps another of the node's own pod CIDRs", None));
             }
             cidrs.push(cidr);

@@ -113,6 +113,11 @@ impl FromStr for Backend {
     }
 }
 
+/// Whether two CIDRs share an address: prefixes either nest or are disjoint.
+pub(super) fn overlap(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
 /// Non-overlapping CIDRs with an owner each; finds an overlap in O(log n).
 /// Prefixes either nest or are disjoint, so a new one overlaps a stored one
 /// exactly when the nearest stored range at or below its start reaches into it,
