@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::rules::{Accepted, Held, Rejection, Rules, Verdict, age_key};
+use super::rules::{Accepted, Held, Rules, Verdict, age_key};
 use super::types::overlap;
 use super::{Mac, NodeInfo};
 
@@ -71,7 +71,9 @@ impl IncrementalRules {
         self.verdicts.values().map(|(_, v)| v)
     }
 
-    /// The accepted nodes, oldest first.
+    /// The accepted nodes, oldest first, as a full validation lists them:
+    /// what the tests compare with. The agent reads `by_name`.
+    #[cfg(test)]
     pub fn accepted(&self) -> impl Iterator<Item = &Accepted> {
         self.in_age_order().filter_map(|v| match v {
             Verdict::Accepted(a) => Some(a),
@@ -79,12 +81,18 @@ impl IncrementalRules {
         })
     }
 
-    /// The rejected nodes, oldest first.
-    pub fn rejected(&self) -> impl Iterator<Item = &Rejection> {
+    /// The rejected nodes, oldest first (see `accepted`).
+    #[cfg(test)]
+    pub fn rejected(&self) -> impl Iterator<Item = &super::Rejection> {
         self.in_age_order().filter_map(|v| match v {
             Verdict::Rejected(r) => Some(r),
             _ => None,
         })
+    }
+
+    #[cfg(test)]
+    fn in_age_order(&self) -> impl Iterator<Item = &Verdict> {
+        self.by_age.iter().filter_map(|(_, name)| self.verdict(name))
     }
 
     pub fn rejected_count(&self) -> usize {
@@ -98,10 +106,6 @@ impl IncrementalRules {
     /// How many nodes the last update judged.
     pub fn judged(&self) -> usize {
         self.judged
-    }
-
-    fn in_age_order(&self) -> impl Iterator<Item = &Verdict> {
-        self.by_age.iter().filter_map(|(_, name)| self.verdict(name))
     }
 
     /// Whether every node the change touches, as it was and as it is, is
