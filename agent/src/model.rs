@@ -103,7 +103,8 @@ pub fn changes_since<'a, A>(
     pairs
         .filter(|(_, a, b)| match (a, b) {
             (Some(a), Some(b)) => !same(a, b),
-            (a, b) => a.is_some() || b.is_some(),
+            (None, None) => false,
+            _ => true,
         })
         .collect()
 }

@@ -242,8 +242,10 @@ fn write_elements(socket: &mut Option<NftSocket>, delta: &[SetChange], known: Op
     with_socket(socket, |s| {
         let before = s.generation().ok();
         s.apply(TABLE_NAME, delta)?;
-        let after = s.generation().ok();
-        Ok(after.filter(|g| known.is_some() && before == known && Some(*g) == known.map(next_generation)))
+        Ok(match (known, before, s.generation().ok()) {
+            (Some(k), Some(b), Some(after)) if k == b && after == next_generation(b) => Some(after),
+            _ => None,
+        })
     })
 }
 
@@ -268,8 +270,8 @@ async fn check(
     dropped_before: &mut u64,
     metrics: &Metrics,
 ) {
-    let now = generation(socket);
-    let untouched = applied.as_ref().is_some_and(|a| a.generation.is_some() && a.generation == now);
+    let committed = generation(socket);
+    let untouched = applied.as_ref().is_some_and(|a| a.generation.is_some() && a.generation == committed);
     let listing = if untouched { None } else { nft(&["-s", "list", "table", "inet", "weir"], None).await.ok() };
     let current = dropped_packets(socket);
     // A table that weir wrote and that is gone is drift even when its last
@@ -280,13 +282,13 @@ async fn check(
             Some(Applied { canonical: None, .. }) => listing.is_none(),
             None => false,
         };
-    let stale = applied.as_ref().is_none_or(|a| a.peers != wanted || !untouched && a.canonical.is_none());
+    let stale = applied.as_ref().is_none_or(|a| a.peers != wanted || (!untouched && a.canonical.is_none()));
     if !drifted && !stale {
         if let Some(a) = applied.as_mut() {
-            a.generation = now;
+            a.generation = committed;
         }
-        if let Some(now) = current {
-            metrics.tunnel_dropped.set((*dropped_before + now) as i64);
+        if let Some(packets) = current {
+            metrics.tunnel_dropped.set((*dropped_before + packets) as i64);
         }
         return;
     }
@@ -294,9 +296,11 @@ async fn check(
     let spec = FirewallSpec { peers: wanted, ..base.clone() };
     match nft(&["-f", "-"], Some(&render(&spec))).await {
         Ok(_) => {
-            let before = generation(socket);
+            // The listing is of that generation only if nothing was
+            // committed while it was taken.
+            let listed_at = generation(socket);
             let canonical = nft(&["-s", "list", "table", "inet", "weir"], None).await.ok();
-            let generation = before.filter(|g| Some(*g) == generation(socket));
+            let known = listed_at.filter(|g| Some(*g) == generation(socket));
             if drifted {
                 warn!("nftables table inet weir was changed or removed; restored");
                 metrics.firewall_sync.with_label_values(&[labels::REPAIRED]).inc();
@@ -305,7 +309,7 @@ async fn check(
                 info!(peers = spec.peers.len(), "nftables table inet weir applied");
                 metrics.firewall_sync.with_label_values(&[labels::SUCCESS]).inc();
             }
-            *applied = Some(Applied { peers: spec.peers, canonical, generation });
+            *applied = Some(Applied { peers: spec.peers, canonical, generation: known });
         }
         Err(e) => {
             warn!(error = %e, "applying nftables table inet weir failed; will retry");
