@@ -4,6 +4,8 @@
 //! checks every answer on its next pass. The dependency runs one way: the
 //! engine knows `ondemand`, not the reverse.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +16,7 @@ use crate::dataplane::events::KernelEvent;
 use crate::dataplane::{DeviceAction, DeviceSpec, Kernel, KernelError};
 use crate::health::Heartbeat;
 use crate::metrics::{Metrics, labels};
-use crate::model::{Backend, Mac, PeerSet};
+use crate::model::{Backend, Mac, Peer, PeerSet};
 use crate::ondemand::{ActiveSet, MissTable};
 use crate::plan::{self, DesiredState, KernelState};
 
@@ -88,6 +90,9 @@ pub struct Engine<K> {
     seen_edits: Option<u64>,
     /// Whether the last dump found nexthop objects (kernels since 5.3).
     nexthops_supported: bool,
+    /// Every peer's fdb entry, so that the echo of one is recognised without
+    /// walking all peers: each of our own fdb writes is echoed back.
+    peer_fdb: PeerFdb,
     ifindex: u32,
     consecutive_failures: u32,
     status: watch::Sender<EngineStatus>,
@@ -110,6 +115,7 @@ impl<K: Kernel> Engine<K> {
             changes: Default::default(),
             seen_edits: None,
             nexthops_supported: false,
+            peer_fdb: PeerFdb::default(),
             ifindex: 0,
             consecutive_failures: 0,
             status,
@@ -136,10 +142,16 @@ impl<K: Kernel> Engine<K> {
         // removals are noted), so a partial listing never shrinks the
         // desired state.
         for (name, peer) in self.note_changes(next) {
-            match peer {
-                Some(peer) => self.peers.peers.insert(name, peer),
+            let old = match peer {
+                Some(peer) => {
+                    self.peer_fdb.add(&peer);
+                    self.peers.peers.insert(name, peer)
+                }
                 None => self.peers.peers.remove(&name),
             };
+            if let Some(old) = old {
+                self.peer_fdb.remove(&old);
+            }
         }
         self.peers.complete |= next.complete;
         // The desired state of every peer is rebuilt by the next full pass,
@@ -340,8 +352,7 @@ impl<K: Kernel> Engine<K> {
         match event {
             KernelEvent::Changed { ifindex, ours } => *ours || (*ifindex != 0 && *ifindex == self.ifindex),
             KernelEvent::FdbAdded { ifindex, mac, dst } => {
-                *ifindex == self.ifindex
-                    && !self.peers.peers.values().any(|p| Some(p.vtep_mac) == *mac && Some(p.underlay_ip) == *dst)
+                *ifindex == self.ifindex && !matches!((mac, dst), (Some(m), Some(d)) if self.peer_fdb.has(*m, *d))
             }
             KernelEvent::Overrun | KernelEvent::Closed => true,
         }
@@ -428,6 +439,31 @@ impl<K: Kernel> Engine<K> {
                 }
             }
         }
+    }
+}
+
+/// The fdb entries (VTEP MAC, underlay) of the engine's peers, each with the
+/// number of peers that want it.
+#[derive(Debug, Default)]
+struct PeerFdb(HashMap<(Mac, IpAddr), u32>);
+
+impl PeerFdb {
+    fn add(&mut self, p: &Peer) {
+        *self.0.entry((p.vtep_mac, p.underlay_ip)).or_default() += 1;
+    }
+
+    fn remove(&mut self, p: &Peer) {
+        let key = (p.vtep_mac, p.underlay_ip);
+        if let Some(n) = self.0.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(&key);
+            }
+        }
+    }
+
+    fn has(&self, mac: Mac, underlay: IpAddr) -> bool {
+        self.0.contains_key(&(mac, underlay))
     }
 }
 

@@ -212,6 +212,40 @@ async fn the_echo_of_a_wanted_fdb_entry_is_no_drift_but_a_foreign_one_is() {
     task.await.unwrap();
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_fdb_entry_a_peer_gave_up_is_drift_and_the_one_it_took_is_not() {
+    let k = FakeKernel::default();
+    let (e, _) = engine(&k);
+    let (peers_tx, peers) = watch::channel(PeerSet::complete([peer(2), peer(3)]));
+    let (events_tx, events) = mpsc::channel(8);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let task = tokio::spawn(e.run(peers, events, || None, shutdown));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ifindex = k.state().device.unwrap().0;
+    let dumps = || k.count(|c| matches!(c, Call::Dump));
+    let echo = |p: &Peer| KernelEvent::FdbAdded { ifindex, mac: Some(p.vtep_mac), dst: Some(p.underlay_ip) };
+    let old = peer(2);
+    let new = Peer { vtep_mac: Mac([0x0e, 0, 0, 0, 0x22, 0x22]), ..peer(2) };
+    peers_tx.send_replace(PeerSet::complete([new.clone(), peer(3)]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = dumps();
+    events_tx.send(echo(&new)).await.unwrap();
+    events_tx.send(echo(&peer(3))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(dumps(), before, "a full pass for entries the peers want");
+    events_tx.send(echo(&old)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(dumps() > before, "no full pass for the entry of the MAC the peer gave up");
+    peers_tx.send_replace(PeerSet::complete([new]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = dumps();
+    events_tx.send(echo(&peer(3))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(dumps() > before, "no full pass for the entry of a removed peer");
+    shutdown_tx.send(true).unwrap();
+    task.await.unwrap();
+}
+
 fn on_demand(idle: Duration) -> (OnDemand, Arc<ActiveSet>) {
     let active = Arc::new(ActiveSet::default());
     let (table, _) = watch::channel(Arc::new(MissTable::default()));
