@@ -167,83 +167,93 @@ async fn failed_writes_are_retried_after_0_5_1_and_2_seconds() {
     task.await.unwrap();
 }
 
+/// An engine on the fake kernel, running from a watched peer set, with
+/// the senders a test drives it by; a second has passed when it returns.
+struct Running {
+    peers: watch::Sender<PeerSet>,
+    events: mpsc::Sender<KernelEvent>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn start(e: Engine<FakeKernel>, peers: PeerSet) -> Running {
+        let (peers, peers_rx) = watch::channel(peers);
+        let (events, events_rx) = mpsc::channel(8);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let task = tokio::spawn(e.run(peers_rx, events_rx, || None, shutdown_rx));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Running { peers, events, shutdown, task }
+    }
+
+    /// Sends the events, then lets a second pass.
+    async fn send(&self, events: impl IntoIterator<Item = KernelEvent>) {
+        for e in events {
+            self.events.send(e).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    async fn stop(self) {
+        self.shutdown.send(true).unwrap();
+        self.task.await.unwrap();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn lost_notifications_force_a_full_resync() {
     let k = FakeKernel::default();
     let (e, metrics) = engine(&k);
-    let (_peers_tx, peers) = watch::channel(PeerSet::complete([peer(2)]));
-    let (events_tx, events) = mpsc::channel(8);
-    let (shutdown_tx, shutdown) = watch::channel(false);
-    let task = tokio::spawn(e.run(peers, events, || None, shutdown));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let running = Running::start(e, PeerSet::complete([peer(2)])).await;
     let dumps = k.count(|c| matches!(c, Call::Dump));
     k.state().entries.neigh.clear();
-    events_tx.send(KernelEvent::Overrun).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.send([KernelEvent::Overrun]).await;
     assert!(k.count(|c| matches!(c, Call::Dump)) > dumps, "no dump after the overrun");
     assert_eq!(metrics.netlink_enobufs.get(), 1);
     assert_eq!(holds(&k, &peer(2)), (true, true, true), "the resync repaired what the lost notification hid");
-    shutdown_tx.send(true).unwrap();
-    task.await.unwrap();
+    running.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_echo_of_a_wanted_fdb_entry_is_no_drift_but_a_foreign_one_is() {
     let k = FakeKernel::default();
     let (e, _) = engine(&k);
-    let (_peers_tx, peers) = watch::channel(PeerSet::complete([peer(2)]));
-    let (events_tx, events) = mpsc::channel(8);
-    let (shutdown_tx, shutdown) = watch::channel(false);
-    let task = tokio::spawn(e.run(peers, events, || None, shutdown));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let running = Running::start(e, PeerSet::complete([peer(2)])).await;
     let ifindex = k.state().device.unwrap().0;
     let dumps = || k.count(|c| matches!(c, Call::Dump));
     let before = dumps();
     let p = peer(2);
-    let echo = KernelEvent::FdbAdded { ifindex, mac: Some(p.vtep_mac), dst: Some(p.underlay_ip) };
-    events_tx.send(echo).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.send([KernelEvent::FdbAdded { ifindex, mac: Some(p.vtep_mac), dst: Some(p.underlay_ip) }]).await;
     assert_eq!(dumps(), before, "a full pass for an entry weir wants");
-    let foreign = KernelEvent::FdbAdded { ifindex, mac: Some(p.vtep_mac), dst: Some("198.18.0.99".parse().unwrap()) };
-    events_tx.send(foreign).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let elsewhere = Some("198.18.0.99".parse().unwrap());
+    running.send([KernelEvent::FdbAdded { ifindex, mac: Some(p.vtep_mac), dst: elsewhere }]).await;
     assert!(dumps() > before, "no full pass for an entry pointing elsewhere");
-    shutdown_tx.send(true).unwrap();
-    task.await.unwrap();
+    running.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_fdb_entry_a_peer_gave_up_is_drift_and_the_one_it_took_is_not() {
     let k = FakeKernel::default();
     let (e, _) = engine(&k);
-    let (peers_tx, peers) = watch::channel(PeerSet::complete([peer(2), peer(3)]));
-    let (events_tx, events) = mpsc::channel(8);
-    let (shutdown_tx, shutdown) = watch::channel(false);
-    let task = tokio::spawn(e.run(peers, events, || None, shutdown));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let running = Running::start(e, PeerSet::complete([peer(2), peer(3)])).await;
     let ifindex = k.state().device.unwrap().0;
     let dumps = || k.count(|c| matches!(c, Call::Dump));
     let echo = |p: &Peer| KernelEvent::FdbAdded { ifindex, mac: Some(p.vtep_mac), dst: Some(p.underlay_ip) };
     let old = peer(2);
     let new = Peer { vtep_mac: Mac([0x0e, 0, 0, 0, 0x22, 0x22]), ..peer(2) };
-    peers_tx.send_replace(PeerSet::complete([new.clone(), peer(3)]));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.peers.send_replace(PeerSet::complete([new.clone(), peer(3)]));
+    running.send([]).await;
     let before = dumps();
-    events_tx.send(echo(&new)).await.unwrap();
-    events_tx.send(echo(&peer(3))).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.send([echo(&new), echo(&peer(3))]).await;
     assert_eq!(dumps(), before, "a full pass for entries the peers want");
-    events_tx.send(echo(&old)).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.send([echo(&old)]).await;
     assert!(dumps() > before, "no full pass for the entry of the MAC the peer gave up");
-    peers_tx.send_replace(PeerSet::complete([new]));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.peers.send_replace(PeerSet::complete([new]));
+    running.send([]).await;
     let before = dumps();
-    events_tx.send(echo(&peer(3))).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.send([echo(&peer(3))]).await;
     assert!(dumps() > before, "no full pass for the entry of a removed peer");
-    shutdown_tx.send(true).unwrap();
-    task.await.unwrap();
+    running.stop().await;
 }
 
 fn on_demand(idle: Duration) -> (OnDemand, Arc<ActiveSet>) {
