@@ -94,12 +94,15 @@ def stop_node_daemons(i, keep_pods=False):
 
 
 def remove_node(i):
+    # The Node goes before its pods: a DaemonSet pod deleted while its Node
+    # still exists is created again at once, for a node that is going away,
+    # and a node added again under the same name meets that stale pod.
+    stop_node_daemons(i)
+    kubectl("delete", "node", f"node-{i}", "--ignore-not-found")
     kubectl("delete", "pods", "-A", "--field-selector", f"spec.nodeName=node-{i}", "--force", "--grace-period=0",
             "--wait=false", check=False)
-    stop_node_daemons(i)
     stop(f"node-{i}-holder", sig=signal.SIGKILL)
     rt.remove_cgroups(i)
-    kubectl("delete", "node", f"node-{i}", "--ignore-not-found", "--wait=false")
     if node_ns(i) in netns_list():
         sh(["ip", "netns", "del", node_ns(i)])
     shutil.rmtree(node_dir(i), ignore_errors=True)
@@ -125,10 +128,15 @@ def wait_cni_config(i, timeout=120):
 def why_no_cni_config(i):
     """What a missing CNI config has to go on, read before the test's
     clean-up removes the node: whether the Node holds a pod CIDR, its agent
-    pod's phase and the end of the agent's log."""
+    pod's phase and the end of the agent's log, and, when it has no agent
+    pod, every agent pod wherever it is bound and the DaemonSet's events."""
     node = f"node-{i}"
     cidrs = kubectl("get", "node", node, "-o", "jsonpath={.spec.podCIDRs}", check=False).strip() or "none"
     pods = kubectl("get", "pods", "-n", NS, "--field-selector", f"spec.nodeName={node}", "-o",
                    "jsonpath={range .items[*]}{.metadata.name} {.status.phase}{'\\n'}{end}", check=False).split()
-    log = kubectl("logs", "-n", NS, "--tail", "15", pods[0], check=False) if pods else ""
-    return f"pod CIDRs {cidrs}; agent pods {pods or 'none'}; the agent's last log lines:\n{log}"
+    if pods:
+        log = kubectl("logs", "-n", NS, "--tail", "15", pods[0], check=False)
+        return f"pod CIDRs {cidrs}; agent pods {pods}; the agent's last log lines:\n{log}"
+    every = kubectl("get", "pods", "-n", NS, "-o", "wide", check=False)
+    events = kubectl("get", "events", "-n", NS, "--sort-by", ".lastTimestamp", check=False).splitlines()[-15:]
+    return f"pod CIDRs {cidrs}; no agent pod on {node}; the pods in {NS}:\n{every}\nits last events:\n" + "\n".join(events)
