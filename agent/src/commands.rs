@@ -20,14 +20,15 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn status(args: &RunArgs, s: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let record_path = args.run_dir.join(crate::peers::publish::PEERS_FILE);
-    let record: PeersRecord = serde_json::from_str(
-        &std::fs::read_to_string(&record_path)
-            .with_context(|| format!("read {} (is the agent running on this node?)", record_path.display()))?,
-    )
-    .with_context(|| format!("parse {}", record_path.display()))?;
     let port = args.metrics_addr.port();
-    let agent: Option<serde_json::Value> = weir_common::http::get(&format!("127.0.0.1:{port}"), "/status")
+    let addr = format!("127.0.0.1:{port}");
+    // The agent builds the record when asked: nothing on its event path.
+    let (code, body) = weir_common::http::get(&addr, "/peers")
+        .with_context(|| format!("ask the agent for its peers at {addr}/peers (is the agent running on this node?)"))?;
+    anyhow::ensure!(code == 200, "the agent at {addr}/peers answered {code}: {}", body.trim());
+    let record: PeersRecord =
+        serde_json::from_str(&body).with_context(|| format!("parse the peers the agent at {addr}/peers sent"))?;
+    let agent: Option<serde_json::Value> = weir_common::http::get(&addr, "/status")
         .ok()
         .filter(|(code, _)| *code == 200)
         .and_then(|(_, body)| serde_json::from_str(&body).ok());

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::engine::{EngineStatus, HEARTBEAT};
 use crate::metrics::Metrics;
+use crate::peers::publish::PeersReport;
 use weir_common::http::{self, Response};
 
 /// Three missed beats.
@@ -54,6 +55,8 @@ pub struct Probes {
     pub cni_written: AtomicBool,
     /// What start-up is waiting for, shown by `/readyz` until the engine runs.
     pub waiting_for: std::sync::Mutex<&'static str>,
+    /// Set once the agent knows its own Node and judges the others.
+    pub peers: OnceLock<PeersReport>,
 }
 
 impl Probes {
@@ -89,10 +92,17 @@ impl Probes {
             None => Response::json("{}".to_string()),
         }
     }
+
+    fn peers(&self) -> Response {
+        match self.peers.get() {
+            Some(report) => Response::json(serde_json::to_string(&report.record()).expect("peers serialise")),
+            None => Response::text(503, "the agent does not judge peers yet: it starts, or has no peer source\n"),
+        }
+    }
 }
 
-/// Binds the listener and serves `/metrics`, `/healthz`, `/readyz` and
-/// `/status` from now on.
+/// Binds the listener and serves `/metrics`, `/healthz`, `/readyz`,
+/// `/status` and `/peers` from now on.
 pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>, probes: Arc<Probes>) -> std::io::Result<()> {
     http::bind_and_serve(addr, move |path| match path {
         "/metrics" => {
@@ -102,6 +112,7 @@ pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>, probes: Ar
         "/healthz" => probes.healthz(),
         "/readyz" => probes.readyz(),
         "/status" => probes.status(),
+        "/peers" => probes.peers(),
         _ => Response::text(404, "not found\n"),
     })
     .await
@@ -132,5 +143,25 @@ mod tests {
         let r = probes.readyz();
         assert_eq!(r.code, 503);
         assert!(r.body.contains("spec.podCIDRs"), "{}", r.body);
+    }
+
+    #[test]
+    fn peers_are_served_once_the_agent_judges_them() {
+        let probes = Probes::default();
+        let r = probes.peers();
+        assert_eq!(r.code, 503);
+        assert!(r.body.contains("does not judge peers yet"), "{}", r.body);
+        let validator = crate::peers::validate::Validator::new(
+            crate::model::Backend::Vxlan,
+            true,
+            vec!["10.244.0.0/16".parse().unwrap()],
+            "self".into(),
+            vec!["10.244.1.0/24".parse().unwrap()],
+        );
+        let _ = probes.peers.set(crate::peers::publish::PeersReport::new(validator, None));
+        let r = probes.peers();
+        assert_eq!(r.code, 200);
+        let record: crate::peers::publish::PeersRecord = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(record.backend, crate::model::Backend::Vxlan);
     }
 }

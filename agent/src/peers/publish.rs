@@ -1,12 +1,10 @@
 //! From validated nodes to the engine's peer set, logging and counting every
-//! rejection once, and recording the accepted peers for `weir-agent status`.
+//! rejection once, and reporting the peers to `weir-agent status` on request.
 //! A Node event costs in proportion to what it changed: the rules judge the
 //! changed nodes (`IncrementalRules`), and the peer set is edited in place.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -17,9 +15,7 @@ use crate::metrics::{Metrics, labels};
 use crate::model::{Backend, Peer, PeerSet};
 use crate::plan::Direct;
 
-/// Written to the run dir whenever the accepted peers change.
-pub const PEERS_FILE: &str = "peers.json";
-
+/// What `weir-agent status` compares the kernel with: served at `/peers`.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct PeersRecord {
     pub backend: Backend,
@@ -31,20 +27,49 @@ pub struct PeersRecord {
     pub rejected: Vec<String>,
 }
 
+/// Builds the peers record when asked. With thousands of Nodes it is
+/// hundreds of kilobytes and milliseconds of CPU: written after Node events,
+/// it was 41 % of an agent's CPU in a run of joins, spent by every agent at
+/// once, beside the events it delayed (BENCHMARKS.md, F3).
+#[derive(Clone)]
+pub struct PeersReport {
+    verdicts: Arc<Mutex<IncrementalRules>>,
+    backend: Backend,
+    direct: Option<Direct>,
+}
+
+impl PeersReport {
+    pub fn new(validator: Validator, direct: Option<Direct>) -> Self {
+        let backend = validator.backend;
+        PeersReport { verdicts: Arc::new(Mutex::new(validator.into_incremental())), backend, direct }
+    }
+
+    pub fn record(&self) -> PeersRecord {
+        let mut record =
+            PeersRecord { backend: self.backend, direct: self.direct, peers: Vec::new(), rejected: Vec::new() };
+        // Cloned under the lock, serialised after it: the next Node event
+        // waits for the lock.
+        let verdicts = self.verdicts.lock().expect("verdicts lock");
+        for verdict in verdicts.by_name() {
+            match verdict {
+                Verdict::Accepted(a) => record.peers.push(peer(a.clone())),
+                Verdict::Rejected(r) => record.rejected.push(r.to_string()),
+                Verdict::Skipped(_) => {}
+            }
+        }
+        record
+    }
+}
+
 /// Returns `publish(nodes, complete, changed)`: `changed` names the nodes
 /// added, changed or deleted since the last call, None when any may have
-/// (a re-list, a reread file).
+/// (a re-list, a reread file). `report` then shows what it judged.
 pub fn publisher(
-    validator: Validator,
-    direct: Option<Direct>,
+    report: &PeersReport,
     tx: watch::Sender<PeerSet>,
     metrics: Arc<Metrics>,
-    record_path: PathBuf,
-) -> impl FnMut(&BTreeMap<String, NodeInfo>, bool, Option<&BTreeSet<String>>) {
-    let backend = validator.backend;
-    let verdicts = Arc::new(Mutex::new(validator.into_incremental()));
-    let (record_tx, record_rx) = watch::channel(());
-    tokio::spawn(write_records(record_rx, verdicts.clone(), backend, direct, record_path));
+) -> impl FnMut(&BTreeMap<String, NodeInfo>, bool, Option<&BTreeSet<String>>) + use<> {
+    let (backend, verdicts) = (report.backend, report.verdicts.clone());
     move |nodes, complete, changed| {
         let mut verdicts = verdicts.lock().expect("verdicts lock");
         let moved = verdicts.update(nodes, changed);
@@ -65,12 +90,10 @@ pub fn publisher(
         }
         metrics.peers.with_label_values(&[labels::REJECTED]).set(verdicts.rejected_count() as i64);
         metrics.peers.with_label_values(&[labels::PENDING]).set(verdicts.skipped_count() as i64);
-        // The engine first: the record is for people, and waits. A change
-        // that alters no peer (a label, a rejected node's new value) wakes
-        // nobody: the engine and the firewall would each redo work.
+        // A change that alters no peer (a label, a rejected node's new
+        // value) wakes nobody: the engine and the firewall would each redo
+        // work.
         tx.send_if_modified(|current| edit_peer_set(current, &verdicts, complete, changed.is_some().then_some(&moved)));
-        drop(verdicts);
-        record_tx.send_replace(());
     }
 }
 
@@ -116,56 +139,19 @@ fn edit_peer_set(
     modified
 }
 
-/// How often, at most, the record is rewritten. With thousands of Nodes it
-/// is hundreds of kilobytes, milliseconds to build: each Node event wrote it
-/// again (a third of the agent's CPU in a run of joins), and the build held
-/// the verdicts while the next event waited for them.
-const RECORD_GAP: Duration = Duration::from_secs(2);
-
-/// Writes the latest record, off the path from a Node event to the kernel:
-/// the first at once, each later one RECORD_GAP after the change that asked
-/// for it, so a burst of Node events costs one write, taken after them.
-/// Not synced to disk: it is a status report for `weir-agent status`, which
-/// nothing reads back on start (the run dir is a tmpfs on a real node).
-async fn write_records(
-    mut wake: watch::Receiver<()>,
-    verdicts: Arc<Mutex<IncrementalRules>>,
-    backend: Backend,
-    direct: Option<Direct>,
-    path: PathBuf,
-) {
-    let mut last = String::new();
-    while wake.changed().await.is_ok() {
-        if !last.is_empty() {
-            tokio::time::sleep(RECORD_GAP).await;
-            // What changed during the wait is in this write.
-            wake.borrow_and_update();
-        }
-        let record = {
-            let verdicts = verdicts.lock().expect("verdicts lock");
-            let mut record = PeersRecord { backend, direct, peers: Vec::new(), rejected: Vec::new() };
-            for verdict in verdicts.by_name() {
-                match verdict {
-                    Verdict::Accepted(a) => record.peers.push(peer(a.clone())),
-                    Verdict::Rejected(r) => record.rejected.push(r.to_string()),
-                    Verdict::Skipped(_) => {}
-                }
-            }
-            record
-        };
-        let json = serde_json::to_string(&record).expect("peers serialise");
-        if json != last {
-            if let Err(e) = crate::cni::replace_file(&path, &json, false) {
-                warn!(path = %path.display(), error = %e, "cannot record peers for `weir-agent status`");
-            }
-            last = json;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn validator() -> Validator {
+        Validator::new(
+            Backend::Vxlan,
+            true,
+            vec!["10.244.0.0/16".parse().unwrap()],
+            "self".into(),
+            vec!["10.244.1.0/24".parse().unwrap()],
+        )
+    }
 
     fn node(name: &str, addresses: &[&str]) -> NodeInfo {
         NodeInfo {
@@ -181,16 +167,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_node_change_that_alters_no_peer_wakes_neither_engine_nor_firewall() {
-        let validator = Validator::new(
-            Backend::Vxlan,
-            true,
-            vec!["10.244.0.0/16".parse().unwrap()],
-            "self".into(),
-            vec!["10.244.1.0/24".parse().unwrap()],
-        );
         let (tx, mut rx) = watch::channel(PeerSet::default());
-        let record = std::env::temp_dir().join(format!("weir-publish-test-{}", std::process::id())).join(PEERS_FILE);
-        let mut publish = publisher(validator, None, tx, Arc::new(Metrics::new()), record.clone());
+        let mut publish = publisher(&PeersReport::new(validator(), None), tx, Arc::new(Metrics::new()));
         let peer_changed = BTreeSet::from(["peer".to_string()]);
         let mut nodes = BTreeMap::from([("peer".to_string(), node("peer", &[]))]);
         publish(&nodes, true, None);
@@ -213,6 +191,27 @@ mod tests {
         assert_eq!(rx.borrow_and_update().peers.len(), 1);
         publish(&nodes, true, None);
         assert!(!rx.has_changed().unwrap(), "a re-list of the same nodes sent a new peer set");
-        let _ = std::fs::remove_dir_all(record.parent().unwrap());
+    }
+
+    #[test]
+    fn the_report_holds_what_the_last_publish_accepted_and_rejected() {
+        let (tx, _rx) = watch::channel(PeerSet::default());
+        let report = PeersReport::new(validator(), None);
+        let mut publish = publisher(&report, tx, Arc::new(Metrics::new()));
+        assert!(report.record().peers.is_empty(), "nothing published yet");
+        let mut thief = node("thief", &[]);
+        thief.created = 2;
+        let mut nodes = BTreeMap::from([("peer".to_string(), node("peer", &[])), ("thief".to_string(), thief)]);
+        publish(&nodes, true, None);
+        let record = report.record();
+        assert_eq!(record.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["peer"]);
+        assert_eq!(record.rejected.len(), 1, "{:?}", record.rejected);
+        assert!(record.rejected[0].contains("thief"), "{:?}", record.rejected);
+        // Asked again after a change, it says what the change left.
+        nodes.remove("peer");
+        publish(&nodes, true, Some(&BTreeSet::from(["peer".to_string()])));
+        let record = report.record();
+        assert_eq!(record.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["thief"]);
+        assert!(record.rejected.is_empty(), "{:?}", record.rejected);
     }
 }

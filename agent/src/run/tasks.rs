@@ -169,8 +169,9 @@ pub fn start_peer_source(ctx: &Context, peers: watch::Sender<PeerSet>) {
         ctx.node_name.clone(),
         ctx.own.pod_cidrs.clone(),
     );
-    let record = args.run_dir.join(publish::PEERS_FILE);
-    let mut publish = publish::publisher(validator, ctx.direct, peers, ctx.metrics.clone(), record);
+    let report = publish::PeersReport::new(validator, ctx.direct);
+    let mut publish = publish::publisher(&report, peers, ctx.metrics.clone());
+    let _ = ctx.probes.peers.set(report);
     match (&ctx.nodes_api, &args.peers_file) {
         (Some(api), _) => {
             tokio::spawn(kube_peers::watch_nodes(api.clone(), ctx.metrics.clone(), publish));
