@@ -203,6 +203,9 @@ def f3_join(agents, joins=20):
           for k, t in (ln.split() for ln in load("join", joins).splitlines())}
     time.sleep(3)
     lat = {"weir": [], "flannel": []}
+    # Every agent's own time too, and each join's quickest agent: how much
+    # of a join's time is the delivery both kinds share.
+    each, quickest = {"weir": [], "flannel": []}, {"weir": [], "flannel": []}
     seen = {i: first_seen(p, "proto 87" if i % 2 else "flannel.1") for i, p in mons.items()}
     for cidr, start in t0.items():
         for kind, nodes in (("weir", range(1, agents + 1, 2)), ("flannel", range(2, agents + 1, 2))):
@@ -210,10 +213,16 @@ def f3_join(agents, joins=20):
             if None in times:
                 raise RuntimeError(f"{cidr} not programmed by every {kind} agent")
             lat[kind].append((max(times) - start) * 1000)
+            each[kind] += [(t - start) * 1000 for t in times]
+            quickest[kind].append((min(times) - start) * 1000)
     w, f = lat["weir"], lat["flannel"]
     bench.raw["F3"] = lat
     report("F3-rows", f"{joins} joins, {agents // 2} agents of each: weir p50 {pct(w, 50):.1f} ms p99 {pct(w, 99):.1f} ms; "
                       f"flannel p50 {pct(f, 50):.1f} ms p99 {pct(f, 99):.1f} ms")
+    report("F3-agents", "; ".join(
+        f"{kind}: every agent's join p10 {pct(each[kind], 10):.1f} p50 {pct(each[kind], 50):.1f} "
+        f"p90 {pct(each[kind], 90):.1f} ms, a join's quickest agent p50 {pct(quickest[kind], 50):.1f} ms"
+        for kind in ("weir", "flannel")))
     line("F3", "node-join convergence p99", pct(w, 99), pct(f, 99), 0.8, " ms")
     return lat
 
