@@ -141,24 +141,32 @@ impl<K: Kernel> Engine<K> {
         // Until the set is complete, what is known is kept and added to (no
         // removals are noted), so a partial listing never shrinks the
         // desired state.
+        let (mut gone, mut came) = (Vec::new(), Vec::new());
         for (name, peer) in self.note_changes(next) {
             let old = match peer {
                 Some(peer) => {
                     self.peer_fdb.add(&peer);
+                    came.push(name.clone());
                     self.peers.peers.insert(name, peer)
                 }
                 None => self.peers.peers.remove(&name),
             };
             if let Some(old) = old {
                 self.peer_fdb.remove(&old);
+                gone.push(old);
             }
         }
         self.peers.complete |= next.complete;
         // The desired state of every peer is rebuilt by the next full pass,
         // not here: a Node event writes only what it changed (`change.rs`).
         self.generation += 1;
-        if let Some(od) = &self.cfg.on_demand {
-            od.table.send_replace(Arc::new(MissTable::new(self.ifindex, self.peers.peers.values(), &od.active)));
+        if let Some(od) = &self.cfg.on_demand
+            && !(gone.is_empty() && came.is_empty())
+        {
+            let mut table = MissTable::clone(&od.table.borrow());
+            let came: Vec<&Peer> = came.iter().filter_map(|n| self.peers.peers.get(n)).collect();
+            table.edit(&gone.iter().collect::<Vec<_>>(), &came, &od.active);
+            od.table.send_replace(Arc::new(table));
             od.active.retain_known(|p| self.peers.peers.contains_key(p));
         }
         self.metrics.peers.with_label_values(&[labels::ACCEPTED]).set(self.peers.peers.len() as i64);

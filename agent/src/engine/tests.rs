@@ -283,6 +283,29 @@ async fn on_demand_routes_every_peer_but_keeps_fdb_and_neighbour_only_for_active
 }
 
 #[tokio::test]
+async fn on_demand_a_peer_change_edits_the_miss_table_and_copies_only_what_it_touched() {
+    let k = FakeKernel::default();
+    let (od, _) = on_demand(Duration::from_secs(3600));
+    let table = od.table.clone();
+    let (mut e, _) = engine_with(&k, Some(od));
+    let mut peers: Vec<Peer> = (2..=240).map(peer).collect();
+    e.set_peers(&PeerSet::complete(peers.clone()));
+    let before = table.borrow().clone();
+    let old_mac = peers[5].vtep_mac;
+    peers[5].vtep_mac = "0e:00:00:00:01:07".parse().unwrap();
+    let gone = peers.pop().unwrap();
+    e.set_peers(&PeerSet::complete(peers.clone()));
+    let after = table.borrow().clone();
+    assert_eq!(after.mac(&peers[5].vtep_mac).unwrap().underlay, peers[5].underlay_ip);
+    assert!(after.mac(&old_mac).is_none() && before.mac(&old_mac).is_some());
+    assert!(after.gateway(&gateway_of(&gone.pod_cidrs[0])).is_none());
+    assert_eq!(after.gateway(&gateway_of(&peers[0].pod_cidrs[0])).unwrap().mac, peers[0].vtep_mac);
+    // Two peers changed: at most two gateway and three MAC shards copied.
+    let (shared, total) = after.shared_with(&before);
+    assert!(shared >= total - 5, "a change of two peers copied {} of {total} shards", total - shared);
+}
+
+#[tokio::test]
 async fn on_demand_entries_idle_past_the_timeout_are_removed() {
     let k = FakeKernel::default();
     let (od, active) = on_demand(Duration::from_millis(1));

@@ -8,15 +8,17 @@
 
 pub mod miss;
 pub mod responder;
+mod shards;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::model::{Mac, Peer};
+use shards::ShardedMap;
 
 /// When a peer last had a miss, as nanoseconds since the ActiveSet's epoch
 /// plus one; zero means its entries are not installed. One atomic store is
@@ -158,31 +160,45 @@ impl Hasher for KeyHasher {
     }
 }
 
-type KeyMap<K> = HashMap<K, Answer, BuildHasherDefault<KeyHasher>>;
-
 /// What the responder answers from: lookup tables of the current peer set
-/// and the device the misses come from. The engine builds a new one when the
-/// peers or the device change and swaps it in whole, so the responder's hot
-/// path takes no lock beyond one read.
+/// and the device the misses come from. The engine publishes a new one when
+/// the peers or the device change and swaps it in whole, so the responder's
+/// hot path takes no lock beyond one read. A new table shares every shard
+/// its edit did not touch with the last one: a peer change copies two
+/// shards, not the table (BENCHMARKS.md, F6).
 #[derive(Debug, Default, Clone)]
 pub struct MissTable {
     /// weir's device; misses on other devices are not ours.
     pub ifindex: u32,
-    by_gateway: KeyMap<IpAddr>,
-    by_mac: KeyMap<Mac>,
+    by_gateway: ShardedMap<IpAddr, Answer>,
+    by_mac: ShardedMap<Mac, Answer>,
 }
 
 impl MissTable {
     pub fn new<'a>(ifindex: u32, peers: impl IntoIterator<Item = &'a Peer>, active: &ActiveSet) -> Self {
         let mut t = MissTable { ifindex, ..Default::default() };
-        for p in peers {
+        let peers: Vec<&Peer> = peers.into_iter().collect();
+        t.edit(&[], &peers, active);
+        t
+    }
+
+    /// Drops the answers of `gone` (old values of changed or removed peers),
+    /// then adds those of `new`. In that order: a peer may take a gateway or
+    /// MAC that another gave up in the same change.
+    pub fn edit(&mut self, gone: &[&Peer], new: &[&Peer], active: &ActiveSet) {
+        for p in gone {
+            for cidr in &p.pod_cidrs {
+                self.by_gateway.remove(&crate::model::gateway_of(cidr));
+            }
+            self.by_mac.remove(&p.vtep_mac);
+        }
+        for p in new {
             let answer = Answer { mac: p.vtep_mac, underlay: p.underlay_ip, mark: active.mark_of(&p.name) };
             for cidr in &p.pod_cidrs {
-                t.by_gateway.insert(crate::model::gateway_of(cidr), answer.clone());
+                self.by_gateway.insert(crate::model::gateway_of(cidr), answer.clone());
             }
-            t.by_mac.insert(p.vtep_mac, answer);
+            self.by_mac.insert(p.vtep_mac, answer);
         }
-        t
     }
 
     pub fn gateway(&self, ip: &IpAddr) -> Option<&Answer> {
@@ -192,11 +208,17 @@ impl MissTable {
     pub fn mac(&self, mac: &Mac) -> Option<&Answer> {
         self.by_mac.get(mac)
     }
+
+    /// How many of the two tables' shards are the same, of how many (tests).
+    #[cfg(test)]
+    pub fn shared_with(&self, other: &MissTable) -> (usize, usize) {
+        (self.by_gateway.shared_with(&other.by_gateway) + self.by_mac.shared_with(&other.by_mac), 2 * shards::SHARDS)
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::hash::BuildHasher;
+    use std::hash::{BuildHasher, BuildHasherDefault};
 
     use super::*;
 
@@ -214,6 +236,35 @@ mod tests {
         assert_eq!(t.gateway(&"fd00:10:244:2::".parse().unwrap()).unwrap().underlay, p.underlay_ip);
         assert!(t.gateway(&"10.244.2.1".parse().unwrap()).is_none());
         assert_eq!(t.mac(&p.vtep_mac).unwrap().underlay, p.underlay_ip);
+    }
+
+    #[test]
+    fn an_edited_table_answers_as_one_built_from_the_new_peers() {
+        let active = ActiveSet::default();
+        let (a, b, c) = (node2(), crate::model::fixtures::peer(3), crate::model::fixtures::peer(4));
+        let mut table = MissTable::new(7, [&a, &b, &c], &active);
+        // In one change: a and b swap their VTEP MACs, c goes, d comes with
+        // the pod CIDR c gave up.
+        let (mut a2, mut b2) = (a.clone(), b.clone());
+        (a2.vtep_mac, b2.vtep_mac) = (b.vtep_mac, a.vtep_mac);
+        let mut d = crate::model::fixtures::peer(5);
+        d.pod_cidrs = c.pod_cidrs.clone();
+        table.edit(&[&a, &b, &c], &[&a2, &b2, &d], &active);
+        let rebuilt = MissTable::new(7, [&a2, &b2, &d], &active);
+        for p in [&a, &b, &c, &d] {
+            for cidr in &p.pod_cidrs {
+                let gw = crate::model::gateway_of(cidr);
+                assert_eq!(
+                    table.gateway(&gw).map(|x| (x.mac, x.underlay)),
+                    rebuilt.gateway(&gw).map(|x| (x.mac, x.underlay)),
+                    "{gw}"
+                );
+            }
+            assert_eq!(table.mac(&p.vtep_mac).map(|x| x.underlay), rebuilt.mac(&p.vtep_mac).map(|x| x.underlay));
+        }
+        assert_eq!(table.gateway(&"10.244.4.0".parse().unwrap()).unwrap().underlay, d.underlay_ip);
+        assert_eq!(table.mac(&a.vtep_mac).unwrap().underlay, b.underlay_ip);
+        assert!(table.mac(&c.vtep_mac).is_none());
     }
 
     #[test]
