@@ -164,8 +164,8 @@ impl Hasher for KeyHasher {
 /// and the device the misses come from. The engine publishes a new one when
 /// the peers or the device change and swaps it in whole, so the responder's
 /// hot path takes no lock beyond one read. A new table shares every shard
-/// its edit did not touch with the last one: a peer change copies two
-/// shards, not the table (BENCHMARKS.md, F6).
+/// its edit did not touch with the last one: a peer change copies the few
+/// shards its old and new keys fall in, not the table.
 #[derive(Debug, Default, Clone)]
 pub struct MissTable {
     /// weir's device; misses on other devices are not ours.
