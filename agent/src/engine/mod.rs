@@ -167,7 +167,7 @@ impl<K: Kernel> Engine<K> {
             let came: Vec<&Peer> = came.iter().filter_map(|n| self.peers.peers.get(n)).collect();
             table.edit(&gone.iter().collect::<Vec<_>>(), &came, &od.active);
             od.table.send_replace(Arc::new(table));
-            od.active.retain_known(|p| self.peers.peers.contains_key(p));
+            od.active.forget(gone.iter().map(|p| p.name.as_str()).filter(|n| !self.peers.peers.contains_key(*n)));
         }
         self.metrics.peers.with_label_values(&[labels::ACCEPTED]).set(self.peers.peers.len() as i64);
     }

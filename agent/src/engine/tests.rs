@@ -285,12 +285,15 @@ async fn on_demand_routes_every_peer_but_keeps_fdb_and_neighbour_only_for_active
 #[tokio::test]
 async fn on_demand_a_peer_change_edits_the_miss_table_and_copies_only_what_it_touched() {
     let k = FakeKernel::default();
-    let (od, _) = on_demand(Duration::from_secs(3600));
+    let (od, active) = on_demand(Duration::from_secs(3600));
     let table = od.table.clone();
     let (mut e, _) = engine_with(&k, Some(od));
     let mut peers: Vec<Peer> = (2..=240).map(peer).collect();
     e.set_peers(&PeerSet::complete(peers.clone()));
     let before = table.borrow().clone();
+    for p in [&peers[5], &peers[238]] {
+        active.mark(&p.name);
+    }
     let old_mac = peers[5].vtep_mac;
     peers[5].vtep_mac = "0e:00:00:00:01:07".parse().unwrap();
     let gone = peers.pop().unwrap();
@@ -303,6 +306,8 @@ async fn on_demand_a_peer_change_edits_the_miss_table_and_copies_only_what_it_to
     // Two peers changed: at most two gateway and three MAC shards copied.
     let (shared, total) = after.shared_with(&before);
     assert!(shared >= total - 5, "a change of two peers copied {} of {total} shards", total - shared);
+    // The changed peer stays active; the removed one is forgotten.
+    assert!(active.contains(&peers[5].name) && !active.contains(&gone.name));
 }
 
 #[tokio::test]
