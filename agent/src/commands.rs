@@ -22,12 +22,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 fn status(args: &RunArgs, s: &StatusArgs) -> anyhow::Result<ExitCode> {
     let port = args.metrics_addr.port();
     let addr = format!("127.0.0.1:{port}");
-    // The agent builds the record when asked: nothing on its event path.
-    let (code, body) = weir_common::http::get(&addr, "/peers")
-        .with_context(|| format!("ask the agent for its peers at {addr}/peers (is the agent running on this node?)"))?;
-    anyhow::ensure!(code == 200, "the agent at {addr}/peers answered {code}: {}", body.trim());
-    let record: PeersRecord =
-        serde_json::from_str(&body).with_context(|| format!("parse the peers the agent at {addr}/peers sent"))?;
+    let (record, peers_from) = peers_record(args, &addr)?;
     let agent: Option<serde_json::Value> = weir_common::http::get(&addr, "/status")
         .ok()
         .filter(|(code, _)| *code == 200)
@@ -56,7 +51,7 @@ fn status(args: &RunArgs, s: &StatusArgs) -> anyhow::Result<ExitCode> {
         OutputFormat::Json => println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({ "agent": agent, "device": device, "rejected": record.rejected, "report": report, "drift": report.drift() })
+                &serde_json::json!({ "agent": agent, "peers_from": peers_from, "device": device, "rejected": record.rejected, "report": report, "drift": report.drift() })
             )?
         ),
         OutputFormat::Table => {
@@ -67,6 +62,7 @@ fn status(args: &RunArgs, s: &StatusArgs) -> anyhow::Result<ExitCode> {
                 ),
                 None => println!("agent: not answering on 127.0.0.1:{port}"),
             }
+            println!("peers: {peers_from}");
             for r in &record.rejected {
                 println!("rejected: {r}");
             }
@@ -74,6 +70,31 @@ fn status(args: &RunArgs, s: &StatusArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if agent_ok && !report.drift() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The agent's peers: built by the agent when asked, which is always
+/// current; or, when it does not answer (stopped, deadlocked), the record it
+/// last wrote to the run dir, which can lag a busy cluster by up to 30 s.
+/// Returns the record and where it came from.
+fn peers_record(args: &RunArgs, addr: &str) -> anyhow::Result<(PeersRecord, String)> {
+    let asked = weir_common::http::get(addr, "/peers");
+    if let Ok((200, body)) = &asked {
+        let record =
+            serde_json::from_str(body).with_context(|| format!("parse the peers the agent at {addr}/peers sent"))?;
+        return Ok((record, format!("from the agent ({addr}/peers)")));
+    }
+    let why = match asked {
+        Ok((code, body)) => format!("{addr}/peers answered {code}: {}", body.trim()),
+        Err(e) => format!("{addr}/peers: {e}"),
+    };
+    let path = args.run_dir.join(crate::peers::publish::PEERS_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("the agent did not answer ({why}), and read {} (is the agent running on this node?)", path.display())
+    })?;
+    let record = serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    let age = std::fs::metadata(&path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+    let age = age.map_or("unknown age".to_string(), |a| format!("{} s old", a.as_secs()));
+    Ok((record, format!("as the agent recorded them in {} ({age}); it did not answer ({why})", path.display())))
 }
 
 /// Removes weir's devices; the kernel drops their fdb, neighbour and route

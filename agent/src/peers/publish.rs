@@ -4,9 +4,12 @@
 //! changed nodes (`IncrementalRules`), and the peer set is edited in place.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{info, warn};
 use weir_common::nodes::{IncrementalRules, Verdict};
 
@@ -14,6 +17,10 @@ use super::validate::{NodeInfo, Skip, Validator, peer};
 use crate::metrics::{Metrics, labels};
 use crate::model::{Backend, Peer, PeerSet};
 use crate::plan::Direct;
+
+/// Where the record is also written, in the run dir, for `weir-agent status`
+/// when the agent does not answer.
+pub const PEERS_FILE: &str = "peers.json";
 
 /// What `weir-agent status` compares the kernel with: served at `/peers`.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -28,20 +35,55 @@ pub struct PeersRecord {
 }
 
 /// Builds the peers record when asked. With thousands of Nodes it is
-/// hundreds of kilobytes and milliseconds of CPU: written after Node events,
-/// it was 41 % of an agent's CPU in a run of joins, spent by every agent at
-/// once, beside the events it delayed (BENCHMARKS.md, F3).
+/// hundreds of kilobytes and milliseconds of CPU: written 2 s after Node
+/// events, it was 41 % of an agent's CPU in a run of joins, spent by every
+/// agent at once, beside the events it delayed (BENCHMARKS.md, F3).
 #[derive(Clone)]
 pub struct PeersReport {
     verdicts: Arc<Mutex<IncrementalRules>>,
     backend: Backend,
     direct: Option<Direct>,
+    /// Sent when a verdict moved: the record changed.
+    moved: Arc<watch::Sender<()>>,
 }
+
+/// The file is rewritten once verdicts have stood still this long, so a
+/// burst of Node events costs one write, after it...
+const RECORD_QUIET: Duration = Duration::from_secs(1);
+/// ...but no later than this after the first change it lacks, however busy
+/// the cluster.
+const RECORD_STALE_AT_MOST: Duration = Duration::from_secs(30);
 
 impl PeersReport {
     pub fn new(validator: Validator, direct: Option<Direct>) -> Self {
         let backend = validator.backend;
-        PeersReport { verdicts: Arc::new(Mutex::new(validator.into_incremental())), backend, direct }
+        let verdicts = Arc::new(Mutex::new(validator.into_incremental()));
+        PeersReport { verdicts, backend, direct, moved: Arc::new(watch::channel(()).0) }
+    }
+
+    /// Keeps `path` holding the record, for `weir-agent status` when the
+    /// agent is alive but does not answer (a deadlock, a stopped process).
+    /// Not synced to disk: nothing reads it back on start.
+    pub fn write_when_quiet(&self, path: PathBuf) {
+        let (report, mut moved) = (self.clone(), self.moved.subscribe());
+        tokio::spawn(async move {
+            while moved.changed().await.is_ok() {
+                let limit = Instant::now() + RECORD_STALE_AT_MOST;
+                loop {
+                    let until = limit.min(Instant::now() + RECORD_QUIET);
+                    match tokio::time::timeout_at(until, moved.changed()).await {
+                        Ok(Ok(())) if Instant::now() < limit => continue,
+                        Ok(Err(_)) => return,
+                        _ => break,
+                    }
+                }
+                moved.borrow_and_update();
+                let json = serde_json::to_string(&report.record()).expect("peers serialise");
+                if let Err(e) = crate::cni::replace_file(&path, &json, false) {
+                    warn!(path = %path.display(), error = %e, "cannot record peers for `weir-agent status`");
+                }
+            }
+        });
     }
 
     pub fn record(&self) -> PeersRecord {
@@ -69,7 +111,7 @@ pub fn publisher(
     tx: watch::Sender<PeerSet>,
     metrics: Arc<Metrics>,
 ) -> impl FnMut(&BTreeMap<String, NodeInfo>, bool, Option<&BTreeSet<String>>) + use<> {
-    let (backend, verdicts) = (report.backend, report.verdicts.clone());
+    let (backend, verdicts, record_moved) = (report.backend, report.verdicts.clone(), report.moved.clone());
     move |nodes, complete, changed| {
         let mut verdicts = verdicts.lock().expect("verdicts lock");
         let moved = verdicts.update(nodes, changed);
@@ -94,6 +136,9 @@ pub fn publisher(
         // value) wakes nobody: the engine and the firewall would each redo
         // work.
         tx.send_if_modified(|current| edit_peer_set(current, &verdicts, complete, changed.is_some().then_some(&moved)));
+        if !moved.is_empty() {
+            record_moved.send_replace(());
+        }
     }
 }
 
@@ -191,6 +236,43 @@ mod tests {
         assert_eq!(rx.borrow_and_update().peers.len(), 1);
         publish(&nodes, true, None);
         assert!(!rx.has_changed().unwrap(), "a re-list of the same nodes sent a new peer set");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_record_file_is_written_once_changes_stop_or_have_gone_on_for_30_s() {
+        let dir = std::env::temp_dir().join(format!("weir-record-test-{}", std::process::id()));
+        let path = dir.join(PEERS_FILE);
+        let (tx, _rx) = watch::channel(PeerSet::default());
+        let report = PeersReport::new(validator(), None);
+        report.write_when_quiet(path.clone());
+        let mut publish = publisher(&report, tx, Arc::new(Metrics::new()));
+        let recorded = || std::fs::read_to_string(&path).ok().map(|t| serde_json::from_str::<PeersRecord>(&t).unwrap());
+        let peer_changed = BTreeSet::from(["peer".to_string()]);
+        let mut nodes = BTreeMap::from([("peer".to_string(), node("peer", &[]))]);
+        publish(&nodes, true, None);
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert!(recorded().is_none(), "written before a second of quiet");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(recorded().unwrap().peers.len(), 1);
+        // A change every half second: put off, but not past 30 s.
+        for k in 0..70u8 {
+            let mut n = node("peer", &[]);
+            n.vtep_mac = Some(format!("0e:00:00:00:01:{k:02x}"));
+            nodes.insert("peer".into(), n);
+            publish(&nodes, true, Some(&peer_changed));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if k == 62 {
+                let mac = recorded().unwrap().peers[0].vtep_mac;
+                assert_ne!(mac.to_string(), "0e:00:00:00:00:02", "not written in 31 s of changes");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            recorded().unwrap().peers[0].vtep_mac.to_string(),
+            "0e:00:00:00:01:45",
+            "the last change not written"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -170,6 +170,7 @@ pub fn start_peer_source(ctx: &Context, peers: watch::Sender<PeerSet>) {
         ctx.own.pod_cidrs.clone(),
     );
     let report = publish::PeersReport::new(validator, ctx.direct);
+    report.write_when_quiet(args.run_dir.join(publish::PEERS_FILE));
     let mut publish = publish::publisher(&report, peers, ctx.metrics.clone());
     let _ = ctx.probes.peers.set(report);
     match (&ctx.nodes_api, &args.peers_file) {
