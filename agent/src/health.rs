@@ -151,13 +151,7 @@ mod tests {
         let r = probes.peers();
         assert_eq!(r.code, 503);
         assert!(r.body.contains("does not judge peers yet"), "{}", r.body);
-        let validator = crate::peers::validate::Validator::new(
-            crate::model::Backend::Vxlan,
-            true,
-            vec!["10.244.0.0/16".parse().unwrap()],
-            "self".into(),
-            vec!["10.244.1.0/24".parse().unwrap()],
-        );
+        let validator = crate::peers::validate::Validator::for_tests();
         let _ = probes.peers.set(crate::peers::publish::PeersReport::new(validator, None));
         let r = probes.peers();
         assert_eq!(r.code, 200);

@@ -188,16 +188,6 @@ fn edit_peer_set(
 mod tests {
     use super::*;
 
-    fn validator() -> Validator {
-        Validator::new(
-            Backend::Vxlan,
-            true,
-            vec!["10.244.0.0/16".parse().unwrap()],
-            "self".into(),
-            vec!["10.244.1.0/24".parse().unwrap()],
-        )
-    }
-
     fn node(name: &str, addresses: &[&str]) -> NodeInfo {
         NodeInfo {
             name: name.into(),
@@ -213,7 +203,7 @@ mod tests {
     #[tokio::test]
     async fn a_node_change_that_alters_no_peer_wakes_neither_engine_nor_firewall() {
         let (tx, mut rx) = watch::channel(PeerSet::default());
-        let mut publish = publisher(&PeersReport::new(validator(), None), tx, Arc::new(Metrics::new()));
+        let mut publish = publisher(&PeersReport::new(Validator::for_tests(), None), tx, Arc::new(Metrics::new()));
         let peer_changed = BTreeSet::from(["peer".to_string()]);
         let mut nodes = BTreeMap::from([("peer".to_string(), node("peer", &[]))]);
         publish(&nodes, true, None);
@@ -243,7 +233,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("weir-record-test-{}", std::process::id()));
         let path = dir.join(PEERS_FILE);
         let (tx, _rx) = watch::channel(PeerSet::default());
-        let report = PeersReport::new(validator(), None);
+        let report = PeersReport::new(Validator::for_tests(), None);
         report.write_when_quiet(path.clone());
         let mut publish = publisher(&report, tx, Arc::new(Metrics::new()));
         let recorded = || std::fs::read_to_string(&path).ok().map(|t| serde_json::from_str::<PeersRecord>(&t).unwrap());
@@ -278,7 +268,7 @@ mod tests {
     #[test]
     fn the_report_holds_what_the_last_publish_accepted_and_rejected() {
         let (tx, _rx) = watch::channel(PeerSet::default());
-        let report = PeersReport::new(validator(), None);
+        let report = PeersReport::new(Validator::for_tests(), None);
         let mut publish = publisher(&report, tx, Arc::new(Metrics::new()));
         assert!(report.record().peers.is_empty(), "nothing published yet");
         let mut thief = node("thief", &[]);

@@ -22,6 +22,18 @@ pub struct Outcome {
 }
 
 impl Validator {
+    /// Node "self", VXLAN, 10.244.1.0/24 in 10.244.0.0/16 (tests).
+    #[cfg(test)]
+    pub fn for_tests() -> Self {
+        Validator::new(
+            Backend::Vxlan,
+            true,
+            vec!["10.244.0.0/16".parse().unwrap()],
+            "self".into(),
+            vec!["10.244.1.0/24".parse().unwrap()],
+        )
+    }
+
     pub fn new(
         backend: Backend,
         underlay_is_v4: bool,
