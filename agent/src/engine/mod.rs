@@ -164,8 +164,7 @@ impl<K: Kernel> Engine<K> {
             && !(gone.is_empty() && came.is_empty())
         {
             let mut table = MissTable::clone(&od.table.borrow());
-            let came: Vec<&Peer> = came.iter().filter_map(|n| self.peers.peers.get(n)).collect();
-            table.edit(&gone.iter().collect::<Vec<_>>(), &came, &od.active);
+            table.edit(&gone, came.iter().filter_map(|n| self.peers.peers.get(n)), &od.active);
             od.table.send_replace(Arc::new(table));
             od.active.forget(gone.iter().map(|p| p.name.as_str()).filter(|n| !self.peers.peers.contains_key(*n)));
         }

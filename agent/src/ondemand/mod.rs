@@ -182,15 +182,19 @@ pub struct MissTable {
 impl MissTable {
     pub fn new<'a>(ifindex: u32, peers: impl IntoIterator<Item = &'a Peer>, active: &ActiveSet) -> Self {
         let mut t = MissTable { ifindex, ..Default::default() };
-        let peers: Vec<&Peer> = peers.into_iter().collect();
-        t.edit(&[], &peers, active);
+        t.edit([], peers, active);
         t
     }
 
     /// Drops the answers of `gone` (old values of changed or removed peers),
     /// then adds those of `new`. In that order: a peer may take a gateway or
     /// MAC that another gave up in the same change.
-    pub fn edit(&mut self, gone: &[&Peer], new: &[&Peer], active: &ActiveSet) {
+    pub fn edit<'a>(
+        &mut self,
+        gone: impl IntoIterator<Item = &'a Peer>,
+        new: impl IntoIterator<Item = &'a Peer>,
+        active: &ActiveSet,
+    ) {
         for p in gone {
             for cidr in &p.pod_cidrs {
                 self.by_gateway.remove(&crate::model::gateway_of(cidr));
@@ -254,7 +258,7 @@ mod tests {
         (a2.vtep_mac, b2.vtep_mac) = (b.vtep_mac, a.vtep_mac);
         let mut d = crate::model::fixtures::peer(5);
         d.pod_cidrs = c.pod_cidrs.clone();
-        table.edit(&[&a, &b, &c], &[&a2, &b2, &d], &active);
+        table.edit([&a, &b, &c], [&a2, &b2, &d], &active);
         let rebuilt = MissTable::new(7, [&a2, &b2, &d], &active);
         for p in [&a, &b, &c, &d] {
             for cidr in &p.pod_cidrs {
