@@ -52,8 +52,10 @@ def main():
                                 "fraction of trials", "B5: on-demand first packet, weir beside responders doing the same work",
                                 "b5-first-packet-cdf.svg"))
     if "F3" in raw:
-        drawn.append(cdf_figure(plt, raw["F3"], "Node created -> route on every agent of the kind (ms)",
-                                "fraction of joins", "F3: node-join convergence at 5,000 Nodes",
+        series = {f"{kind}, alone": v for kind, v in raw["F3"].items()}
+        series.update({f"{kind}, both kinds at once": v for kind, v in raw.get("F3-together", {}).items()})
+        drawn.append(cdf_figure(plt, series, "Node created -> route on every agent of the kind (ms)",
+                                "fraction of joins", "F3: node-join convergence at 5,000 Nodes, 10 agents",
                                 "f3-join-convergence-cdf.svg"))
     if "F1" in raw:
         fig, ax = plt.subplots(figsize=(7, 4))
