@@ -144,7 +144,10 @@ fn drift_inside_the_table_is_repaired_by_the_next_check() {
         runtime().block_on(async {
             let (tx, rx) = tokio::sync::watch::channel(PeerSet::complete([fake_peer(2)]));
             let metrics = Arc::new(Metrics::new());
-            let task = tokio::spawn(run(spec_with(&[]), rx, metrics.clone(), Duration::from_millis(200)));
+            // A check due as the peer joins would take the join whole and
+            // leave the listing known; 1 s apart, none is due until the
+            // strangers come.
+            let task = tokio::spawn(run(spec_with(&[]), rx, metrics.clone(), Duration::from_secs(1)));
             let limit = Duration::from_secs(5);
             let table = wait_for(limit, || listed_if_any("peers4") == [fake_peer(2).underlay_ip].into()).await;
             assert!(table.is_some(), "no table");

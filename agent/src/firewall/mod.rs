@@ -171,7 +171,9 @@ pub async fn run(
     let mut applied: Option<Applied> = None;
     let mut socket: Option<NftSocket> = None;
     let mut dropped_before = 0u64; // counts carried over table replacements
-    let mut tick = tokio::time::interval(check_every);
+    // The first check runs at once below; an interval's first tick, due at
+    // once too, would run a second one straight after it.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + check_every, check_every);
     // Until the whole peer set is known, the table a previous run left keeps
     // admitting the peers it knew; replacing it with a partial set would drop
     // their tunnel packets across an agent restart.
