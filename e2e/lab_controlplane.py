@@ -25,7 +25,10 @@ def start_controller_manager():
         f"--service-account-private-key-file={pki}/sa.key", f"--root-ca-file={pki}/ca.crt",
         "--use-service-account-credentials=true",
         # weir-controller, not kube-controller-manager, allocates pod CIDRs.
-        "--allocate-node-cidrs=false", "--v=1"])
+        "--allocate-node-cidrs=false", "--v=1",
+        # Why a re-added node got no agent pod (see why_no_cni_config): the
+        # DaemonSet controller's creations, deletions and expectations.
+        "--vmodule=daemon_controller=4,controller_utils=4"])
 
 
 def start_scheduler():

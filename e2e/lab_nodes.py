@@ -129,7 +129,8 @@ def why_no_cni_config(i):
     """What a missing CNI config has to go on, read before the test's
     clean-up removes the node: whether the Node holds a pod CIDR, its agent
     pod's phase and the end of the agent's log, and, when it has no agent
-    pod, every agent pod wherever it is bound and the DaemonSet's events."""
+    pod, every agent pod wherever it is bound, the namespace's events, the
+    DaemonSet's status and what kube-controller-manager logged about it."""
     node = f"node-{i}"
     cidrs = kubectl("get", "node", node, "-o", "jsonpath={.spec.podCIDRs}", check=False).strip() or "none"
     pods = kubectl("get", "pods", "-n", NS, "--field-selector", f"spec.nodeName={node}", "-o",
@@ -139,4 +140,10 @@ def why_no_cni_config(i):
         return f"pod CIDRs {cidrs}; agent pods {pods}; the agent's last log lines:\n{log}"
     every = kubectl("get", "pods", "-n", NS, "-o", "wide", check=False)
     events = kubectl("get", "events", "-n", NS, "--sort-by", ".lastTimestamp", check=False).splitlines()[-15:]
-    return f"pod CIDRs {cidrs}; no agent pod on {node}; the pods in {NS}:\n{every}\nits last events:\n" + "\n".join(events)
+    status = kubectl("get", "daemonset", "-n", NS, "weir-agent", "-o", "jsonpath={.status}", check=False)
+    kcm_log = STATE / "logs" / "controller-manager.log"
+    daemons = [ln for ln in (kcm_log.read_text(errors="replace").splitlines() if kcm_log.exists() else [])
+               if "daemon" in ln.lower() or "expectations" in ln.lower()][-25:]
+    return (f"pod CIDRs {cidrs}; no agent pod on {node}; the pods in {NS}:\n{every}\nits last events:\n"
+            + "\n".join(events) + f"\nthe DaemonSet's status: {status}\nkube-controller-manager's last lines on it:\n"
+            + "\n".join(daemons))
