@@ -15,7 +15,7 @@ import time
 import bench
 import proclab as lab
 from bench import cpu_rss, create_fakes, delete_fakes, load, pct, report
-from sidebyside import flannel_routes, start_flannel, up, wait_count, weir_routes
+from sidebyside import flannel_routes, start_flannel, start_kind, up, wait_count, weir_routes
 
 WEIR_NODE, FLANNEL_NODE = 1, 2
 
@@ -235,10 +235,7 @@ def alone(agents, kind, joins):
     wait_quiet(agents, kinds=(kind,))
     out = join_round(agents, (kind,), joins)[kind]
     for i in agent_names(other, agents):
-        if other == "weir":
-            lab.start_agent(i)
-        else:
-            start_flannel(i)
+        start_kind(other, i)
     time.sleep(3)
     wait_quiet(agents)
     return out

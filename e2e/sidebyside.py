@@ -57,6 +57,14 @@ def start_flannel(i, cgroup=None):
     lab.spawn(f"flannel-{i}", lab.node_ns(i), flannel_argv(i), env={"NODE_NAME": f"node-{i}"}, cgroup=cgroup)
 
 
+def start_kind(kind, i, cgroup=None):
+    """Starts the agent of `kind` ("weir" or "flannel") on node i."""
+    if kind == "weir":
+        lab.start_agent(i, cgroup=cgroup)
+    else:
+        start_flannel(i, cgroup=cgroup)
+
+
 def add_flannel_node(i):
     """A node namespace whose agent is flannel (no weir agent)."""
     ns = lab.node_ns(i)
@@ -124,10 +132,7 @@ class Agent:
 
     def start(self, cgroup=None):
         """Starts the agent, inside the cgroup directory `cgroup` if given."""
-        if self.kind == "weir":
-            lab.start_agent(self.node, cgroup=cgroup)
-        else:
-            start_flannel(self.node, cgroup=cgroup)
+        start_kind(self.kind, self.node, cgroup)
 
     def rx_packets(self):
         link = json.loads(lab.sh(["ip", "-n", self.ns, "-j", "-s", "link", "show", self.device]))[0]
