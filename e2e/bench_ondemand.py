@@ -141,6 +141,7 @@ def c_responder():
     out = lab.BIN / "miss_responder"
     src = BASELINES / "miss_responder.c"
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        out.parent.mkdir(parents=True, exist_ok=True)
         lab.sh(["cc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)])
     return out
 
@@ -210,6 +211,9 @@ def miss_storm(d):
 
 def main(trials=100, rounds=5):
     lab.PROFILE = "release"
+    # Run alone (`--only B5`) on a fresh machine, nothing else has installed
+    # ping and the C compiler.
+    lab.ensure_packages()
     lab.ensure_weir_built()
     d = pair_up()
     b = pair_agent(PAIR_B, "b", "full", d)

@@ -108,5 +108,6 @@ def bench_ondemand_trace(trials=60):
 
 def main():
     lab.PROFILE = "release"
+    lab.ensure_packages()
     lab.ensure_weir_built()
     bench_ondemand_trace()
