@@ -1,8 +1,12 @@
 //! netlink's wire format, in one place: walking the messages of a datagram,
 //! reading the few fields weir compares, and writing the requests it sends.
 //!
-//! Headers are read with netlink-packet-core's and netlink-packet-route's
-//! buffer types, attributes with `NlasIterator`, by libc's constant names.
+//! Messages and attributes are walked by hand, here: the miss responder
+//! walks them while the first packet to a peer waits, after it has slept,
+//! and netlink-packet-core's `NetlinkBuffer` and `NlasIterator` were cold
+//! code in another crate that cost it microseconds (BENCHMARKS.md, B5).
+//! Fixed headers are read with netlink-packet-route's types where the path
+//! is not the first packet's, by libc's constant names.
 //! The kernel constants neither names are defined below with the header they
 //! come from. Requests on the first packet's path (neighbour and fdb entries)
 //! are written by hand into a reused buffer, as the miss responder needs
@@ -13,8 +17,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use libc::{NDA_CACHEINFO, NDA_DST, NDA_LLADDR, NLM_F_DUMP, RTA_DST, RTA_GATEWAY, RTA_OIF, RTA_TABLE, RTM_NEWNEIGH};
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload, NlasIterator,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::neighbour::NeighbourHeader;
 use netlink_packet_route::route::{
@@ -46,6 +49,7 @@ const NEIGHBOUR_HEADER_LEN: usize = 12;
 const ROUTE_HEADER_LEN: usize = 12;
 const NEXTHOP_HEADER_LEN: usize = 8;
 const NLA_HEADER_LEN: usize = 4;
+const NLA_TYPE_MASK: u16 = !((libc::NLA_F_NESTED | libc::NLA_F_NET_BYTEORDER) as u16);
 
 /// The one-byte address family of an IP address.
 pub fn family(ip: &IpAddr) -> u8 {
@@ -68,6 +72,19 @@ impl Message<'_> {
     }
 }
 
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+
+pub fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Messages and attributes start on 4-byte boundaries.
+fn aligned(len: usize) -> usize {
+    (len + 3) & !3
+}
+
 /// The messages of a datagram, each checked against its length; a
 /// malformed header ends the walk with an error.
 pub fn messages(mut buf: &[u8]) -> impl Iterator<Item = Result<Message<'_>, String>> {
@@ -75,27 +92,37 @@ pub fn messages(mut buf: &[u8]) -> impl Iterator<Item = Result<Message<'_>, Stri
         if buf.len() < HEADER_LEN {
             return None;
         }
-        let msg = match NetlinkBuffer::new_checked(buf) {
-            Ok(m) => m,
-            Err(e) => {
-                buf = &[];
-                return Some(Err(format!("netlink header: {e}")));
-            }
-        };
-        let len = msg.length() as usize;
-        let item = Message { kind: msg.message_type(), seq: msg.sequence_number(), payload: &buf[HEADER_LEN..len] };
-        // Messages are 4-byte aligned within a datagram.
-        buf = &buf[((len + 3) & !3).min(buf.len())..];
+        // struct nlmsghdr { len: u32, type: u16, flags: u16, seq: u32, pid: u32 }
+        let len = u32_at(buf, 0) as usize;
+        if len < HEADER_LEN || len > buf.len() {
+            let available = buf.len();
+            buf = &[];
+            return Some(Err(format!("netlink header: message length {len} in {available} bytes")));
+        }
+        let item = Message { kind: u16_at(buf, 4), seq: u32_at(buf, 8), payload: &buf[HEADER_LEN..len] };
+        buf = &buf[aligned(len).min(buf.len())..];
         Some(Ok(item))
     })
 }
 
 /// The attributes after a fixed-size header, as (kind, value), each value
-/// borrowed from the datagram.
+/// borrowed from the datagram. An attribute whose length does not fit ends
+/// the walk.
 pub fn attributes(payload: &[u8], header_len: usize) -> impl Iterator<Item = (u16, &[u8])> {
-    NlasIterator::new(payload.get(header_len..).unwrap_or_default()).filter_map(Result::ok).map(|nla| {
-        let (kind, end) = (nla.kind(), usize::from(nla.length()));
-        (kind, nla.into_inner().get(NLA_HEADER_LEN..end).unwrap_or_default())
+    let mut rest = payload.get(header_len..).unwrap_or_default();
+    std::iter::from_fn(move || {
+        if rest.len() < NLA_HEADER_LEN {
+            return None;
+        }
+        // struct nlattr { len: u16, type: u16 }; the type's top bits are flags.
+        let len = usize::from(u16_at(rest, 0));
+        if len < NLA_HEADER_LEN || len > rest.len() {
+            rest = &[];
+            return None;
+        }
+        let item = (u16_at(rest, 2) & NLA_TYPE_MASK, &rest[NLA_HEADER_LEN..len]);
+        rest = &rest[aligned(len).min(rest.len())..];
+        Some(item)
     })
 }
 

@@ -1,27 +1,23 @@
 //! Parsing RTM_GETNEIGH miss notifications. Pure.
 //!
-//! The netlink header, the neighbour header and the attributes are read by
-//! hand, here, rather than through netlink-packet-core's buffers,
-//! netlink-packet-route's headers and `NlasIterator`. This runs while the
-//! first packet to a peer waits in the kernel, after the responder has slept,
-//! and every cold page of code it touches costs it: the general parsers,
-//! spread over three crates, took about 5 us of a miss on the Intel machine,
-//! against about 1.2 us for this (BENCHMARKS.md, B5).
+//! This runs while the first packet to a peer waits in the kernel, after the
+//! responder has slept, and every cold page of code it touches costs that
+//! packet. So the neighbour header's two fields are read here by hand, and
+//! messages and attributes are walked by `wire`'s own functions: through
+//! netlink-packet-core's buffers, netlink-packet-route's `NeighbourHeader`
+//! and `NlasIterator`, code in three crates, the parse took about 5 us of a
+//! miss on the Intel machine, and about 1.2 us without (BENCHMARKS.md, B5).
 
 use std::net::IpAddr;
 
+use crate::dataplane::wire;
 use crate::dataplane::{AF_INET, AF_INET6};
 use crate::model::Mac;
 
 use libc::{NDA_DST, NDA_LLADDR, RTM_GETNEIGH};
 
-/// struct nlmsghdr { len: u32, type: u16, flags: u16, seq: u32, pid: u32 }
-const NLMSG_HEADER_LEN: usize = 16;
 /// struct ndmsg { family: u8, pad: [u8; 3], ifindex: i32, state: u16, flags: u8, type: u8 }
 const NEIGHBOUR_HEADER_LEN: usize = 12;
-/// struct nlattr { len: u16, type: u16 }
-const NLA_HEADER_LEN: usize = 4;
-const NLA_TYPE_MASK: u16 = !((libc::NLA_F_NESTED | libc::NLA_F_NET_BYTEORDER) as u16);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Miss {
@@ -41,36 +37,13 @@ pub enum Parsed {
     Malformed(String),
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-/// Netlink messages and attributes start on 4-byte boundaries.
-fn aligned(len: usize) -> usize {
-    (len + 3) & !3
-}
-
 /// Splits a datagram into messages and classifies each, without allocating.
-/// Misses on devices other than `ifindex` are ignored. A message whose length
-/// does not fit ends the walk.
-pub fn parse_datagram(mut buf: &[u8], ifindex: u32) -> impl Iterator<Item = Parsed> + '_ {
-    std::iter::from_fn(move || {
-        if buf.len() < NLMSG_HEADER_LEN {
-            return None;
-        }
-        let (len, kind) = (u32_at(buf, 0) as usize, u16_at(buf, 4));
-        if len < NLMSG_HEADER_LEN || len > buf.len() {
-            let available = buf.len();
-            buf = &[];
-            return Some(Parsed::Malformed(format!("netlink message of length {len} in {available} bytes")));
-        }
-        let payload = &buf[NLMSG_HEADER_LEN..len];
-        buf = &buf[aligned(len).min(buf.len())..];
-        Some(if kind == RTM_GETNEIGH { classify(payload, ifindex) } else { Parsed::Ignored })
+/// Misses on devices other than `ifindex` are ignored.
+pub fn parse_datagram(buf: &[u8], ifindex: u32) -> impl Iterator<Item = Parsed> + '_ {
+    wire::messages(buf).map(move |m| match m {
+        Ok(m) if m.kind == RTM_GETNEIGH => classify(m.payload, ifindex),
+        Ok(_) => Parsed::Ignored,
+        Err(e) => Parsed::Malformed(e),
     })
 }
 
@@ -78,22 +51,16 @@ fn classify(payload: &[u8], ifindex: u32) -> Parsed {
     if payload.len() < NEIGHBOUR_HEADER_LEN {
         return Parsed::Malformed(format!("neighbour header of {} bytes", payload.len()));
     }
-    if u32_at(payload, 4) != ifindex {
+    if wire::u32_at(payload, 4) != ifindex {
         return Parsed::Ignored;
     }
     let (mut dst, mut lladdr) = (None, None);
-    let mut rest = &payload[NEIGHBOUR_HEADER_LEN..];
-    while rest.len() >= NLA_HEADER_LEN {
-        let len = usize::from(u16_at(rest, 0));
-        if len < NLA_HEADER_LEN || len > rest.len() {
-            break;
-        }
-        match u16_at(rest, 2) & NLA_TYPE_MASK {
-            NDA_DST => dst = Some(&rest[NLA_HEADER_LEN..len]),
-            NDA_LLADDR => lladdr = Some(&rest[NLA_HEADER_LEN..len]),
+    for (kind, value) in wire::attributes(payload, NEIGHBOUR_HEADER_LEN) {
+        match kind {
+            NDA_DST => dst = Some(value),
+            NDA_LLADDR => lladdr = Some(value),
             _ => {}
         }
-        rest = &rest[aligned(len).min(rest.len())..];
     }
     match (dst, lladdr) {
         (Some(value), _) => {
