@@ -36,7 +36,8 @@ from lab_monitoring import (  # noqa: F401
 from lab_weir import (  # noqa: F401
     write_overlay, apply_weir, pods_in, live_agent, agent_pod, pod_ready, agent_ready, wait_agents, container_id, container_pid, task_pid, agent_pid, task_pids_on, agent_containers, kill_container, kill_agent, stop_agent, start_agent, pods_on, agent_log, agent_exec, agent_kubeconfig, set_agent_env, set_mode)
 from lab_nodes import (  # noqa: F401
-    in_node, node_spawn, start_node_daemons, add_node, stop_node_daemons, remove_node, node_ready, wait_cni_config)
+    in_node, node_spawn, start_node_daemons, add_node, stop_node_daemons, remove_node, node_ready, wait_cni_config,
+    why_no_cni_config)
 from lab_workloads import (  # noqa: F401
     pods6, sh, pod_manifest, SERVICE, add_pods, add_pod, del_pod, pods, netns_target, ping, exec_ping, ping_matrix, unhealthy, wait_healthy, wait_all_pairs)
 
@@ -78,8 +79,9 @@ def up(n_nodes=3, pods_per_node=2, backend="vxlan", mode="full", dns=False, subn
         if not holder(i):
             log(f"starting node-{i} (containerd, kubelet, kube-proxy)")
             add_node(i)
-    wait_for(lambda: all(node_ready(i) for i in range(1, n_nodes + 1)), 240,
-             "every node Ready (the agent writes the CNI config once weir-controller gave the node a pod CIDR)")
+    wait_for(lambda: all(node_ready(i) for i in range(1, n_nodes + 1)), 240, lambda: (
+        "every node Ready (the agent writes the CNI config once weir-controller gave the node a pod CIDR); "
+        + "; ".join(f"node-{i} is not: {why_no_cni_config(i)}" for i in range(1, n_nodes + 1) if not node_ready(i))))
     wait_agents()
     if dns:
         kubectl("apply", "-f", str(E2E / "addons" / "coredns.yaml"))
