@@ -67,8 +67,7 @@ pub struct Message<'a> {
 impl Message<'_> {
     /// For NLMSG_ERROR: the errno (positive), 0 for an ack.
     pub fn error(&self) -> Option<i32> {
-        let code = self.payload.get(..4)?;
-        (self.kind == NLMSG_ERROR).then(|| -i32::from_ne_bytes([code[0], code[1], code[2], code[3]]))
+        (self.kind == NLMSG_ERROR && self.payload.len() >= 4).then(|| -(u32_at(self.payload, 0) as i32))
     }
 }
 
