@@ -8,7 +8,8 @@ import subprocess
 import time
 
 import nodes as rt
-from proclab import BIN, CLUSTER_CIDR, CLUSTER_CIDR6, NS, STATE, attach, kubectl, netns_list, node_ip, node_ns, sh, spawn, stop
+from proclab import (BIN, CLUSTER_CIDR, CLUSTER_CIDR6, NS, STATE, attach, kubectl, log, netns_list, node_ip, node_ns,
+                     running, sh, spawn, stop)
 from lab_base import HOST_RECORD, SERVICE_CIDR, holder, node_dir, settings, wait_for
 from lab_pki import node_pki
 from lab_images import DNS_IP, image_dir
@@ -23,20 +24,51 @@ def node_spawn(i, name, argv):
     spawn(f"node-{i}-{name}", None, [*rt.enter(holder(i)), *argv])
 
 
+def containerd_answers(i, timeout=30):
+    """None once `ctr version` answers; after the timeout, why not."""
+    deadline = time.time() + timeout
+    while (probe := subprocess.run([*rt.enter(holder(i)), "ctr", "-a", rt.CTR_SOCK, "version"],
+                                   capture_output=True, text=True)).returncode:
+        if time.time() > deadline:
+            return containerd_not_up(i, probe.stderr.strip())
+        time.sleep(0.2)
+    return None
+
+
+def start_containerd(i):
+    # CI once met a node-4 whose containerd did not answer in 30 s, with the
+    # cause lost with the lab. It is restarted once, as a node's supervisor
+    # would, after its log tail is printed, so the next time says why.
+    argv = ["containerd", "--config", str(node_dir(i) / "containerd.toml")]
+    node_spawn(i, "containerd", argv)
+    if (why := containerd_answers(i)) is None:
+        return
+    log(f"{why}\n[lab] restarting node-{i}'s containerd once")
+    stop(f"node-{i}-containerd")
+    node_spawn(i, "containerd", argv)
+    if (why := containerd_answers(i)) is not None:
+        raise RuntimeError(why)
+
+
 def start_node_daemons(i):
     d = node_dir(i)
-    node_spawn(i, "containerd", ["containerd", "--config", str(d / "containerd.toml")])
-    deadline = time.time() + 30
-    while subprocess.run([*rt.enter(holder(i)), "ctr", "-a", rt.CTR_SOCK, "version"], capture_output=True).returncode:
-        if time.time() > deadline:
-            raise RuntimeError(f"node-{i}: containerd did not start; see {STATE}/logs/node-{i}-containerd.log")
-        time.sleep(0.2)
+    start_containerd(i)
     for tar in sorted(image_dir().glob("*.tar")):
         rt.ctr(holder(i), "images", "import", str(tar))
     node_spawn(i, "kubelet", [str(BIN / "kubelet"), f"--config={d / 'kubelet.yaml'}",
                               f"--kubeconfig={d / 'kubelet.kubeconfig'}", f"--hostname-override=node-{i}",
                               f"--node-ip={node_ip(i)}", "--v=1"])
     node_spawn(i, "proxy", [str(BIN / "kube-proxy"), f"--config={d / 'kube-proxy.yaml'}", "--v=1"])
+
+
+def containerd_not_up(i, probe_error):
+    """Says why, in the error itself: CI keeps only part of a failed test's
+    report, and the lab's teardown deletes the log."""
+    log_path = STATE / "logs" / f"node-{i}-containerd.log"
+    tail = log_path.read_text(errors="replace").splitlines()[-15:] if log_path.exists() else ["(no log)"]
+    state = f"running as pid {running(f'node-{i}-containerd')}" if running(f"node-{i}-containerd") else "not running"
+    return (f"node-{i}: containerd did not answer `ctr version` in 30 s; it is {state}; the last probe said: "
+            f"{probe_error or '(nothing)'}; the last lines of {log_path}:\n" + "\n".join(tail))
 
 
 def add_node(i):
