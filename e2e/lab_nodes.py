@@ -24,13 +24,24 @@ def node_spawn(i, name, argv):
     spawn(f"node-{i}-{name}", None, [*rt.enter(holder(i)), *argv])
 
 
+def containerd_not_up(i, timeout, probe_error):
+    """Says why, in the error itself: CI keeps only part of a failed test's
+    report, and the lab's teardown deletes the log."""
+    log_path = STATE / "logs" / f"node-{i}-containerd.log"
+    tail = log_path.read_text(errors="replace").splitlines()[-15:] if log_path.exists() else ["(no log)"]
+    pid = running(f"node-{i}-containerd")
+    return (f"node-{i}: containerd did not answer `ctr version` in {timeout} s; it is "
+            f"{f'running as pid {pid}' if pid else 'not running'}; the last probe said: "
+            f"{probe_error or '(nothing)'}; the last lines of {log_path}:\n" + "\n".join(tail))
+
+
 def containerd_answers(i, timeout=30):
     """None once `ctr version` answers; after the timeout, why not."""
     deadline = time.time() + timeout
     while (probe := subprocess.run([*rt.enter(holder(i)), "ctr", "-a", rt.CTR_SOCK, "version"],
                                    capture_output=True, text=True)).returncode:
         if time.time() > deadline:
-            return containerd_not_up(i, probe.stderr.strip())
+            return containerd_not_up(i, timeout, probe.stderr.strip())
         time.sleep(0.2)
     return None
 
@@ -59,16 +70,6 @@ def start_node_daemons(i):
                               f"--kubeconfig={d / 'kubelet.kubeconfig'}", f"--hostname-override=node-{i}",
                               f"--node-ip={node_ip(i)}", "--v=1"])
     node_spawn(i, "proxy", [str(BIN / "kube-proxy"), f"--config={d / 'kube-proxy.yaml'}", "--v=1"])
-
-
-def containerd_not_up(i, probe_error):
-    """Says why, in the error itself: CI keeps only part of a failed test's
-    report, and the lab's teardown deletes the log."""
-    log_path = STATE / "logs" / f"node-{i}-containerd.log"
-    tail = log_path.read_text(errors="replace").splitlines()[-15:] if log_path.exists() else ["(no log)"]
-    state = f"running as pid {running(f'node-{i}-containerd')}" if running(f"node-{i}-containerd") else "not running"
-    return (f"node-{i}: containerd did not answer `ctr version` in 30 s; it is {state}; the last probe said: "
-            f"{probe_error or '(nothing)'}; the last lines of {log_path}:\n" + "\n".join(tail))
 
 
 def add_node(i):
