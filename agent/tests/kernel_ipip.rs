@@ -92,7 +92,6 @@ fn agent_stops_at_startup_naming_the_missing_module() {
         .env("WEIR_METRICS_ADDR", "127.0.0.1:9478")
         .output()
         .unwrap();
-    std::fs::remove_dir_all(&dir).ok();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the agent must exit");
     assert!(stderr.contains("no ipip device support") && stderr.contains("modprobe ipip"), "{stderr}");

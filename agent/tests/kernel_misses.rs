@@ -62,7 +62,6 @@ fn an_unwritable_accept_ra_stops_the_agent_naming_it() {
             let mut k = NetlinkKernel::connect().unwrap().with_sysctl_net_dir(&dir);
             k.ensure_device(&spec).await.expect_err("accept_ra cannot be written")
         });
-        std::fs::remove_dir_all(&dir).ok();
         assert!(matches!(err, KernelError::Setting { .. }) && err.is_fatal(), "{err:?}");
         let text = err.to_string();
         assert!(text.contains("net.ipv6.conf.weir.1.accept_ra=0") && text.contains("WEIR_SYSCTL_NET_DIR"), "{text}");
@@ -83,7 +82,7 @@ fn an_unwritable_accept_ra_stops_the_agent_naming_it() {
 fn real_l3_and_l2_misses_are_answered_and_counted() {
     let Some(p) = pair("real_l3_and_l2_misses_are_answered_and_counted", "weir-miss", Some(PEERS)) else { return };
     // `p` holds the namespaces until the test ends.
-    let (a, b, dir) = (p.a.clone(), p.b.clone(), p.dir.clone());
+    let (a, b, dir) = (p.a.clone(), p.b.clone(), p.dir.to_path_buf());
     let _agent_a = spawn_agent(&a, "node-a", "ua", &dir, "on-demand");
     let _agent_b = spawn_agent(&b, "node-b", "ub", &dir, "full");
     wait_until(Duration::from_secs(20), "routes on both nodes", || {
@@ -112,5 +111,4 @@ fn real_l3_and_l2_misses_are_answered_and_counted() {
     assert!(sh(&format!("bridge -n {a} fdb show dev weir.1")).contains("0e:00:00:00:0b:0b"), "fdb entry back");
     let log = std::fs::read_to_string(dir.join("node-a.log")).unwrap();
     assert!(!log.contains("malformed neighbour notification"), "{log}");
-    std::fs::remove_dir_all(&dir).ok();
 }

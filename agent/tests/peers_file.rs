@@ -49,7 +49,7 @@ fn firewall_admits(ns: &str, ip: &str) -> bool {
 fn two_agents_from_a_peers_file_ping_and_follow_edits() {
     let Some(p) = pair("two_agents_from_a_peers_file_ping_and_follow_edits", "weir-pf", Some(PEERS)) else { return };
     // `p` holds the namespaces until the test ends.
-    let (a, b, dir) = (p.a.clone(), p.b.clone(), p.dir.clone());
+    let (a, b, dir) = (p.a.clone(), p.b.clone(), p.dir.to_path_buf());
 
     let _agent_a = spawn_agent(&a, "node-a", "ua", &dir);
     let _agent_b = spawn_agent(&b, "node-b", "ub", &dir);
@@ -68,7 +68,6 @@ fn two_agents_from_a_peers_file_ping_and_follow_edits() {
     wait_until(Duration::from_secs(10), "node-b swept from node-a", || {
         !sh(&format!("ip -n {a} route show proto 87")).contains("10.244.2.0/24")
     });
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// The DaemonSet grants only CAP_NET_ADMIN: prove the agent needs nothing else,
@@ -98,7 +97,6 @@ fn net_admin_is_the_only_capability_needed() {
     // On-demand on node-a: the first packet triggers a miss answered without NET_RAW.
     let out = sh(&format!("ip netns exec {a} ping -c 3 -i 0.2 -W 1 -I 10.244.1.1 10.244.2.1"));
     assert!(out.contains("3 received"), "{out}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// On-demand with more active peers than gc_thresh3 (1024 non-permanent
@@ -164,7 +162,6 @@ fn on_demand_reaches_more_peers_than_gc_thresh3() {
     // The ENOBUFS that matters here is a neighbour write refused by gc_thresh3.
     assert!(!log.contains("answering a miss failed"), "a miss answer failed:\n{log}");
     assert!(!log.contains("neighbour table full"), "{log}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// VXLAN over an IPv6 underlay carries both pod families, and the tunnel
@@ -173,7 +170,7 @@ fn on_demand_reaches_more_peers_than_gc_thresh3() {
 fn an_ipv6_underlay_carries_ipv4_and_ipv6_pods() {
     let Some(p) = pair("an_ipv6_underlay_carries_ipv4_and_ipv6_pods", "weir-u6", Some(PEERS_V6)) else { return };
     // `p` holds the namespaces until the test ends.
-    let (a, b, dir) = (p.a.clone(), p.b.clone(), p.dir.clone());
+    let (a, b, dir) = (p.a.clone(), p.b.clone(), p.dir.to_path_buf());
     for (ns, dev, n) in [(&a, "ua", 1), (&b, "ub", 2)] {
         sh(&format!("ip -n {ns} -4 addr flush dev {dev} && ip -n {ns} addr add fd00:198:18::{n}/64 dev {dev} nodad"));
         sh(&format!("ip -n {ns} addr add fd00:10:244:{n}::1/128 dev lo"));
@@ -194,5 +191,4 @@ fn an_ipv6_underlay_carries_ipv4_and_ipv6_pods() {
         let out = sh(&format!("ip netns exec {a} ping -c 3 -i 0.2 -W 1 -I {src} {dst}"));
         assert!(out.contains("3 received"), "{src} -> {dst}: {out}");
     }
-    std::fs::remove_dir_all(&dir).ok();
 }

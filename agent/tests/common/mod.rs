@@ -80,7 +80,7 @@ pub struct Pair {
     _namespaces: (NamedNetns, NamedNetns),
     pub a: String,
     pub b: String,
-    pub dir: std::path::PathBuf,
+    pub dir: ScratchDir,
 }
 
 pub fn pair(test: &str, prefix: &str, peers: Option<&str>) -> Option<Pair> {
@@ -97,10 +97,31 @@ pub fn pair(test: &str, prefix: &str, peers: Option<&str>) -> Option<Pair> {
 }
 
 /// A fresh per-process directory under the system temp dir.
-pub fn temp_dir(prefix: &str) -> std::path::PathBuf {
+pub fn temp_dir(prefix: &str) -> ScratchDir {
     let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    ScratchDir(dir)
+}
+
+/// Removed when dropped, unless the test is failing: the agents' logs in it
+/// are then what explains the failure, so it is kept and named.
+pub struct ScratchDir(std::path::PathBuf);
+
+impl std::ops::Deref for ScratchDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} for the failing test", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// Runs a shell command in the calling thread's namespace and returns stdout.
