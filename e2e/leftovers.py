@@ -1,11 +1,14 @@
-"""What the lab leaves on the host: run `snapshot` before the e2e suite and
-`check` after it. `check` exits 1, naming each leftover, if the suite left a
+"""What the tests leave on the host: run `snapshot` before them and
+`check` after. `check` exits 1, naming each leftover, if they left a
 weir-* network namespace, a weir-node-* cgroup, a node mount point that was
-not there before, a mount of a lab path, or a lab process."""
+not there before, a mount of a lab path, a lab process, or a scratch
+directory in the temp dir (the tests' weir-*, the upstream suite's
+test-kuberc*)."""
 
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +30,9 @@ def state():
     return {"netns": sorted(n for n in proclab.netns_list() if n.startswith("weir-")),
             "cgroups": sorted(str(d) for h in rt.v1_hierarchies() for d in h.glob("weir-node-*")),
             "paths": sorted(p for p in rt.NODE_PATHS if os.path.exists(p)),
-            "mounts": mounts, "processes": procs}
+            "mounts": mounts, "processes": procs,
+            "scratch": sorted(str(d) for d in Path(tempfile.gettempdir()).iterdir()
+                              if d.is_dir() and d.name.startswith(("weir-", "test-kuberc")))}
 
 
 if __name__ == "__main__":
