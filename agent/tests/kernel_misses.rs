@@ -81,7 +81,7 @@ fn an_unwritable_accept_ra_stops_the_agent_naming_it() {
 #[test]
 fn real_l3_and_l2_misses_are_answered_and_counted() {
     let Some(p) = pair("real_l3_and_l2_misses_are_answered_and_counted", "weir-miss", Some(PEERS)) else { return };
-    // `p` holds the namespaces until the test ends.
+    // `p` holds the namespaces and the scratch directory until the test ends.
     let (a, b, dir) = (p.a.clone(), p.b.clone(), p.dir.to_path_buf());
     let _agent_a = spawn_agent(&a, "node-a", "ua", &dir, "on-demand");
     let _agent_b = spawn_agent(&b, "node-b", "ub", &dir, "full");

@@ -175,7 +175,7 @@ fn hand_deleted_entries_and_device_are_repaired_within_a_second() {
 #[test]
 fn two_nodes_ping_through_the_entries_weir_wrote() {
     let Some(p) = pair("two_nodes_ping_through_the_entries_weir_wrote", "weir-kt", None) else { return };
-    // `p` holds the namespaces until the test ends.
+    // `p` holds the namespaces and the scratch directory until the test ends.
     let (a, b) = (p.a.clone(), p.b.clone());
 
     let node =

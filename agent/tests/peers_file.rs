@@ -48,7 +48,7 @@ fn firewall_admits(ns: &str, ip: &str) -> bool {
 #[test]
 fn two_agents_from_a_peers_file_ping_and_follow_edits() {
     let Some(p) = pair("two_agents_from_a_peers_file_ping_and_follow_edits", "weir-pf", Some(PEERS)) else { return };
-    // `p` holds the namespaces until the test ends.
+    // `p` holds the namespaces and the scratch directory until the test ends.
     let (a, b, dir) = (p.a.clone(), p.b.clone(), p.dir.to_path_buf());
 
     let _agent_a = spawn_agent(&a, "node-a", "ua", &dir);
@@ -169,7 +169,7 @@ fn on_demand_reaches_more_peers_than_gc_thresh3() {
 #[test]
 fn an_ipv6_underlay_carries_ipv4_and_ipv6_pods() {
     let Some(p) = pair("an_ipv6_underlay_carries_ipv4_and_ipv6_pods", "weir-u6", Some(PEERS_V6)) else { return };
-    // `p` holds the namespaces until the test ends.
+    // `p` holds the namespaces and the scratch directory until the test ends.
     let (a, b, dir) = (p.a.clone(), p.b.clone(), p.dir.to_path_buf());
     for (ns, dev, n) in [(&a, "ua", 1), (&b, "ub", 2)] {
         sh(&format!("ip -n {ns} -4 addr flush dev {dev} && ip -n {ns} addr add fd00:198:18::{n}/64 dev {dev} nodad"));
