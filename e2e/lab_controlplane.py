@@ -5,6 +5,7 @@ from proclab import BIN, CP_NS, STATE, spawn
 
 
 def start_apiserver():
+    returning = not proclab.running("apiserver") and proclab.running("controller-manager")
     pki = STATE / "pki"
     proclab.start_apiserver(
         authorization="Node,RBAC",
@@ -14,6 +15,25 @@ def start_apiserver():
                      f"--kubelet-certificate-authority={pki}/ca.crt",
                      # Otherwise `kubectl logs` resolves the node's name through DNS.
                      "--kubelet-preferred-address-types=InternalIP,Hostname"])
+    if returning:
+        restart_controllers_after_outage()
+
+
+def restart_controllers_after_outage():
+    """In a cluster, kube-controller-manager and kube-scheduler run with
+    leader election: 10 s into an API server outage they lose their Lease
+    and exit, and start again with informers that list afresh. Left running
+    through the outage, their watches come back only when client-go's
+    back-off allows, up to a minute later (24 s seen here for the pod
+    watch): a DaemonSet pod made and deleted in that minute is never seen,
+    and the DaemonSet controller then waits 5 min for it before it makes a
+    pod for any other node. So the lab starts them again once the API
+    server answers, without the lease's delays."""
+    proclab.wait_api()
+    for name, start in (("controller-manager", start_controller_manager), ("scheduler", start_scheduler)):
+        proclab.stop(name)
+        start()
+    proclab.log("the API server is back: kube-controller-manager and kube-scheduler started again")
 
 
 def start_controller_manager():

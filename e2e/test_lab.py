@@ -138,6 +138,11 @@ def test_apiserver_down_60s_loses_nothing_and_new_node_follows(cluster):
     assert sent == recv, f"{sent - recv} of {sent} packets lost while the API server was down"
     lab.add_node(5)
     try:
+        # The rest of the control plane is back too: the lab restarts
+        # kube-controller-manager and kube-scheduler, as their lost Leases
+        # would. Left on watches still in back-off, they made and bound this
+        # pod 44-60 s late, and later nodes could wait 5 min for theirs.
+        wait(lambda: lab.agent_pod(5) is not None, 20, "node-5's agent pod made and bound after the API server returned")
         lab.add_pod(5, 1)
         new_ip = lab.pods()["pod-5-1"]
         wait(lambda: lab.ping("pod-1-1", new_ip)[1] == 1, 60, "node-5 programmed after the API server returned")
