@@ -177,6 +177,9 @@ def why_no_cni_config(i):
     kcm_log = STATE / "logs" / "controller-manager.log"
     daemons = [ln for ln in (kcm_log.read_text(errors="replace").splitlines() if kcm_log.exists() else [])
                if "daemon" in ln.lower() or "expectations" in ln.lower()][-25:]
+    stuck = any("still waiting on expectations" in ln for ln in daemons[-5:])
+    hint = ("\n(the DaemonSet controller is waiting for a pod creation or deletion it has not seen, and makes no "
+            "pod until it does or 5 min pass)") if stuck else ""
     return (f"pod CIDRs {cidrs}; no agent pod on {node}; the pods in {NS}:\n{every}\nits last events:\n"
             + "\n".join(events) + f"\nthe DaemonSet's status: {status}\nkube-controller-manager's last lines on it:\n"
-            + "\n".join(daemons))
+            + "\n".join(daemons) + hint)
