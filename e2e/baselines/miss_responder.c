@@ -1,7 +1,7 @@
 /*
  * The smallest L3-miss responder that does weir's work, as B5's baseline.
  *
- * usage (inside a node's netns): miss_responder DEV PEER_VTEP_MAC PEER_UNDERLAY_IP
+ * usage (inside a node's netns): miss_responder [--hear-all] DEV PEER_VTEP_MAC PEER_UNDERLAY_IP
  *
  * On every RTM_GETNEIGH (an L3 miss, raised because app_solicit > 0) for an
  * IPv4 address on DEV, it writes what weir's on-demand answer writes, in the
@@ -9,12 +9,20 @@
  * neighbour (ack asked), as two messages in one sendmsg, then drains the ack.
  * It knows one peer, so it does no lookup: whatever weir spends finding the
  * peer is part of the difference this baseline measures.
+ *
+ * Its miss socket hears misses only, through the kernel filter weir's has.
+ * Without it (--hear-all, a reference row) every neighbour notification wakes
+ * it, among them the deletes that start each B5 trial 30 ms before the ping:
+ * a warm-up weir's responder does not get, worth about a tenth of the first
+ * packet's time (BENCHMARKS.md, B5).
  */
 #include <arpa/inet.h>
+#include <linux/filter.h>
 #include <linux/neighbour.h>
 #include <linux/netlink.h>
 #include <linux/rtnetlink.h>
 #include <net/if.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,12 +58,29 @@ static size_t put_neigh(char *out, uint16_t family, int ifindex, const uint8_t m
     return NLMSG_ALIGN(h->nlmsg_len);
 }
 
+/* Drops every message but RTM_GETNEIGH before it is queued. BPF loads in
+ * network byte order; netlink headers are in host order. */
+static int hear_misses_only(int sock) {
+    struct sock_filter code[] = {
+        BPF_STMT(BPF_LD | BPF_H | BPF_ABS, offsetof(struct nlmsghdr, nlmsg_type)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, htons(RTM_GETNEIGH), 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, 0xffffffff),
+        BPF_STMT(BPF_RET | BPF_K, 0),
+    };
+    struct sock_fprog prog = {.len = sizeof(code) / sizeof(code[0]), .filter = code};
+    return setsockopt(sock, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof(prog));
+}
+
 int main(int argc, char **argv) {
     uint8_t mac[6];
     struct in_addr underlay;
+    const char *name = argv[0];
+    int hear_all = argc > 1 && strcmp(argv[1], "--hear-all") == 0;
+    argc -= hear_all;
+    argv += hear_all;
     if (argc != 4 || sscanf(argv[2], "%hhx:%hhx:%hhx:%hhx:%hhx:%hhx", &mac[0], &mac[1], &mac[2], &mac[3], &mac[4],
                             &mac[5]) != 6 || inet_pton(AF_INET, argv[3], &underlay) != 1) {
-        fprintf(stderr, "usage: %s DEV PEER_VTEP_MAC PEER_UNDERLAY_IP\n", argv[0]);
+        fprintf(stderr, "usage: %s [--hear-all] DEV PEER_VTEP_MAC PEER_UNDERLAY_IP\n", name);
         return 2;
     }
     int ifindex = if_nametoindex(argv[1]);
@@ -68,7 +93,7 @@ int main(int argc, char **argv) {
     struct sockaddr_nl groups = {.nl_family = AF_NETLINK, .nl_groups = RTMGRP_NEIGH};
     struct sockaddr_nl none = {.nl_family = AF_NETLINK};
     if (listener < 0 || writer < 0 || bind(listener, (struct sockaddr *)&groups, sizeof(groups)) < 0 ||
-        bind(writer, (struct sockaddr *)&none, sizeof(none)) < 0) {
+        bind(writer, (struct sockaddr *)&none, sizeof(none)) < 0 || (!hear_all && hear_misses_only(listener) < 0)) {
         perror("netlink");
         return 1;
     }

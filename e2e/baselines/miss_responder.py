@@ -3,10 +3,13 @@
 writes the peer's fdb entry (no ack) and the permanent neighbour (ack), as
 two messages in one send, and reads the ack. The same work as
 miss_responder.c and weir's answer; ../shared/tools/miss_responder.py writes
-the neighbour only and stays as a reference row.
+the neighbour only and stays as a reference row. Like weir's and the C
+responder's, its miss socket hears misses only (a kernel filter), so the
+deletes that start each trial do not wake it.
 
 usage (inside a node's netns): miss_responder.py DEV PEER_VTEP_MAC PEER_UNDERLAY_IP
 """
+import ctypes
 import socket
 import struct
 import sys
@@ -17,6 +20,7 @@ NDA_DST, NDA_LLADDR = 1, 2
 NUD_PERMANENT, NTF_SELF, RTN_UNICAST = 0x80, 0x02, 1
 AF_BRIDGE = 7
 RTMGRP_NEIGH = 4
+SO_ATTACH_FILTER = 26
 
 
 def attr(kind, value):
@@ -29,6 +33,14 @@ def neighbour(family, ifindex, mac, dst, seq, ack):
     body = struct.pack("BxxxiHBB", family, ifindex, NUD_PERMANENT, NTF_SELF if family == AF_BRIDGE else 0, RTN_UNICAST)
     body += attr(NDA_LLADDR, mac) + attr(NDA_DST, dst)
     return struct.pack("IHHII", 16 + len(body), RTM_NEWNEIGH, flags, seq, 0) + body
+
+
+def hear_misses_only(sock):
+    """Drops every message but RTM_GETNEIGH before it is queued. BPF loads in
+    network byte order; netlink headers are in host order."""
+    program = [(0x28, 0, 0, 4), (0x15, 0, 1, socket.htons(RTM_GETNEIGH)), (0x06, 0, 0, 0xFFFFFFFF), (0x06, 0, 0, 0)]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in program))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HP", len(program), ctypes.addressof(code)))
 
 
 def misses(data, ifindex):
@@ -52,6 +64,7 @@ def main():
     ifindex = socket.if_nametoindex(dev)
     listener = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
     listener.bind((0, RTMGRP_NEIGH))
+    hear_misses_only(listener)
     writer = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
     writer.bind((0, 0))
     seq = 0
