@@ -8,8 +8,9 @@ Responders (each answers the L3 miss of node A's first packet to node B):
 - python: e2e/baselines/miss_responder.py, fdb entry and neighbour;
 - c: e2e/baselines/miss_responder.c, fdb entry and neighbour;
 - c-hears-all: the same, its socket woken by every neighbour notification
-  rather than filtered to misses as weir's and the others' are (a reference
-  row: the deletes that start each trial warm it up 30 ms before the ping);
+  rather than filtered to misses as weir's, c's and python's are (a
+  reference row: the deletes that start each trial warm it up 30 ms before
+  the ping);
 - weir: the agent in on-demand mode;
 - weir-ipv6: the same agent, the first IPv6 packet between the same two
   pods (answered through an NDP miss rather than ARP).
