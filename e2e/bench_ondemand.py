@@ -156,12 +156,13 @@ SHELL = ("stdbuf -oL ip monitor neigh | while read -r line; do case \"$line\" in
 
 def baselines():
     """name -> (command, whether it writes the fdb entry too)."""
+    c = str(c_responder())
     return {
         "shell": (["stdbuf", "-oL", "sh", "-c", SHELL], False),
         "python-neighbour-only": (["python3", str(SHARED_TOOL), "weir.1", PEER_B_MAC, "3600"], False),
         "python": (["python3", str(BASELINES / "miss_responder.py"), "weir.1", PEER_B_MAC, PEER_B_UNDERLAY], True),
-        "c": ([str(c_responder()), "weir.1", PEER_B_MAC, PEER_B_UNDERLAY], True),
-        "c-hears-all": ([str(c_responder()), "--hear-all", "weir.1", PEER_B_MAC, PEER_B_UNDERLAY], True),
+        "c": ([c, "weir.1", PEER_B_MAC, PEER_B_UNDERLAY], True),
+        "c-hears-all": ([c, "--hear-all", "weir.1", PEER_B_MAC, PEER_B_UNDERLAY], True),
     }
 
 

@@ -38,7 +38,10 @@ def neighbour(family, ifindex, mac, dst, seq, ack):
 def hear_misses_only(sock):
     """Drops every message but RTM_GETNEIGH before it is queued. BPF loads in
     network byte order; netlink headers are in host order."""
-    program = [(0x28, 0, 0, 4), (0x15, 0, 1, socket.htons(RTM_GETNEIGH)), (0x06, 0, 0, 0xFFFFFFFF), (0x06, 0, 0, 0)]
+    load_half, jump_if_equal, ret = 0x28, 0x15, 0x06  # BPF_LD|BPF_H|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+    nlmsg_type = 4
+    program = [(load_half, 0, 0, nlmsg_type), (jump_if_equal, 0, 1, socket.htons(RTM_GETNEIGH)), (ret, 0, 0, 0xFFFFFFFF),
+               (ret, 0, 0, 0)]
     code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in program))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HP", len(program), ctypes.addressof(code)))
 
