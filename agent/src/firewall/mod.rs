@@ -3,9 +3,8 @@
 //!
 //! The table is written through the `nft` binary: one `nft -f -` run is one
 //! atomic transaction that replaces it whole, and `nft -s list table inet
-//! weir` gives a canonical text to detect drift. A peer change between two
-//! replacements only adds or deletes set elements, over nfnetlink
-//! (`elements`).
+//! weir` shows drift (`listing`). A peer change between two replacements only
+//! adds or deletes set elements, over nfnetlink (`elements`).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -24,8 +23,10 @@ use crate::metrics::{Metrics, labels};
 use crate::model::{Backend, PeerSet};
 
 mod elements;
+mod listing;
 mod underlays;
 pub use elements::{NftSocket, SetChange, element_delta, encode_batch, next_generation};
+use listing::Listing;
 use underlays::Underlays;
 
 pub const TABLE: &str = "inet weir";
@@ -145,12 +146,12 @@ pub async fn delete_table() -> Result<(), NftError> {
     nft(&["delete", "table", "inet", "weir"], None).await.map(|_| ())
 }
 
-/// What weir last wrote: the peers in the table, the table's canonical
-/// listing when it is known, and the ruleset's generation when the table was
-/// last known to be as weir left it.
+/// What weir last wrote: the peers in the table, the shape of its listing
+/// when it is known, and the ruleset's generation when the table was last
+/// known to be as weir left it.
 struct Applied {
     peers: BTreeSet<IpAddr>,
-    canonical: Option<String>,
+    shape: Option<String>,
     generation: Option<u32>,
 }
 
@@ -160,8 +161,8 @@ struct Applied {
 /// a large share of a core (BENCHMARKS.md, F3). Each check (every
 /// `check_every`) first reads the ruleset's generation: when nothing was
 /// committed since weir last knew the table, there is nothing to list.
-/// Otherwise it lists the table and repairs drift, and replaces it whole
-/// when its listing is unknown (after element writes).
+/// Otherwise it lists the table and repairs drift: a shape other than the
+/// one weir wrote, or elements other than the peers.
 pub async fn run(
     base: FirewallSpec,
     mut peers: watch::Receiver<PeerSet>,
@@ -199,7 +200,7 @@ pub async fn run(
                             a.peers.extend(added);
                             info!(peers = a.peers.len(), "nftables set of peers updated");
                             metrics.firewall_sync.with_label_values(&[labels::SUCCESS]).inc();
-                            (a.canonical, a.generation) = (None, generation);
+                            a.generation = generation;
                         }
                         Err(e) => {
                             // The set is not what we left (drift): the whole table, now.
@@ -261,9 +262,8 @@ fn generation(socket: &mut Option<NftSocket>) -> Option<u32> {
 }
 
 /// Lists the table; replaces it when it drifted from what weir left, when
-/// its peers changed since, or when the last write left its listing unknown.
-/// Lists nothing when no transaction was committed since the table was last
-/// known.
+/// its peers changed since, or when its shape was never known. Lists nothing
+/// when no transaction was committed since the table was last known.
 async fn check(
     base: &FirewallSpec,
     wanted: BTreeSet<IpAddr>,
@@ -276,15 +276,17 @@ async fn check(
     let untouched = applied.as_ref().is_some_and(|a| a.generation.is_some() && a.generation == committed);
     let listing = if untouched { None } else { nft(&["-s", "list", "table", "inet", "weir"], None).await.ok() };
     let current = dropped_packets(socket);
-    // A table that weir wrote and that is gone is drift even when its last
-    // listing is unknown.
+    // A table that weir wrote and that is gone is drift even when its shape
+    // is unknown.
     let drifted = !untouched
         && match applied {
-            Some(Applied { canonical: Some(c), .. }) => listing.as_deref() != Some(c.as_str()),
-            Some(Applied { canonical: None, .. }) => listing.is_none(),
+            Some(Applied { shape: Some(shape), peers, .. }) => {
+                listing.as_deref().and_then(Listing::parse).is_none_or(|l| l.shape != *shape || l.elements != *peers)
+            }
+            Some(Applied { shape: None, .. }) => listing.is_none(),
             None => false,
         };
-    let stale = applied.as_ref().is_none_or(|a| a.peers != wanted || (!untouched && a.canonical.is_none()));
+    let stale = applied.as_ref().is_none_or(|a| a.peers != wanted || (!untouched && a.shape.is_none()));
     if !drifted && !stale {
         if let Some(a) = applied.as_mut() {
             a.generation = committed;
@@ -301,7 +303,11 @@ async fn check(
             // The listing is of that generation only if nothing was
             // committed while it was taken.
             let listed_at = generation(socket);
-            let canonical = nft(&["-s", "list", "table", "inet", "weir"], None).await.ok();
+            let shape = nft(&["-s", "list", "table", "inet", "weir"], None)
+                .await
+                .ok()
+                .and_then(|text| Listing::parse(&text))
+                .map(|l| l.shape);
             let known = listed_at.filter(|g| Some(*g) == generation(socket));
             if drifted {
                 warn!("nftables table inet weir was changed or removed; restored");
@@ -311,7 +317,7 @@ async fn check(
                 info!(peers = spec.peers.len(), "nftables table inet weir applied");
                 metrics.firewall_sync.with_label_values(&[labels::SUCCESS]).inc();
             }
-            *applied = Some(Applied { peers: spec.peers, canonical, generation: known });
+            *applied = Some(Applied { peers: spec.peers, shape, generation: known });
         }
         Err(e) => {
             warn!(error = %e, "applying nftables table inet weir failed; will retry");
