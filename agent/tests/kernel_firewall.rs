@@ -11,6 +11,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
 use common::*;
 use weir_agent::firewall::{FirewallSpec, NftSocket, SetChange, element_delta, next_generation, render, run};
 use weir_agent::metrics::Metrics;
@@ -135,6 +138,32 @@ fn the_drop_counter_is_read_over_netlink() {
     });
 }
 
+/// The agent's firewall task, checking every second, with peer 2's table in
+/// place and peer 3 then joined: one element written, the table not listed.
+/// (A check due as the peer joins would take the join whole; 1 s apart,
+/// none is due until what the test does next.) Returns the peers' sender,
+/// the metrics, the task and the table's handle before the join.
+async fn firewall_after_a_join() -> (watch::Sender<PeerSet>, Arc<Metrics>, JoinHandle<()>, u64) {
+    let (tx, rx) = watch::channel(PeerSet::complete([fake_peer(2)]));
+    let metrics = Arc::new(Metrics::new());
+    let task = tokio::spawn(run(spec_with(&[]), rx, metrics.clone(), Duration::from_secs(1)));
+    let limit = Duration::from_secs(5);
+    let table = wait_for(limit, || listed_if_any("peers4") == [fake_peer(2).underlay_ip].into()).await;
+    assert!(table.is_some(), "no table");
+    let handle = table_handle();
+    tx.send_replace(PeerSet::complete([fake_peer(2), fake_peer(3)]));
+    assert!(wait_for(limit, || listed("peers4").len() == 2).await.is_some(), "the new peer");
+    (tx, metrics, task, handle)
+}
+
+/// The handle of weir's table: a replacement gives it a new one.
+fn table_handle() -> u64 {
+    let out = Command::new("nft").args(["-j", "list", "tables"]).output().expect("run nft");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tables = v["nftables"].as_array().unwrap().iter().filter_map(|o| o.get("table"));
+    tables.into_iter().find(|t| t["name"] == "weir").and_then(|t| t["handle"].as_u64()).expect("table inet weir")
+}
+
 /// The agent's firewall task in a fresh namespace: drift inside the table is
 /// repaired, also after element writes, and when nothing but the drift moved
 /// the generation.
@@ -142,22 +171,11 @@ fn the_drop_counter_is_read_over_netlink() {
 fn drift_inside_the_table_is_repaired_by_the_next_check() {
     in_fresh_netns("drift_inside_the_table_is_repaired_by_the_next_check", || {
         runtime().block_on(async {
-            let (tx, rx) = tokio::sync::watch::channel(PeerSet::complete([fake_peer(2)]));
-            let metrics = Arc::new(Metrics::new());
-            // A check due as the peer joins would take the join whole and
-            // leave the listing known; 1 s apart, none is due until the
-            // strangers come.
-            let task = tokio::spawn(run(spec_with(&[]), rx, metrics.clone(), Duration::from_secs(1)));
-            let limit = Duration::from_secs(5);
-            let table = wait_for(limit, || listed_if_any("peers4") == [fake_peer(2).underlay_ip].into()).await;
-            assert!(table.is_some(), "no table");
-            // A peer joins: one element written, the table not listed.
-            tx.send_replace(PeerSet::complete([fake_peer(2), fake_peer(3)]));
-            assert!(wait_for(limit, || listed("peers4").len() == 2).await.is_some(), "the new peer");
+            let (_tx, metrics, task, _) = firewall_after_a_join().await;
             tokio::time::sleep(Duration::from_millis(500)).await;
             for stranger in ["198.18.0.99", "198.18.0.98"] {
                 nft_apply(&format!("add element inet weir peers4 {{ {stranger} }}"));
-                let gone = wait_for(limit, || !listed("peers4").contains(&ip(stranger))).await;
+                let gone = wait_for(Duration::from_secs(5), || !listed("peers4").contains(&ip(stranger))).await;
                 assert!(gone.is_some(), "{stranger} was left in the set");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -169,14 +187,6 @@ fn drift_inside_the_table_is_repaired_by_the_next_check() {
     });
 }
 
-/// The handle of weir's table: a replacement gives it a new one.
-fn table_handle() -> u64 {
-    let out = Command::new("nft").args(["-j", "list", "tables"]).output().expect("run nft");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let tables = v["nftables"].as_array().unwrap().iter().filter_map(|o| o.get("table"));
-    tables.into_iter().find(|t| t["name"] == "weir").and_then(|t| t["handle"].as_u64()).expect("table inet weir")
-}
-
 /// A peer joins (an element write), then another program commits to the
 /// ruleset, as kube-proxy does after every Service change. The next checks
 /// find the table as weir left it and keep it: replacing it would reset its
@@ -186,16 +196,7 @@ fn table_handle() -> u64 {
 fn a_table_as_weir_left_it_is_kept_after_element_writes_and_foreign_commits() {
     in_fresh_netns("a_table_as_weir_left_it_is_kept_after_element_writes_and_foreign_commits", || {
         runtime().block_on(async {
-            let (tx, rx) = tokio::sync::watch::channel(PeerSet::complete([fake_peer(2)]));
-            let metrics = Arc::new(Metrics::new());
-            // 1 s apart, no check is due as the peer joins (see above).
-            let task = tokio::spawn(run(spec_with(&[]), rx, metrics.clone(), Duration::from_secs(1)));
-            let limit = Duration::from_secs(5);
-            let table = wait_for(limit, || listed_if_any("peers4") == [fake_peer(2).underlay_ip].into()).await;
-            assert!(table.is_some(), "no table");
-            let handle = table_handle();
-            tx.send_replace(PeerSet::complete([fake_peer(2), fake_peer(3)]));
-            assert!(wait_for(limit, || listed("peers4").len() == 2).await.is_some(), "the new peer");
+            let (_tx, metrics, task, handle) = firewall_after_a_join().await;
             // Tunnel packets from a host that is not a peer, to a local address.
             let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
             for _ in 0..5 {
