@@ -1,15 +1,21 @@
 //! How the Node watches of the agent and the controller retry.
 //!
 //! kube-runtime's `default_backoff()` is client-go's reflector policy: 0.8 s
-//! doubling to 30 s, jittered, reset by any event. After an API server outage
-//! it sits at 30 s, and the first answer from the returning server is often a
-//! 410 (the watch's resource version left the history while it was away).
-//! That error costs another full backoff before the re-list it asks for, so a
-//! Node added right after the outage waited most of a minute to be seen (the
-//! lab's e2e `test_apiserver_down_60s...`). Here a 410 resets the backoff: the
-//! server has answered, and the re-list follows at once. Every other error
-//! still backs off, so a struggling server is not hammered, and a fleet of
-//! agents reaches its re-lists spread by the same jitter that spread its
+//! doubling to 30 s, jittered, reset by any event. Its jitter adds up to the
+//! whole delay after the cap, so its waits at the cap run from 30 to 60 s:
+//! after an outage, an agent saw a new Node up to a minute after the server
+//! was back (the lab's e2e `test_firewall`, run right after the API server
+//! restart, timed out so). Here no wait exceeds `MAX_WAIT`.
+//!
+//! After an API server outage the backoff sits at its cap, and the first
+//! answer from the returning server is often a 410 (the watch's resource
+//! version left the history while it was away). That error cost another
+//! full backoff before the re-list it asks for, so a Node added right after
+//! the outage waited most of a minute to be seen (the lab's e2e
+//! `test_apiserver_down_60s...`). Here a 410 resets the backoff: the server
+//! has answered, and the re-list follows at once. Every other error still
+//! backs off, so a struggling server is not hammered, and a fleet of agents
+//! reaches its re-lists spread by the same jitter that spread its
 //! reconnects.
 
 use std::time::Duration;
@@ -17,6 +23,9 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, DefaultBackoff};
+
+/// The longest wait between two attempts to watch.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// The server's answer that the watch's resource version has expired.
 pub fn is_expired(e: &watcher::Error) -> bool {
@@ -35,7 +44,7 @@ pub fn with_backoff<T: Send>(
         }
         let item = stream.next().await?;
         let wait = match &item {
-            Err(e) if !is_expired(e) => backoff.next(),
+            Err(e) if !is_expired(e) => backoff.next().map(|w| w.min(MAX_WAIT)),
             _ => {
                 backoff.reset();
                 None
@@ -73,5 +82,16 @@ mod tests {
         assert_eq!(after_expired, 0.0, "waited after a 410");
         let (_, after_other) = outage_then(500).await;
         assert!(after_other >= 10.0, "waited only {after_other} s after a 500 at the end of an outage");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_wait_in_a_long_outage_exceeds_the_cap() {
+        let mut items: Vec<_> = (0..20).map(|_| failed(503)).collect();
+        items.push(Ok(1));
+        let start = Instant::now();
+        let arrivals: Vec<_> = with_backoff(futures::stream::iter(items)).map(|_| start.elapsed()).collect().await;
+        let waits: Vec<f64> = arrivals.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+        assert!(waits.iter().all(|w| *w <= MAX_WAIT.as_secs_f64()), "{waits:?}");
+        assert!(waits[10..].iter().all(|w| *w >= 15.0), "not backed off to near the cap: {waits:?}");
     }
 }
