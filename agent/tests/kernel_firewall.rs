@@ -160,8 +160,8 @@ async fn firewall_after_a_join() -> (watch::Sender<PeerSet>, Arc<Metrics>, JoinH
 fn table_handle() -> u64 {
     let out = Command::new("nft").args(["-j", "list", "tables"]).output().expect("run nft");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let tables = v["nftables"].as_array().unwrap().iter().filter_map(|o| o.get("table"));
-    tables.into_iter().find(|t| t["name"] == "weir").and_then(|t| t["handle"].as_u64()).expect("table inet weir")
+    let mut tables = v["nftables"].as_array().unwrap().iter().filter_map(|o| o.get("table"));
+    tables.find(|t| t["name"] == "weir").and_then(|t| t["handle"].as_u64()).expect("table inet weir")
 }
 
 /// The agent's firewall task in a fresh namespace: drift inside the table is

@@ -110,8 +110,8 @@ def dropped_total(i):
 
 def test_ipv6_tunnel_ingress_from_a_stranger_is_dropped(stranger):
     # The metric, what an operator scrapes. The last test's node came and
-    # went just before: a table replaced then (it no longer is) lost the
-    # count of the packets dropped while nft ran, and this test failed so.
+    # went just before: the count must hold across what the agent's
+    # firewall did about it.
     before = dropped_total(1)
     r = subprocess.run(["ip", "netns", "exec", STRANGER, "ping", "-c", "10", "-i", "0.1", "-W", "1", "-I", "10.244.251.1",
                         lab.pods()["pod-1-1"]], capture_output=True, text=True)

@@ -21,33 +21,28 @@ impl Listing {
     pub fn parse(text: &str) -> Option<Listing> {
         let mut shape = String::new();
         let mut elements = BTreeSet::new();
+        // An element block being read: nft wraps a long list after a comma.
         let mut block: Option<String> = None;
         for line in text.lines() {
             let trimmed = line.trim();
-            let open = match block.as_mut() {
-                Some(b) => {
-                    b.push_str(trimmed);
-                    true
-                }
+            let read = match block.take() {
+                Some(b) => b + trimmed,
                 None => match trimmed.strip_prefix("elements = {") {
-                    Some(rest) => {
-                        block = Some(rest.to_string());
-                        true
+                    Some(rest) => rest.to_string(),
+                    None => {
+                        shape.push_str(line);
+                        shape.push('\n');
+                        continue;
                     }
-                    None => false,
                 },
             };
-            if !open {
-                shape.push_str(line);
-                shape.push('\n');
-                continue;
-            }
-            // nft wraps a long list after a comma; the block ends at "}".
-            if let Some(list) = block.as_deref().and_then(|b| b.strip_suffix('}')) {
-                for item in list.split(',') {
-                    elements.insert(item.trim().parse().ok()?);
+            match read.strip_suffix('}') {
+                Some(list) => {
+                    for item in list.split(',') {
+                        elements.insert(item.trim().parse().ok()?);
+                    }
                 }
-                block = None;
+                None => block = Some(read),
             }
         }
         block.is_none().then_some(Listing { shape, elements })
