@@ -319,11 +319,12 @@ def main(goal_trials=20, reference_trials=5, rounds=20):
     ratio = med["weir"] / med["c"]
     low, high = ratio_interval(out["weir"][0], out["c"][0])
     slower = sum(statistics.median(w) > statistics.median(c) for w, c in zip(out["weir"][0], out["c"][0]) if w and c)
-    side_ratios = ", ".join(f"{side} CPU {by_side['weir'][side] / by_side['c'][side]:.2f}x" for side in ("same", "other")
+    side_ratios = ", ".join(f"{label} {by_side['weir'][side] / by_side['c'][side]:.2f}x"
+                            for side, label in (("same", "the ping's CPU"), ("other", "the other"))
                             if side in by_side["weir"] and side in by_side["c"])
     met = ratio <= 1.15 and med["weir"] <= 0.1
     lines.append(f"weir/c ratio {ratio:.2f}x (95 % interval over rounds {low:.2f}-{high:.2f}x; weir slower in {slower} of "
-                 f"{rounds} rounds; answered on the same side as the ping: {side_ratios or 'not known'}), "
+                 f"{rounds} rounds; by where the answer ran: {side_ratios or 'not known'}), "
                  f"weir/c-hears-all {med['weir'] / med['c-hears-all']:.2f}x, "
                  f"weir/python {med['weir'] / med['python']:.2f}x, "
                  f"weir IPv6/IPv4 {med['weir-ipv6'] / med['weir']:.2f}x "
