@@ -90,10 +90,9 @@ def pair_agent(ns, node, mode, d, extra=None):
 
 
 def last_cpu(stat_path):
-    """The CPU a task last ran on: field 39 of /proc/.../stat, counted after
-    the command name, which may hold spaces."""
+    """The CPU a task last ran on (field 39), or None if the task is gone."""
     try:
-        return int(open(stat_path).read().rsplit(")", 1)[1].split()[36])
+        return int(lab.stat_fields(stat_path)[36])
     except (OSError, IndexError, ValueError):
         return None
 

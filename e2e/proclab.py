@@ -482,11 +482,17 @@ def start_agent(i, extra_env=None, cgroup=None):
     spawn(f"node-{i}", node_ns(i), [str(agent_binary()), "run"], env=env, cgroup=cgroup)
 
 
+def stat_fields(path):
+    """The fields of a /proc/.../stat file from the state on (field 3 is
+    index 0): counted after the command name, which may hold spaces and ")"."""
+    return open(path).read().rsplit(")", 1)[1].split()
+
+
 def process_cpu(pid, children=True):
     """User plus system CPU seconds of a process and, unless told not to, of
     the children it has waited for: work an agent hands to a program it runs
     (weir's `nft`, flannel's `iptables`) is the agent's work too."""
-    stat = open(f"/proc/{pid}/stat").read().split(")")[1].split()
+    stat = stat_fields(f"/proc/{pid}/stat")
     return sum(int(v) for v in stat[11:15 if children else 13]) / os.sysconf("SC_CLK_TCK")
 
 
