@@ -289,35 +289,37 @@ def main(goal_trials=20, reference_trials=5, rounds=20):
     d = pair_up()
     b = pair_agent(PAIR_B, "b", "full", d)
     responders = baselines()
-    # name -> one list of penalties per round, first packets lost, and
-    # whether each answer ran on the ping's CPU
-    out = {name: ([], 0, []) for name in [*responders, "weir", "weir-ipv6"]}
+    names = [*responders, "weir", "weir-ipv6"]
+    # per responder: penalties, one list per round; first packets lost; and,
+    # per penalty in round order, whether the answer ran on the ping's CPU
+    per_round, lost, same_cpu = {n: [] for n in names}, dict.fromkeys(names, 0), {n: [] for n in names}
     try:
         time.sleep(1)
         for _ in range(rounds):
-            for name in out:
+            for name in names:
                 trials = goal_trials if name in GOAL_PAIR else reference_trials
                 if name.startswith("weir"):
-                    pen, lost, same_cpu = weir_block(d, trials, 6 if name == "weir-ipv6" else 4)
+                    pen, block_lost, placed = weir_block(d, trials, 6 if name == "weir-ipv6" else 4)
                 else:
-                    pen, lost, same_cpu = baseline_block(*responders[name], trials)
-                per_round, lost_so_far, placed = out[name]
-                out[name] = (per_round + [pen], lost_so_far + lost, placed + same_cpu)
+                    pen, block_lost, placed = baseline_block(*responders[name], trials)
+                per_round[name].append(pen)
+                lost[name] += block_lost
+                same_cpu[name] += placed
         storm = miss_storm(d)
     finally:
         b.terminate()
         b.wait()
         pair_down()
+    pooled = {name: [x for r in rounds_of for x in r] for name, rounds_of in per_round.items()}
     lines, med, by_side = [], {}, {}
-    for name, (per_round, lost, same_cpu) in out.items():
-        pen = [x for r in per_round for x in r]
+    for name, pen in pooled.items():
         med[name] = statistics.median(pen) if pen else float("nan")
-        where, by_side[name] = placement(pen, same_cpu)
+        where, by_side[name] = placement(pen, same_cpu[name])
         lines.append(f"{name}: median penalty {med[name]:.3f} ms, p90 {pct(pen, 90) if pen else float('nan'):.3f} ms, "
-                     f"first packets lost {lost}/{len(pen) + lost}{where}")
+                     f"first packets lost {lost[name]}/{len(pen) + lost[name]}{where}")
     ratio = med["weir"] / med["c"]
-    low, high = ratio_interval(out["weir"][0], out["c"][0])
-    slower = sum(statistics.median(w) > statistics.median(c) for w, c in zip(out["weir"][0], out["c"][0]) if w and c)
+    low, high = ratio_interval(per_round["weir"], per_round["c"])
+    slower = sum(statistics.median(w) > statistics.median(c) for w, c in zip(per_round["weir"], per_round["c"]) if w and c)
     side_ratios = ", ".join(f"{label} {by_side['weir'][side] / by_side['c'][side]:.2f}x"
                             for side, label in (("same", "the ping's CPU"), ("other", "the other"))
                             if side in by_side["weir"] and side in by_side["c"])
@@ -328,7 +330,7 @@ def main(goal_trials=20, reference_trials=5, rounds=20):
                  f"weir/python {med['weir'] / med['python']:.2f}x, "
                  f"weir IPv6/IPv4 {med['weir-ipv6'] / med['weir']:.2f}x "
                  f"(goal: weir <= 1.15x c and <= 0.1 ms) {'met' if met else 'missed'}")
-    bench.raw["B5"] = {name: [x for r in per_round for x in r] for name, (per_round, _, _) in out.items()}
+    bench.raw["B5"] = pooled
     report("B5", f"{rounds} interleaved rounds, each a block of {goal_trials} trials of c and weir and {reference_trials} of "
            f"each other responder; {SETTLE * 1000:.0f} ms quiet before each trial; " + "; ".join(lines) + "; " + storm)
 
