@@ -52,9 +52,8 @@ pub struct RunArgs {
     /// This node's name; its Node object supplies the pod CIDRs.
     #[arg(long, env = "NODE_NAME", global = true)]
     pub node_name: Option<String>,
-    /// kubeconfig path; in-cluster config when unset.
-    #[arg(long, env = "KUBECONFIG", global = true)]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub api: weir_common::ApiArgs,
     #[arg(long, value_enum, default_value = "vxlan", env = "WEIR_BACKEND", global = true)]
     pub backend: Backend,
     #[arg(long, value_enum, default_value = "full", env = "WEIR_MODE", global = true)]

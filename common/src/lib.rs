@@ -2,6 +2,9 @@
 //! and the metrics text, log set-up, the API client and the Node watch's
 //! retry policy.
 
+pub use api::{ApiArgs, kube_client, with_causes};
+
+pub mod api;
 pub mod http;
 pub mod metrics;
 pub mod nodes;
@@ -18,18 +21,4 @@ pub fn init_logging(json: bool) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     if json { builder.json().init() } else { builder.init() }
-}
-
-/// A client from `--kubeconfig`, or the in-cluster config when it is unset.
-pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    use anyhow::Context;
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("read kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-        }
-        None => kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?,
-    };
-    Ok(kube::Client::try_from(config)?)
 }

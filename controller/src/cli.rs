@@ -1,5 +1,4 @@
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
@@ -16,9 +15,8 @@ pub struct Args {
     pub node_cidr_mask_size_ipv6: u8,
     #[arg(long, default_value = "0.0.0.0:9479", env = "WEIR_METRICS_ADDR")]
     pub metrics_addr: SocketAddr,
-    /// kubeconfig path; in-cluster config when unset.
-    #[arg(long, env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub api: weir_common::ApiArgs,
     /// This replica's identity in the Lease (the Pod name in a Deployment).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,

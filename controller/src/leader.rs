@@ -47,7 +47,7 @@ const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY: Duration = Duration::from_secs(1);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let client = weir_common::kube_client(args.kubeconfig.as_deref()).await?;
+    let client = weir_common::kube_client(&args.api).await?;
     let metrics = Arc::new(Metrics::new());
     let pools = pools(&args)?;
     for p in &pools {
@@ -189,7 +189,7 @@ async fn lead(
             let ev = match ev {
                 Ok(ev) => ev,
                 Err(e) => {
-                    warn!(error = %e, "node watch failed; retrying");
+                    warn!(error = weir_common::with_causes(&e), "node watch failed; retrying");
                     continue;
                 }
             };

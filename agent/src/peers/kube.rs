@@ -61,7 +61,7 @@ pub async fn watch_nodes(
             let ev = match ev {
                 Ok(ev) => ev,
                 Err(e) => {
-                    warn!(error = %e, "node watch failed; retrying, dataplane unchanged");
+                    warn!(error = weir_common::with_causes(&e), "node watch failed; retrying, dataplane unchanged");
                     metrics.kube_watch_events.with_label_values(&[labels::ERROR]).inc();
                     continue;
                 }

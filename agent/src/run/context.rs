@@ -62,7 +62,7 @@ impl Context {
 
         let nodes_api = match &args.peers_file {
             Some(_) => None,
-            None => Some(Api::all(weir_common::kube_client(args.kubeconfig.as_deref()).await?)),
+            None => Some(Api::all(weir_common::kube_client(&args.api).await?)),
         };
         let own = match (&nodes_api, &args.peers_file) {
             (Some(api), _) => own_from_api(api, &node_name, &probes).await?,
@@ -162,7 +162,7 @@ async fn own_from_api(api: &Api<Node>, name: &str, probes: &Probes) -> anyhow::R
                     logged = true;
                 }
             }
-            Err(e) => warn!(node = %name, error = %e, "cannot read own Node; retrying"),
+            Err(e) => warn!(node = %name, error = weir_common::with_causes(&e), "cannot read own Node; retrying"),
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

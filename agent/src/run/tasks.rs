@@ -222,7 +222,7 @@ where
     loop {
         match f().await {
             Ok(_) => return,
-            Err(e) => warn!(error = %e, "{what} failed; retrying in {delay:?}"),
+            Err(e) => warn!(error = weir_common::with_causes(&e), "{what} failed; retrying in {delay:?}"),
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(30));
