@@ -3,9 +3,11 @@
 import json
 import os
 import subprocess
+import time
 
 import nodes as rt
-from proclab import BIN, CLUSTER_CIDR, CLUSTER_CIDR6, CP_NS, NODE_MASK, NS, ROOT, STATE, kubeconfig, kubectl
+from proclab import (API, BIN, CLUSTER_CIDR, CLUSTER_CIDR6, CP_NS, NODE_MASK, NS, ROOT, STATE, kubeconfig, kubectl,
+                     node_ns, ns_get)
 from lab_base import AGENT_SELECTOR, holder, node_dir, nodes, settings, wait_for
 
 
@@ -14,7 +16,8 @@ def write_overlay(settings):
     d = STATE / "overlay"
     d.mkdir(parents=True, exist_ok=True)
     cluster = CLUSTER_CIDR + (f",{CLUSTER_CIDR6}" if settings.get("dual_stack") else "")
-    literals = [f"WEIR_CLUSTER_CIDR={cluster}", f"WEIR_NODE_CIDR_MASK_SIZE_IPV4={NODE_MASK}"]
+    # The API server itself, not the kubernetes Service: see weir_common::api.
+    literals = [f"WEIR_CLUSTER_CIDR={cluster}", f"WEIR_NODE_CIDR_MASK_SIZE_IPV4={NODE_MASK}", f"WEIR_API_SERVER={API}"]
     literals += [f"WEIR_{k.upper()}={v}" for k, v in settings.items() if k in ("backend", "mode")]
     if settings.get("direct_routing"):
         literals.append("WEIR_DIRECT_ROUTING=true")
@@ -57,6 +60,27 @@ def agent_ready(i):
 
 def wait_agents(timeout=180):
     wait_for(lambda: all(agent_ready(i) for i in nodes()), timeout, "an agent pod Ready on every node")
+
+
+def watch_events(i):
+    """Node events node i's agent has had from its watch, errors not counted."""
+    text = ns_get(node_ns(i), "http://127.0.0.1:9478/metrics")[1]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+               if ln.startswith("weir_kube_watch_events_total{") and 'type="error"' not in ln)
+
+
+def wait_watches_resumed(timeout):
+    """Until every agent's Node watch delivers events again, as after an API
+    server restart; the seconds it took. A probe annotation on node-1 is the
+    event: the agents count it, and nothing they program reads it."""
+    before = {i: watch_events(i) for i in nodes()}
+    kubectl("annotate", "--overwrite", "node", "node-1", f"e2e.weir.dev/probe={time.time()}")
+    start = time.time()
+    behind = lambda: [f"node-{i}" for i in nodes() if watch_events(i) <= before[i]]  # noqa: E731
+    wait_for(lambda: not behind(), timeout, lambda: f"the Node watch of every agent (silent: {behind()})")
+    took = time.time() - start
+    kubectl("annotate", "node", "node-1", "e2e.weir.dev/probe-")
+    return took
 
 
 def container_id(pod, namespace):

@@ -136,3 +136,39 @@ def test_mixed_backend_node_is_logged_not_programmed(cluster):
         assert "10.244.77.0" not in routes
     finally:
         lab.kubectl("delete", "node", "ipip-node")
+
+
+CLOSE_SERVICE = """table ip e2e_no_service {{
+ chain out {{ type filter hook output priority -150; ip daddr {ip} tcp dport 443 reject with tcp reset; }}
+}}
+"""
+
+
+def test_an_agent_starts_and_sees_new_nodes_with_the_kubernetes_service_closed(cluster):
+    """The lab sets WEIR_API_SERVER (weir_common::api). Here node-1 refuses the
+    kubernetes Service's ClusterIP before kube-proxy's NAT, as kube-proxy's
+    own rules do after an API server restart until its watch is back. A new
+    agent on node-1 must still start, and see a Node added after it did."""
+    service_ip = lab.kubectl("get", "service", "kubernetes", "-o", "jsonpath={.spec.clusterIP}").strip()
+    lab.sh(["nft", "-f", "-"], ns=lab.node_ns(1), input=CLOSE_SERVICE.format(ip=service_ip))
+    name, cidr, mac = "no-service-node", "10.244.96.0/24", "0e:00:00:00:00:96"
+    try:
+        probe = (f"import socket\ntry:\n socket.create_connection(('{service_ip}', 443), 3)\n print('open')\n"
+                 "except ConnectionRefusedError:\n print('refused')\n")
+        assert lab.sh(["python3", "-c", probe], ns=lab.node_ns(1)).strip() == "refused", "the Service was not closed"
+        old = lab.agent_pod(1)
+        lab.kubectl("delete", "pod", "-n", lab.NS, old, "--wait=false")
+        wait(lambda: lab.agent_pod(1) not in (None, old) and lab.agent_ready(1), 90, "a new agent Ready on node-1")
+        node = {"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "annotations": {"weir.dev/vtep-mac": mac, "weir.dev/public-ip": "198.18.0.96",
+                                                           "weir.dev/backend": "vxlan"}},
+                "spec": {"podCIDR": cidr, "podCIDRs": [cidr]}}
+        lab.kubectl("apply", "-f", "-", input=json.dumps(node))
+        lab.kubectl("patch", "node", name, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.96"}]}}))
+        wait(lambda: programmed(1, cidr, mac) == (True, True, True), 15, f"{name} programmed on node-1")
+        line = next(ln for ln in lab.agent_log(1).splitlines() if '"API server"' in ln)
+        assert lab.API in line and "--api-server" in line, line
+    finally:
+        lab.sh(["nft", "delete", "table", "ip", "e2e_no_service"], ns=lab.node_ns(1), check=False)
+        lab.kubectl("delete", "node", name, "--ignore-not-found")

@@ -109,6 +109,13 @@ def test_connections_survive_an_api_server_restart(servers):
         lab.stop("apiserver")
         lab.start_apiserver()
         lab.wait_api()
+        # An agent's last failed attempt came before the server was ready, and
+        # it waits at most 30 s (weir_common::watch::MAX_WAIT) before the next;
+        # through the kubernetes Service it would also wait on kube-proxy's
+        # own backoff (weir_common::api). As much again for the lab's load.
+        # The tests after this one add Nodes and expect them seen at once.
+        took = lab.wait_watches_resumed(60)
+        print(f"every agent's Node watch delivered events {took:.1f} s after the API server was ready")
     through("API server restarted", restart, settle=10)
 
 
