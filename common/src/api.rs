@@ -4,8 +4,10 @@
 //! kube-proxy on the node turns into the API server's address. When the API
 //! server restarts it takes its address out of that Service, and kube-proxy
 //! then rejects the Service's ClusterIP until its own watch comes back, after
-//! a backoff of its own. In the lab a new Node reached an agent more than a
-//! minute after a restart that way. `--api-server` names the API server (or
+//! a backoff of its own. In the lab, after a 20 s outage, the last agent's
+//! watch came back 31-47 s after the server was ready (BENCHMARKS.md), and
+//! an e2e test once gave up on an agent that had not seen a new Node a
+//! minute after the restart. `--api-server` names the API server (or
 //! its load balancer) itself, as Calico's `kubernetes-services-endpoint` and
 //! Cilium's `k8sServiceHost` do, so the overlay does not wait on kube-proxy.
 
