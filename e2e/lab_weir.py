@@ -62,11 +62,17 @@ def wait_agents(timeout=180):
     wait_for(lambda: all(agent_ready(i) for i in nodes()), timeout, "an agent pod Ready on every node")
 
 
+def agent_metrics(i):
+    """Node i's agent's /metrics, as {series with its labels: value}."""
+    text = ns_get(node_ns(i), "http://127.0.0.1:9478/metrics")[1]
+    samples = (ln.rsplit(" ", 1) for ln in text.splitlines() if ln and not ln.startswith("#"))
+    return {key: float(val) for key, val in samples}
+
+
 def watch_events(i):
     """Node events node i's agent has had from its watch, errors not counted."""
-    text = ns_get(node_ns(i), "http://127.0.0.1:9478/metrics")[1]
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-               if ln.startswith("weir_kube_watch_events_total{") and 'type="error"' not in ln)
+    return sum(v for k, v in agent_metrics(i).items()
+               if k.startswith("weir_kube_watch_events_total{") and 'type="error"' not in k)
 
 
 def wait_watches_resumed(timeout):

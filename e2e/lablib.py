@@ -34,7 +34,7 @@ from lab_images import (  # noqa: F401
 from lab_monitoring import (  # noqa: F401
     PROMETHEUS_VERSION, PROMETHEUS_ADDR, ensure_prometheus, promtool, prometheus_config, start_prometheus, prom_query, prom_get)
 from lab_weir import (  # noqa: F401
-    write_overlay, apply_weir, pods_in, live_agent, agent_pod, pod_ready, agent_ready, wait_agents, watch_events, wait_watches_resumed, container_id, container_pid, task_pid, agent_pid, task_pids_on, agent_containers, kill_container, kill_agent, stop_agent, start_agent, pods_on, agent_log, agent_exec, agent_kubeconfig, set_agent_env, set_mode)
+    write_overlay, apply_weir, pods_in, live_agent, agent_pod, pod_ready, agent_ready, wait_agents, agent_metrics, watch_events, wait_watches_resumed, container_id, container_pid, task_pid, agent_pid, task_pids_on, agent_containers, kill_container, kill_agent, stop_agent, start_agent, pods_on, agent_log, agent_exec, agent_kubeconfig, set_agent_env, set_mode)
 from lab_nodes import (  # noqa: F401
     in_node, node_spawn, start_node_daemons, add_node, stop_node_daemons, remove_node, node_ready, wait_cni_config,
     why_no_cni_config)

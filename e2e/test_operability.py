@@ -60,14 +60,7 @@ def test_policy_denies_another_nodes_annotations(cluster):
     lab.kubectl("annotate", "node", "node-1", "weir.dev/probe-")
 
 
-def metrics(i):
-    out = lab.ns_get(lab.node_ns(i), "http://127.0.0.1:9478/metrics")[1]
-    values = {}
-    for line in out.splitlines():
-        if line and not line.startswith("#"):
-            key, val = line.rsplit(" ", 1)
-            values[key] = float(val)
-    return values
+metrics = lab.agent_metrics
 
 
 def test_scraped_metrics_match_the_kernel(cluster):
