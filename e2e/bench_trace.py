@@ -71,7 +71,7 @@ def traced(name, run, responder, trials):
     perf = subprocess.Popen(["perf", "record", "-q", "-a", "-e", EVENTS, "-o", str(data)], stderr=subprocess.DEVNULL)
     time.sleep(1)
     try:
-        pen, lost, _ = run()
+        pen, _, lost, _ = run()
     finally:
         perf.send_signal(2)
         perf.wait()

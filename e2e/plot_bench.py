@@ -48,7 +48,7 @@ def main():
     drawn = []
     if "B5" in raw:
         series = {name: pen for name, pen in raw["B5"].items() if pen and name != "shell"}
-        drawn.append(cdf_figure(plt, series, "first-packet penalty (ms): first RTT minus the median of the next five",
+        drawn.append(cdf_figure(plt, series, "first-packet penalty (ms): first RTT minus a control ping's, entries in place",
                                 "fraction of trials", "B5: on-demand first packet, weir beside responders doing the same work",
                                 "b5-first-packet-cdf.svg"))
     if "F3" in raw:
